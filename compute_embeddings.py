@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Caches the T5 and CLIP text embeddings of every caption once, so training never loads the text encoders.
+
+    python compute_embeddings.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+        --instance_data_dir my_images --output_path embeddings.parquet \\
+        --validation_prompt "a yarn art dog"
+
+Rows are keyed by the sha256 of each image's pixels (see flux_qlora/embeddings.py for the layout). Re-running
+only computes what changed: new images, edited captions; an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.data import Sample, UserError, add_dataset_args, check_dataset_args, load_samples
+from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, reusable_rows
+from flux_qlora.models import add_model_args, load_text_pipeline
+
+logger = logging.getLogger("compute_embeddings")
+
+MAX_T5_LENGTH = 512  # FLUX.1-dev's T5 was trained with at most 512 tokens
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_dataset_args(parser)
+    parser.add_argument("--output_path", type=str, default="embeddings.parquet", help="The parquet file to write.")
+    parser.add_argument("--max_sequence_length", type=int, default=77,
+                        help=f"T5 tokens per caption (1 to {MAX_T5_LENGTH}); longer captions are truncated.")
+    parser.add_argument("--validation_prompt", type=str, action="append", default=[],
+                        help="A prompt to embed for validation images during training (repeatable).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Captions encoded per forward pass.")
+    parser.add_argument("--t5_8bit", action="store_true",
+                        help="Load T5 in 8-bit (bitsandbytes, CUDA only): ~5 GB instead of ~10 GB of GPU memory.")
+    parser.add_argument("--device", type=str, default=None, help="Encoder device (default: cuda if available).")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    return parser.parse_args(input_args)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    check_dataset_args(args)
+    if not 1 <= args.max_sequence_length <= MAX_T5_LENGTH:
+        raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_T5_LENGTH} "
+                        "(77 is the default; 512 for long captions).")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size} must be at least 1.")
+    if not Path(args.output_path).parent.exists():
+        raise UserError(f"--output_path {args.output_path}: folder {Path(args.output_path).parent} does not exist.")
+
+
+def embedding_source(args: argparse.Namespace) -> dict:
+    """What the embeddings depend on besides the caption: a cache made from another source is recomputed."""
+    return {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision,
+            "max_sequence_length": args.max_sequence_length}
+
+
+def rows_to_compute(samples: list[Sample], prompts: list[str], known: dict[str, str]) -> list[tuple[str, str]]:
+    """(key, caption) pairs whose embeddings are not already known with that exact caption."""
+    rows = [(s.image_hash, s.caption) for s in samples] + [(prompt_key(p), p) for p in prompts]
+    return [(key, caption) for key, caption in rows if known.get(key) != caption]
+
+
+@torch.no_grad()
+def encode_rows(pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, args: argparse.Namespace) -> None:
+    for start in tqdm(range(0, len(rows), args.batch_size), desc="Encoding captions", unit="batch"):
+        keys, captions = zip(*rows[start : start + args.batch_size])
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            list(captions), prompt_2=None, max_sequence_length=args.max_sequence_length
+        )
+        writer.write(list(keys), list(captions), prompt_embeds, pooled, text_ids)
+
+
+def main(args: argparse.Namespace) -> None:
+    validate_args(args)
+    samples = load_samples(args)
+    logger.info("%d images with captions from %s", len(samples), args.dataset_name or args.instance_data_dir)
+
+    source = embedding_source(args)
+    writer = EmbeddingsWriter(args.output_path, source)
+    reusable = reusable_rows(args.output_path, source)
+    rows = rows_to_compute(samples, args.validation_prompt, {**reusable, **writer.done_rows()})
+    logger.info("%d captions to encode (%d reused from earlier runs)", len(rows),
+                len(samples) + len(args.validation_prompt) - len(rows))
+    if rows:
+        pipe = load_text_pipeline(args)
+        encode_rows(pipe, rows, writer, args)
+        del pipe
+
+    keep = list(dict.fromkeys([s.image_hash for s in samples] + [prompt_key(p) for p in args.validation_prompt]))
+    count = writer.finish(keep, reuse=Path(args.output_path) if reusable else None)
+    logger.info("Wrote %d rows (%d images, %d validation prompts) to %s", count, len(samples),
+                len(args.validation_prompt), args.output_path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    setup_logging(args.debug)
+    run_main(main, args)

@@ -1,0 +1,210 @@
+"""Captioned images from a local folder or a Hub dataset, keyed by the sha256 of their pixels.
+
+Both scripts read the data through `load_samples`, so an image always gets the same key: the embeddings
+cache and the latents cache are looked up by that key, never by position (a shuffled loader can't pair an
+image with another image's caption).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class UserError(Exception):
+    """Bad input the user can fix: the scripts print its message as one line and exit with code 2."""
+
+
+def image_hash(image: Image.Image) -> str:
+    """sha256 of the decoded pixels, as diffusers' research-project `compute_embeddings.py` computes it."""
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+@dataclass
+class Sample:
+    image_hash: str
+    caption: str
+    source: str  # a file path or "dataset[index]", for messages
+    open_image: Callable[[], Image.Image] = field(repr=False)
+
+
+def _open_file(path: Path) -> Callable[[], Image.Image]:
+    def open_image() -> Image.Image:
+        with Image.open(path) as image:
+            image.load()
+            return image
+
+    return open_image
+
+
+def _read_metadata_jsonl(folder: Path, caption_column: str) -> dict[str, str]:
+    captions = {}
+    for line_number, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[row["file_name"]] = str(row[caption_column])
+        except (json.JSONDecodeError, KeyError) as error:
+            raise UserError(
+                f"{folder / 'metadata.jsonl'} line {line_number}: expected JSON with 'file_name' and "
+                f"'{caption_column}' (set --caption_column), got {line[:80]!r} ({error})"
+            ) from None
+    return captions
+
+
+def _caption_for(path: Path, metadata: dict[str, str] | None, instance_prompt: str | None) -> str | None:
+    if metadata is not None and path.name in metadata:
+        caption = metadata[path.name]
+    elif path.with_suffix(".txt").exists():
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8")
+    else:
+        caption = None
+    caption = caption.strip() if caption else ""
+    return caption or instance_prompt
+
+
+def load_local_samples(instance_data_dir: str, caption_column: str, instance_prompt: str | None) -> list[Sample]:
+    """Images in a folder, captioned by `metadata.jsonl`, a `.txt` file beside each image, or `instance_prompt`."""
+    folder = Path(instance_data_dir)
+    if not folder.is_dir():
+        raise UserError(f"--instance_data_dir {folder} is not a folder: give the folder that holds your images.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise UserError(
+            f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+        )
+    metadata = _read_metadata_jsonl(folder, caption_column) if (folder / "metadata.jsonl").exists() else None
+    samples, uncaptioned, unreadable = [], [], []
+    for path in paths:
+        caption = _caption_for(path, metadata, instance_prompt)
+        if caption is None:
+            uncaptioned.append(path.name)
+            continue
+        try:
+            image = _open_file(path)()
+        except (UnidentifiedImageError, OSError) as error:
+            unreadable.append(f"{path.name} ({error.__class__.__name__})")
+            continue
+        samples.append(Sample(image_hash(image), caption, str(path), _open_file(path)))
+    if unreadable:
+        raise UserError(f"{len(unreadable)} unreadable image(s) in {folder}: {_first(unreadable)}; fix or remove them.")
+    if uncaptioned:
+        raise UserError(
+            f"{len(uncaptioned)} image(s) in {folder} have no caption (no .txt beside them, no metadata.jsonl "
+            f"entry): {_first(uncaptioned)}. Add captions or pass --instance_prompt as a fallback caption."
+        )
+    return samples
+
+
+def load_hub_samples(
+    dataset_name: str, image_column: str, caption_column: str, instance_prompt: str | None,
+    dataset_config_name: str | None = None, split: str = "train", cache_dir: str | None = None,
+    revision: str | None = None,
+) -> list[Sample]:
+    """Rows of a `datasets` dataset (a Hub id or anything `load_dataset` accepts)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--dataset_name needs the datasets library: `pip install datasets`.") from None
+    dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir,
+                                    revision=revision)
+    for column in (image_column,) + ((caption_column,) if instance_prompt is None else ()):
+        if column not in dataset.column_names:
+            raise UserError(
+                f"dataset {dataset_name} has no column {column!r}; its columns are {dataset.column_names}. "
+                "Set --image_column / --caption_column."
+            )
+    samples, uncaptioned = [], []
+    for index, row in enumerate(dataset):
+        caption = str(row.get(caption_column) or "").strip() or instance_prompt
+        if caption is None:
+            uncaptioned.append(f"row {index}")
+            continue
+        samples.append(Sample(image_hash(row[image_column]), caption, f"{dataset_name}[{index}]",
+                              lambda index=index: dataset[index][image_column]))
+    if uncaptioned:
+        raise UserError(f"{len(uncaptioned)} row(s) of {dataset_name} have an empty caption: {_first(uncaptioned)}. "
+                        "Pass --instance_prompt as a fallback caption.")
+    return samples
+
+
+def load_samples(args) -> list[Sample]:
+    """The samples named by the shared dataset flags (see `add_dataset_args`), duplicates dropped."""
+    if args.dataset_name:
+        samples = load_hub_samples(args.dataset_name, args.image_column, args.caption_column, args.instance_prompt,
+                                   args.dataset_config_name, args.dataset_split, args.cache_dir)
+    else:
+        samples = load_local_samples(args.instance_data_dir, args.caption_column, args.instance_prompt)
+    return drop_duplicates(samples)
+
+
+def drop_duplicates(samples: list[Sample]) -> list[Sample]:
+    seen: dict[str, Sample] = {}
+    duplicates = []
+    for sample in samples:
+        if sample.image_hash in seen:
+            duplicates.append(f"{sample.source} = {seen[sample.image_hash].source}")
+        else:
+            seen[sample.image_hash] = sample
+    if duplicates:
+        logger.warning("%d duplicate image(s) skipped (same pixels): %s", len(duplicates), _first(duplicates))
+    return list(seen.values())
+
+
+def add_dataset_args(parser) -> None:
+    """The dataset flags shared by compute_embeddings.py and train_qlora_flux.py."""
+    group = parser.add_argument_group("dataset (a Hub dataset or a local folder)")
+    group.add_argument("--dataset_name", type=str, default=None,
+                       help="A dataset on the Hub (or a local dataset path `datasets.load_dataset` reads).")
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    group.add_argument("--dataset_split", type=str, default="train", help="The split to use.")
+    group.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    group.add_argument("--caption_column", type=str, default="text",
+                       help="The dataset column (or metadata.jsonl key) holding the captions.")
+    group.add_argument("--instance_data_dir", type=str, default=None,
+                       help="A folder of images, captioned by a .txt beside each image or by a metadata.jsonl "
+                            "(`file_name` + caption column).")
+    group.add_argument("--instance_prompt", type=str, default=None,
+                       help="Caption for images that have none (e.g. 'a photo of sks dog').")
+
+
+def check_dataset_args(args) -> None:
+    if bool(args.dataset_name) == bool(args.instance_data_dir):
+        raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")
+
+
+def check_resolution(width: int, height: int) -> None:
+    for name, value in (("--width", width), ("--height", height)):
+        if value <= 0 or value % 16:
+            raise UserError(f"{name} {value} must be a positive multiple of 16 (the VAE downsamples 8x and "
+                            f"Flux packs 2x2 latents); try {max(16, round(value / 16) * 16)}.")
+
+
+def resize_and_crop(image: Image.Image, width: int, height: int, crop: str = "center") -> torch.Tensor:
+    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then cropped."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    if crop == "random":
+        left, top = np.random.randint(0, size[0] - width + 1), np.random.randint(0, size[1] - height + 1)
+    image = image.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -1,0 +1,215 @@
+"""The embeddings parquet: the one place that knows its columns, shapes and dtype.
+
+One row per image, keyed by `image_hash` (sha256 of the pixels), and one row per validation prompt, keyed by
+`prompt:<sha256 of the prompt>`. The tensors are flattened float lists, as in diffusers' research project
+(`examples/research_projects/flux_lora_quantization`), so its files read here and ours read there. Ours also
+carry a manifest in the parquet's key-value metadata: shapes, dtype, the model and `max_sequence_length` they
+came from, so readers never guess and a stale cache is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from flux_qlora.data import UserError
+
+MANIFEST_KEY = b"flux_qlora"
+LAYOUT_VERSION = 1
+TENSOR_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+PROMPT_KEY_PREFIX = "prompt:"
+
+
+def prompt_key(prompt: str) -> str:
+    return PROMPT_KEY_PREFIX + hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class TextEmbeddings:
+    """Stacked embeddings: prompt_embeds (N, seq, dim), pooled_prompt_embeds (N, pooled_dim), text_ids (seq, 3)."""
+
+    keys: list[str]
+    captions: list[str]
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    manifest: dict
+
+    def index(self) -> dict[str, int]:
+        return {key: i for i, key in enumerate(self.keys)}
+
+    def prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (1, seq, dim), pooled (1, pooled_dim)) of a validation prompt stored in the file."""
+        i = self.index().get(prompt_key(prompt))
+        if i is None:
+            raise UserError(f"validation prompt {prompt!r} is not in the embeddings file; re-run compute_embeddings.py "
+                            "with --validation_prompt.")
+        return self.prompt_embeds[i : i + 1], self.pooled_prompt_embeds[i : i + 1]
+
+
+def _table(keys: list[str], captions: list[str], prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+           text_ids: torch.Tensor) -> pa.Table:
+    def flat_lists(t: torch.Tensor) -> pa.Array:
+        rows = t.detach().float().cpu().numpy().reshape(t.shape[0], -1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1]).cast(pa.list_(pa.float32()))
+
+    n = len(keys)
+    ids = text_ids.expand(n, *text_ids.shape[-2:]) if text_ids.dim() == 2 else text_ids
+    return pa.table({
+        "image_hash": pa.array(keys, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "prompt_embeds": flat_lists(prompt_embeds),
+        "pooled_prompt_embeds": flat_lists(pooled),
+        "text_ids": flat_lists(ids),
+    })
+
+
+def make_manifest(prompt_embeds_shape, pooled_shape, text_ids_shape, **source) -> dict:
+    return {
+        "layout_version": LAYOUT_VERSION,
+        "dtype": "float32",
+        "shapes": {"prompt_embeds": list(prompt_embeds_shape), "pooled_prompt_embeds": list(pooled_shape),
+                   "text_ids": list(text_ids_shape)},
+        **source,
+    }
+
+
+class EmbeddingsWriter:
+    """Writes row batches to numbered part files next to the output, merged atomically by `finish`.
+
+    An interrupted run leaves its finished parts behind; the next run reads them (`done_keys`) and goes on.
+    """
+
+    def __init__(self, output_path: str | Path, source: dict, rows_per_part: int = 256):
+        self.output_path = Path(output_path)
+        self.parts_dir = self.output_path.with_name(self.output_path.name + ".parts")
+        self.source = source
+        self.rows_per_part = rows_per_part
+        self._pending: list[pa.Table] = []
+        self._manifest: dict | None = None
+
+    def done_rows(self) -> dict[str, str]:
+        """key -> caption of rows written by an earlier, interrupted run with the same source (model, length)."""
+        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+        if parts and read_manifest(parts[0]).get("source") != self.source:
+            shutil.rmtree(self.parts_dir)  # made with another model or length: start over
+            return {}
+        return {k: c for part in parts for k, c in _keys_and_captions(part).items()}
+
+    def write(self, keys, captions, prompt_embeds, pooled, text_ids) -> None:
+        if self._manifest is None:
+            self._manifest = make_manifest(prompt_embeds.shape[1:], pooled.shape[1:], text_ids.shape[-2:],
+                                           source=self.source)
+        self._pending.append(_table(keys, captions, prompt_embeds, pooled, text_ids))
+        if sum(t.num_rows for t in self._pending) >= self.rows_per_part:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        index = len(list(self.parts_dir.glob("part-*.parquet")))
+        table = pa.concat_tables(self._pending)
+        table = table.replace_schema_metadata({MANIFEST_KEY: json.dumps(self._manifest).encode()})
+        _write_atomically(table, self.parts_dir / f"part-{index:05d}.parquet")
+        self._pending = []
+
+    def finish(self, keep: list[str], reuse: Path | None = None) -> int:
+        """Writes the rows of `keep` (the last written row of each key) to `output_path`, atomically.
+
+        Rows come from `reuse` (an earlier output) and the parts; returns the row count.
+        """
+        self._flush()
+        parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+        sources = ([reuse] if reuse is not None else []) + parts
+        if not sources:
+            raise UserError("nothing to write: no images and no validation prompts.")
+        manifest = self._manifest or read_manifest(sources[-1])
+        tables = [pq.read_table(p) for p in sources]
+        columns = list(tables[0].schema.names)
+        table = pa.concat_tables([t.replace_schema_metadata(None).select(columns) for t in tables])
+        last_row = {key: i for i, key in enumerate(table["image_hash"].to_pylist())}
+        missing = [key for key in keep if key not in last_row]
+        if missing:
+            raise RuntimeError(f"{len(missing)} embeddings were never written, e.g. {missing[0]}")
+        table = table.take(pa.array([last_row[key] for key in keep]))
+        table = table.replace_schema_metadata({MANIFEST_KEY: json.dumps(manifest).encode()})
+        _write_atomically(table, self.output_path)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return table.num_rows
+
+
+def _keys_and_captions(path: Path) -> dict[str, str]:
+    table = pq.read_table(path, columns=["image_hash", "caption"])
+    return dict(zip(table["image_hash"].to_pylist(), table["caption"].to_pylist()))
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[MANIFEST_KEY]) if MANIFEST_KEY in metadata else {}
+
+
+def reusable_rows(path: str | Path, source: dict) -> dict[str, str]:
+    """key -> caption of the rows of an existing output made from the same source, to skip recomputing them."""
+    path = Path(path)
+    if not path.exists() or read_manifest(path).get("source") != source:
+        return {}
+    return _keys_and_captions(path)
+
+
+def _infer_shapes(table: pa.Table) -> dict[str, list[int]]:
+    """Shapes of a file without our manifest (diffusers' research layout): text_ids is (seq, 3) per row."""
+    first = {c: len(table[c][0].values) for c in TENSOR_COLUMNS}
+    seq = first["text_ids"] // 3
+    if seq == 0 or first["prompt_embeds"] % seq:
+        raise UserError(f"cannot tell the shapes of the embeddings: text_ids has {first['text_ids']} values and "
+                        f"prompt_embeds {first['prompt_embeds']}; expected (seq, 3) and (seq, dim).")
+    return {"prompt_embeds": [seq, first["prompt_embeds"] // seq],
+            "pooled_prompt_embeds": [first["pooled_prompt_embeds"]], "text_ids": [seq, 3]}
+
+
+def _stack(column: pa.ChunkedArray, shape: list[int], name: str, path: Path) -> torch.Tensor:
+    values = pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([])
+    array = values.to_numpy(zero_copy_only=False).astype(np.float32)  # a writable copy
+    expected = len(column) * int(np.prod(shape))
+    if array.size != expected:
+        raise UserError(f"{path}: column {name} holds {array.size} values, expected {len(column)} rows x {shape}; "
+                        "the file is damaged or mixes models: re-run compute_embeddings.py.")
+    return torch.from_numpy(array.reshape(len(column), *shape))
+
+
+def read_embeddings(path: str | Path) -> TextEmbeddings:
+    """Reads our parquet or diffusers' research-project parquet into stacked tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"embeddings file {path} does not exist: run compute_embeddings.py --output_path {path} first.")
+    table = pq.read_table(path)
+    missing = [c for c in ("image_hash", *TENSOR_COLUMNS) if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {missing}: not an embeddings file of compute_embeddings.py.")
+    if table.num_rows == 0:
+        raise UserError(f"{path} has no rows: re-run compute_embeddings.py.")
+    manifest = read_manifest(path)
+    shapes = manifest.get("shapes") or _infer_shapes(table)
+    tensors = {c: _stack(table[c], shapes[c], c, path) for c in TENSOR_COLUMNS}
+    captions = table["caption"].to_pylist() if "caption" in table.column_names else [""] * table.num_rows
+    return TextEmbeddings(
+        keys=table["image_hash"].to_pylist(), captions=captions,
+        prompt_embeds=tensors["prompt_embeds"], pooled_prompt_embeds=tensors["pooled_prompt_embeds"],
+        text_ids=tensors["text_ids"][0], manifest=manifest or {"shapes": shapes},
+    )

@@ -1,0 +1,260 @@
+"""Loading Flux models: the text encoders, and the transformer quantized to NF4 with LoRA adapters on top.
+
+The transformer is streamed tensor by tensor from its safetensors files into bitsandbytes `Linear4bit`
+layers on the target device, so system RAM never holds the full bf16 model (~24 GB for FLUX.1-dev) and the
+same code runs on a GPU and, in the tests, on the CPU (diffusers' `BitsAndBytesConfig` route refuses to run
+without CUDA). Pre-quantized NF4 checkpoints (a folder saved with bitsandbytes NF4 weights) load directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flux_qlora.data import UserError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
+# in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
+QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+LORA_TARGET_PRESETS = {
+    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
+    "attention+context": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "all-linear": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
+                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+                   "norm1.linear", "norm1_context.linear", "norm.linear"],
+}
+
+
+def add_model_args(parser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", type=str, default="black-forest-labs/FLUX.1-dev",
+                       help="A Flux pipeline: Hub id or local folder (model_index.json + subfolders).")
+    group.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit).")
+    group.add_argument("--variant", type=str, default=None, help="Weight file variant, e.g. fp16.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where Hub downloads are cached.")
+
+
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).exists()
+
+
+def _check_model_source(name_or_path: str) -> None:
+    if not _is_local(name_or_path) and (name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1):
+        raise UserError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub id "
+                        "(owner/name) either.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text encoders (compute_embeddings.py only: the trainer never loads them)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_text_pipeline(args, device: str | None = None):
+    """A FluxPipeline holding only the tokenizers and text encoders, on `device`."""
+    from diffusers import FluxPipeline
+
+    _check_model_source(args.pretrained_model_name_or_path)
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    extra = {}
+    if args.t5_8bit:
+        if not device.startswith("cuda"):
+            raise UserError("--t5_8bit needs a CUDA GPU (bitsandbytes 8-bit inference); drop the flag on the CPU.")
+        from transformers import BitsAndBytesConfig, T5EncoderModel
+
+        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder_2", torch_dtype=dtype,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True), **common)
+    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=None, vae=None,
+                                        torch_dtype=dtype, **common, **extra)
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name)
+        if not getattr(module, "is_loaded_in_8bit", False):
+            module.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("Text encoders loaded on %s (%s)", device, str(dtype).removeprefix("torch."))
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer, streamed into NF4
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _weight_index(folder: Path, variant: str | None) -> list[Path]:
+    infix = f".{variant}" if variant else ""
+    index = folder / f"diffusion_pytorch_model{infix}.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / f"diffusion_pytorch_model{infix}.safetensors"
+    if single.exists():
+        return [single]
+    raise UserError(f"no safetensors weights in {folder} (looked for {index.name} and {single.name})"
+                    + ("; check --variant." if variant else "."))
+
+
+def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_dir=None) -> tuple[dict, list[Path]]:
+    """(config, weight files) of a Flux transformer: a pipeline folder or Hub id (its `transformer/`), or a
+    transformer folder. Only the transformer's files are downloaded."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+    else:
+        _check_model_source(name_or_path)
+        from huggingface_hub import snapshot_download
+
+        # Try a pipeline repo's transformer/ first, then a repo holding just a transformer.
+        folder = None
+        for sub in ("transformer", ""):
+            pattern = f"{sub}/*" if sub else "*"
+            root = Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=[f"{pattern}.json", f"{pattern}.safetensors"]))
+            if (root / sub / "config.json").exists():
+                folder = root / sub
+                break
+        if folder is None:
+            raise UserError(f"{name_or_path} holds no Flux transformer (no transformer/config.json or config.json).")
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json: point --pretrained_model_name_or_path at a Flux pipeline "
+                        "folder (with transformer/) or a transformer folder.")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
+        raise UserError(f"{folder} holds a {config['_class_name']}, not a FluxTransformer2DModel.")
+    return config, _weight_index(folder, variant)
+
+
+def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                             quant_storage=torch.uint8, device="meta")
+
+
+def _replace_linears_with_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
+    """Swaps the blocks' nn.Linear for empty NF4 `Linear4bit` layers (weights arrive later); returns their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES)]
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _nf4_linear(getattr(parent, child), compute_dtype))
+    return names
+
+
+def _nf4_weight(weight: torch.Tensor, module: nn.Module, device: torch.device):
+    """Quantizes a weight to NF4 on `device` (double quantization of the block scales saves ~0.5 GB on Flux)."""
+    import bitsandbytes as bnb
+
+    # bnb quantizes when an unquantized Params4bit moves to a device: move it there in compute dtype first.
+    return bnb.nn.Params4bit(weight.to(device, module.compute_dtype), requires_grad=False, quant_type="nf4",
+                             compress_statistics=True, quant_storage=torch.uint8, module=module).to(device)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, name = key.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> set[str]:
+    """Streams one safetensors file into `model`; returns the parameter names it filled."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    filled = set()
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        # Pre-quantized files hold `<layer>.weight` (packed uint8) plus `<layer>.weight.<quant state>` entries.
+        quant_stats = defaultdict(dict)
+        for key in keys:
+            if ".weight." in key:
+                layer, stat = key.split(".weight.", 1)
+                quant_stats[layer][f"weight.{stat}"] = f.get_tensor(key)
+        for key in keys:
+            if ".weight." in key:
+                continue
+            layer = key.rsplit(".", 1)[0]
+            tensor = f.get_tensor(key)
+            if layer in quantized and key.endswith(".weight"):
+                module = model.get_submodule(layer)
+                if layer in quant_stats:
+                    module.weight = bnb.nn.Params4bit.from_prequantized(
+                        tensor, {k.removeprefix("weight."): v for k, v in quant_stats[layer].items()},
+                        device=device, module=module)
+                else:
+                    module.weight = _nf4_weight(tensor, module, device)
+            else:
+                _set_tensor(model, key, tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype))
+            filled.add(key)
+    return filled
+
+
+def load_nf4_transformer(name_or_path: str, device: str | torch.device, weight_dtype: torch.dtype,
+                         revision=None, variant=None, cache_dir=None):
+    """The Flux transformer with its blocks' linear layers in NF4 and everything else in `weight_dtype`."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from tqdm.auto import tqdm
+
+    config, files = resolve_transformer(name_or_path, revision, variant, cache_dir)
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    quantized = set(_replace_linears_with_nf4(model, weight_dtype))
+    device = torch.device(device)
+    filled = set()
+    for file in tqdm(files, desc="Loading transformer (NF4)", disable=len(files) < 2):
+        filled |= _load_file_into(model, file, quantized, device, weight_dtype)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise UserError(f"the transformer checkpoint in {files[0].parent} lacks {len(missing)} weights "
+                        f"(e.g. {missing[0]}): is it a Flux transformer matching its config.json?")
+    model.requires_grad_(False)
+    model.eval()
+    logger.info("Transformer loaded in NF4 on %s: %d linear layers quantized, %.2f GiB of weights",
+                device, len(quantized), module_bytes(model) / 2**30)
+    return model
+
+
+def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Re-quantizes an in-memory transformer's block linears to NF4 (e.g. after fusing a LoRA)."""
+    device = torch.device(device)
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES)]:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        nf4 = _nf4_linear(linear, linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16)
+        nf4.weight = _nf4_weight(linear.weight.data, nf4, device)
+        if linear.bias is not None:
+            nf4.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+        setattr(parent, child, nf4)
+    return model.to(device)
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, NF4 quantization states included."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+def count_nf4_layers(model: nn.Module) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

@@ -1,0 +1,65 @@
+"""Offline fixtures: a tiny Flux-shaped pipeline and captioned images, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from flux_qlora.tiny import build_tiny_images, build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_images_master(tmp_path_factory) -> Path:
+    return build_tiny_images(tmp_path_factory.mktemp("data") / "images", count=6)
+
+
+@pytest.fixture
+def tiny_images(tiny_images_master, tmp_path) -> Path:
+    """A fresh copy per test, so a test may edit captions or add files."""
+    return Path(shutil.copytree(tiny_images_master, tmp_path / "images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("embeddings") / "embeddings.parquet"
+    run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
+               "--instance_data_dir", tiny_images_master, "--output_path", output,
+               "--validation_prompt", "a red circle on a green background", "--max_sequence_length", "16")
+    return output
+
+
+def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails."""
+    command = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    if check and result.returncode != 0:
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{output}")
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The script failed with one `error: ...` line naming the fragments, and no traceback."""
+    assert result.returncode == 2, f"exit code {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import assert_one_line_error, run_script
+from PIL import Image
+
+from compute_embeddings import parse_args
+from flux_qlora.data import image_hash
+from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, read_embeddings
+
+
+def _direct_embeddings(model_dir, captions, max_sequence_length):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None)
+    with torch.no_grad():
+        return pipe.encode_prompt(captions, max_sequence_length=max_sequence_length)
+
+
+def test_embeddings_match_images_and_encoders(tiny_model, tiny_images_master, tiny_embeddings):
+    table = read_embeddings(tiny_embeddings)
+    images = sorted(tiny_images_master.glob("*.png"))
+    validation = "a red circle on a green background"
+    assert len(table.keys) == len(images) + 1
+    assert table.prompt_embeds.shape == (len(images) + 1, 16, 32)
+    assert table.pooled_prompt_embeds.shape == (len(images) + 1, 32)
+    assert table.text_ids.shape == (16, 3)
+    index = table.index()
+    captions = [p.with_suffix(".txt").read_text() for p in images]
+    rows = [index[image_hash(Image.open(p))] for p in images]
+    assert [table.captions[i] for i in rows] == captions
+    prompt_embeds, pooled, _ = _direct_embeddings(tiny_model, captions + [validation], 16)
+    torch.testing.assert_close(table.prompt_embeds[rows], prompt_embeds[:-1])
+    torch.testing.assert_close(table.pooled_prompt_embeds[rows], pooled[:-1])
+    stored_prompt, stored_pooled = table.prompt(validation)
+    torch.testing.assert_close(stored_prompt, prompt_embeds[-1:])
+    torch.testing.assert_close(stored_pooled, pooled[-1:])
+    assert table.manifest["source"]["max_sequence_length"] == 16
+
+
+def test_reads_diffusers_research_layout(tmp_path):
+    # As diffusers' research-project compute_embeddings.py writes it: flattened float lists, no manifest.
+    rng = np.random.default_rng(0)
+    prompt_embeds, pooled = rng.standard_normal((3, 7, 24)), rng.standard_normal((3, 12))
+    df = pd.DataFrame({
+        "image_hash": ["a", "b", "c"],
+        "prompt_embeds": [p.flatten().tolist() for p in prompt_embeds],
+        "pooled_prompt_embeds": [p.tolist() for p in pooled],
+        "text_ids": [np.zeros((7, 3)).flatten().tolist()] * 3,
+    })
+    df.to_parquet(tmp_path / "research.parquet")
+    table = read_embeddings(tmp_path / "research.parquet")
+    assert table.keys == ["a", "b", "c"]
+    assert table.prompt_embeds.shape == (3, 7, 24) and table.text_ids.shape == (7, 3)
+    np.testing.assert_allclose(table.prompt_embeds.numpy(), prompt_embeds, rtol=1e-6)
+    np.testing.assert_allclose(table.pooled_prompt_embeds.numpy(), pooled, rtol=1e-6)
+
+
+def test_rerun_encodes_only_changed_captions_and_drops_removed_images(tiny_model, tiny_images, tmp_path):
+    output = tmp_path / "emb.parquet"
+    common = ["--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", tiny_images,
+              "--output_path", output, "--max_sequence_length", "8"]
+    run_script("compute_embeddings.py", *common)
+    images = sorted(tiny_images.glob("*.png"))
+    images[0].with_suffix(".txt").write_text("a new caption")
+    images[1].unlink()
+    result = run_script("compute_embeddings.py", *common)
+    assert "1 captions to encode" in result.stderr
+    table = read_embeddings(output)
+    assert len(table.keys) == len(images) - 1
+    row = table.index()[image_hash(Image.open(images[0]))]
+    assert table.captions[row] == "a new caption"
+    prompt_embeds, _, _ = _direct_embeddings(tiny_model, ["a new caption"], 8)
+    torch.testing.assert_close(table.prompt_embeds[row : row + 1], prompt_embeds)
+
+
+def test_interrupted_run_resumes_from_parts(tmp_path):
+    source = {"pretrained_model_name_or_path": "m", "revision": None, "max_sequence_length": 4}
+    output = tmp_path / "emb.parquet"
+    first = EmbeddingsWriter(output, source, rows_per_part=1)
+    first.write(["k1"], ["one"], torch.ones(1, 4, 8), torch.ones(1, 5), torch.zeros(4, 3))
+    # ...the process dies here: the part is on disk, the output is not.
+    assert not output.exists()
+    second = EmbeddingsWriter(output, source)
+    assert second.done_rows() == {"k1": "one"}
+    second.write(["k2"], ["two"], 2 * torch.ones(1, 4, 8), torch.ones(1, 5), torch.zeros(4, 3))
+    assert second.finish(["k1", "k2"]) == 2
+    table = read_embeddings(output)
+    assert table.keys == ["k1", "k2"] and table.prompt_embeds[1].eq(2).all()
+    assert not second.parts_dir.exists()
+
+
+def test_duplicate_images_are_reported_and_embedded_once(tiny_model, tiny_images, tmp_path):
+    shutil.copy(tiny_images / "000.png", tiny_images / "copy.png")
+    shutil.copy(tiny_images / "000.txt", tiny_images / "copy.txt")
+    output = tmp_path / "emb.parquet"
+    result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
+                        "--instance_data_dir", tiny_images, "--output_path", output, "--max_sequence_length", "8")
+    assert "1 duplicate image(s) skipped" in result.stderr and "copy.png" in result.stderr
+    assert len(read_embeddings(output).keys) == 6
+
+
+def test_metadata_jsonl_and_instance_prompt_captions(tiny_images):
+    from flux_qlora.data import load_local_samples
+
+    (tiny_images / "000.txt").unlink()
+    assert load_local_samples(str(tiny_images), "text", "sks style")[0].caption == "sks style"
+    (tiny_images / "metadata.jsonl").write_text('{"file_name": "000.png", "text": "from jsonl"}\n')
+    assert load_local_samples(str(tiny_images), "text", None)[0].caption == "from jsonl"
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "no_images", "no_caption", "zero_length", "unreadable"])
+def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tmp_path):
+    data, extra, expect = tiny_images, [], []
+    if case == "missing_folder":
+        data, expect = tmp_path / "nope", ["is not a folder"]
+    elif case == "no_images":
+        data, expect = tmp_path, ["holds no images"]
+    elif case == "no_caption":
+        (tiny_images / "002.txt").unlink()
+        expect = ["002.png", "--instance_prompt"]
+    elif case == "zero_length":
+        extra, expect = ["--max_sequence_length", "0"], ["--max_sequence_length 0"]
+    elif case == "unreadable":
+        (tiny_images / "bad.png").write_bytes(b"not a png")
+        (tiny_images / "bad.txt").write_text("a caption")
+        expect = ["bad.png", "unreadable"]
+    result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
+                        "--instance_data_dir", data, "--output_path", tmp_path / "out.parquet", *extra, check=False)
+    assert_one_line_error(result, *expect)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_parse_args_defaults():
+    args = parse_args(["--instance_data_dir", "x"])
+    assert args.max_sequence_length == 77 and args.output_path == "embeddings.parquet"
+    assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
+    assert prompt_key("a") != prompt_key("b")
