@@ -135,9 +135,13 @@ def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_di
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
-    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                             quant_storage=torch.uint8, device="meta")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              quant_storage=torch.uint8, device="meta")
+    # On CPUs with AVX512-bf16, bnb repacks the weight in place the first time the layer runs in eval mode,
+    # which then breaks training and LoRA merging on it; one layout everywhere keeps CPU tests = GPU path.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def _replace_linears_with_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
@@ -222,8 +226,8 @@ def load_nf4_transformer(name_or_path: str, device: str | torch.device, weight_d
                         f"(e.g. {missing[0]}): is it a Flux transformer matching its config.json?")
     model.requires_grad_(False)
     model.eval()
-    logger.info("Transformer loaded in NF4 on %s: %d linear layers quantized, %.2f GiB of weights",
-                device, len(quantized), module_bytes(model) / 2**30)
+    logger.info("Transformer loaded in NF4 on %s: %d linear layers quantized, %.1f MiB of weights",
+                device, len(quantized), module_bytes(model) / 2**20)
     return model
 
 

@@ -66,8 +66,9 @@ def build_tiny_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * TINY_LATENT_CHANNELS, num_layers=2, num_single_layers=2,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TINY_T5_DIM,
+        patch_size=1, in_channels=4 * TINY_LATENT_CHANNELS,
+        num_layers=2, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=TINY_T5_DIM,  # inner dim 64, as NF4 likes
         pooled_projection_dim=TINY_CLIP_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     )
     # Four blocks = three 2x downsamples: the VAE halves 8x and packing 2x, so sizes must be multiples of 16.

@@ -1,0 +1,84 @@
+"""Flow-matching maths for Flux training, as diffusers' Flux trainers define it.
+
+x_t = (1 - sigma) * x_0 + sigma * noise; the transformer predicts the velocity noise - x_0 from packed 2x2
+latent patches; sigma is drawn from a density over 1000 discrete training timesteps and optionally shifted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C * 4): each 2x2 latent patch becomes one token."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for latents of (height, width)."""
+    b, _, d = tokens.shape
+    tokens = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return tokens.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """(H/2 * W/2, 3) positions of the packed tokens: (0, row, column), as FluxPipeline makes them."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def sample_density(scheme: str, batch_size: int, generator: torch.Generator | None = None,
+                   logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """u in [0, 1): where on the noise schedule each sample is trained (SD3 paper, section 3.1)."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
+    u = torch.rand(batch_size, generator=generator)
+    if scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def sigmas_from_density(u: torch.Tensor) -> torch.Tensor:
+    """Discretizes u onto the 1000 training timesteps (t = 1000 ... 1), as the diffusers trainers index them."""
+    index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+    return (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Moves training towards noisier timesteps: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """exp(mu) of FLUX.1-dev's resolution-dependent shift (its scheduler config's defaults)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
+
+
+def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights (SD3's `compute_loss_weighting_for_sd3`)."""
+    if scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if scheme == "cosmap":
+        bot = 1 - 2 * sigmas + 2 * sigmas**2
+        return 2 / (math.pi * bot)
+    return torch.ones_like(sigmas)
+
+
+def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor,
+                       sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Weighted MSE between the predicted and the true velocity (noise - latents), averaged per sample."""
+    target = noise.float() - latents.float()
+    weights = loss_weighting(scheme, sigmas).view(-1, *[1] * (latents.dim() - 1))
+    per_sample = (weights * (model_pred.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1)
+    return per_sample.mean()

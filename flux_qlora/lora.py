@@ -1,0 +1,86 @@
+"""LoRA adapters on the Flux transformer: add them, save them as diffusers reads them, load them back."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flux_qlora.data import UserError
+from flux_qlora.models import LORA_TARGET_PRESETS
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
+
+
+def target_modules(lora_layers: str) -> list[str]:
+    """A preset name (attention, attention+context, all-linear) or a comma-separated list of module names."""
+    if lora_layers in LORA_TARGET_PRESETS:
+        return LORA_TARGET_PRESETS[lora_layers]
+    return [name.strip() for name in lora_layers.split(",") if name.strip()]
+
+
+def add_lora(transformer: nn.Module, rank: int, alpha: int | None, init: str, targets: list[str]) -> None:
+    """Adds a trainable LoRA adapter ("default") and keeps its weights in fp32 (the base stays NF4/bf16)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True if init == "default" else init,
+                        target_modules=targets)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as error:
+        raise UserError(f"--lora_layers {','.join(targets)}: {error}") from None
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer)
+
+
+def save_lora(transformer: nn.Module, output_dir: str | Path) -> Path:
+    """Writes `pytorch_lora_weights.safetensors` with `transformer.` keys and the LoRA config as metadata."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.save_lora_weights(
+        output_dir, transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return Path(output_dir) / LORA_WEIGHT_NAME
+
+
+def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
+    """Loads a saved LoRA's weights into the transformer's existing "default" adapter (resume)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(Path(lora_dir) / LORA_WEIGHT_NAME)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"{lora_dir}: the LoRA doesn't match this model ({len(unexpected)} unexpected keys, "
+                        f"e.g. {unexpected[0]}); resume with the same --rank and --lora_layers.")
+
+
+def read_lora_metadata(path: str | Path) -> dict:
+    """The LoRA config stored in a safetensors file by `save_lora` (empty if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    # diffusers stores {"transformer.r": 4, "transformer.lora_alpha": 4, ...} under "lora_adapter_metadata".
+    raw = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    return {k.removeprefix("transformer."): v for k, v in raw.items() if k.startswith("transformer.")}

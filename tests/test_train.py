@@ -1,0 +1,154 @@
+"""train_qlora_flux.py run as users run it, on the tiny model, with NF4 + LoRA + AdamW8bit on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_script
+from safetensors.torch import load_file
+
+from flux_qlora.training import Schedule
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(ROOT / "accelerate.yaml")]
+VALIDATION = "a red circle on a green background"
+
+
+def train_args(model, images, embeddings, output_dir, *extra) -> list:
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--data_df_path", embeddings,
+            "--output_dir", output_dir, "--width", "64", "--height", "48", "--cache_latents", "--use_8bit_adam",
+            "--gradient_checkpointing", "--report_to", "none", "--logging_steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tiny_images_master, tiny_embeddings, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("run") / "lora"
+    run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, output, "--max_train_steps", "6", "--checkpointing_steps",
+        "2", "--checkpoints_total_limit", "2", "--validation_prompt", VALIDATION, "--report_to", "tensorboard",
+        "--learning_rate", "1e-3"), launcher=ACCELERATE)
+    return output
+
+
+def test_run_writes_lora_checkpoints_and_reports(trained):
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and len(summary["losses"]) == 6
+    assert summary["nf4_layers"] == 2 * 14 + 2 * 6  # every linear of the 2 double + 2 single blocks was NF4
+    # --checkpoints_total_limit 2 at steps 2, 4 (no checkpoint at the last step: the LoRA is written instead)
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (trained / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
+    assert (trained / "loss.png").stat().st_size > 1000
+    assert [p.name for p in sorted((trained / "samples").iterdir())] == ["step-000000-0.png", "step-000006-0.png"]
+    assert list((trained / "logs").rglob("events.out.tfevents*"))
+    assert "base_model:" in (trained / "README.md").read_text()
+
+
+def test_lora_keys_metadata_and_training_moved_them(trained):
+    from flux_qlora.lora import read_lora_metadata
+
+    state = load_file(trained / "pytorch_lora_weights.safetensors")
+    assert state and all(k.startswith("transformer.") for k in state)
+    assert any(".attn.to_q.lora_A." in k for k in state) and any(".to_out.0.lora_B." in k for k in state)
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero with gaussian init: training changed it
+    metadata = read_lora_metadata(trained / "pytorch_lora_weights.safetensors")
+    assert metadata["r"] == 4 and metadata["lora_alpha"] == 4
+    assert set(metadata["target_modules"]) == {"to_k", "to_q", "to_v", "to_out.0"}
+
+
+def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_model):
+    """FluxPipeline.load_lora_weights on the same NF4 base gives the trained model's output."""
+    from diffusers import FluxPipeline
+
+    from flux_qlora.lora import add_lora, load_lora_into
+    from flux_qlora.models import load_nf4_transformer, quantize_to_nf4
+
+    trained_model = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+    add_lora(trained_model, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
+    load_lora_into(trained_model, trained)
+
+    pipe = FluxPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    quantize_to_nf4(pipe.transformer, "cpu")
+    before = _forward(pipe.transformer)
+    pipe.load_lora_weights(trained)
+    torch.testing.assert_close(_forward(pipe.transformer), _forward(trained_model), rtol=1e-4, atol=1e-5)
+    assert (_forward(pipe.transformer) - before).abs().max() > 1e-4  # and the LoRA does change the output
+
+
+def _forward(transformer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g),
+            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
+            img_ids=torch.zeros(12, 3), return_dict=False)[0]
+
+
+def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    for suffix in (".png", ".txt"):
+        shutil.copy(tiny_images_master / f"000{suffix}", one)
+    run_script("train_qlora_flux.py", *train_args(
+        tiny_model, one, tiny_embeddings, tmp_path / "out", "--max_train_steps", "60", "--rank", "16",
+        "--learning_rate", "3e-3", "--lora_layers", "all-linear", "--checkpointing_steps", "1000"))
+    losses = json.loads((tmp_path / "out" / "train_summary.json").read_text())["losses"]
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+              "--learning_rate", "1e-3", "--lr_scheduler", "cosine")
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                  tmp_path / "full", *common))
+    # What a run killed after its step-3 checkpoint leaves on disk (checkpoints are renamed into place when
+    # complete), plus a half-written later one that must be ignored.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", interrupted / "checkpoint-3")
+    (interrupted / ".checkpoint-5.tmp").mkdir()
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                           interrupted, *common, "--resume_from_checkpoint", "latest"))
+    assert "Resumed from" in result.stderr and "checkpoint-3 at step 3" in result.stderr
+    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-7)
+    summary = json.loads((interrupted / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 3 and len(summary["losses"]) == 6
+
+
+def test_schedule_shards_each_epoch_without_repeats():
+    schedule = Schedule(num_images=5, repeats=2, batch_size=2, num_processes=2, seed=1)
+    assert schedule.micro_steps_per_epoch == 2  # 10 positions // global batch 4
+    seen = [schedule.rows(step, rank) for step in range(2) for rank in range(2)]
+    positions = torch.cat(seen)
+    assert len(positions) == 8 and torch.bincount(positions, minlength=5).max() <= 2
+    single = Schedule(num_images=5, repeats=2, batch_size=4, num_processes=1, seed=1)
+    assert torch.equal(single.rows(1, 0), torch.cat([schedule.rows(1, 0), schedule.rows(1, 1)]))
+
+
+@pytest.mark.parametrize("case", ["resolution", "missing_parquet", "stale_caption", "bad_resume", "tiny_dataset"])
+def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embeddings, tmp_path):
+    embeddings, extra, expect = tiny_embeddings, [], []
+    if case == "resolution":
+        extra, expect = ["--width", "100"], ["--width 100", "multiple of 16", "try 96"]
+    elif case == "missing_parquet":
+        embeddings, expect = tmp_path / "nope.parquet", ["nope.parquet", "compute_embeddings.py"]
+    elif case == "stale_caption":
+        (tiny_images / "001.txt").write_text("an edited caption")
+        expect = ["caption(s) changed", "re-run compute_embeddings.py"]
+    elif case == "bad_resume":
+        extra, expect = ["--resume_from_checkpoint", str(tmp_path / "ckpt")], ["--resume_from_checkpoint", "latest"]
+    elif case == "tiny_dataset":
+        extra, expect = ["--train_batch_size", "64"], ["less than one global batch"]
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, embeddings, tmp_path / "out"),
+                        "--max_train_steps", "1", *extra, check=False)
+    assert_one_line_error(result, *expect)

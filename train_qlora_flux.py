@@ -1,0 +1,493 @@
+#!/usr/bin/env python
+"""QLoRA fine-tuning of FLUX.1-dev: NF4 base (bitsandbytes) + LoRA (peft) + 8-bit AdamW, on cached embeddings.
+
+    accelerate launch --config_file accelerate.yaml train_qlora_flux.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+        --data_df_path embeddings.parquet --instance_data_dir my_images \\
+        --width 512 --height 768 --rank 4 --use_8bit_adam --gradient_checkpointing --cache_latents \\
+        --max_train_steps 700 --checkpointing_steps 100 --output_dir my-flux-lora
+
+The text embeddings come from compute_embeddings.py (the text encoders are never loaded here); the images are
+read with the same dataset flags and matched to their embeddings by the hash of their pixels. The output is
+`pytorch_lora_weights.safetensors`, which `FluxPipeline.load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from flux_qlora import flow
+from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.data import UserError, add_dataset_args, check_dataset_args, check_resolution, load_samples
+from flux_qlora.embeddings import read_embeddings
+from flux_qlora.lora import INIT_CHOICES, add_lora, load_lora_into, lora_parameters, save_lora, target_modules
+from flux_qlora.models import LORA_TARGET_PRESETS, WEIGHT_DTYPES, add_model_args, count_nf4_layers, load_nf4_transformer
+from flux_qlora.training import (
+    Schedule,
+    TrainData,
+    encode_latents,
+    find_checkpoint,
+    load_pixels,
+    match_embeddings,
+    model_card,
+    plot_loss,
+    read_training_state,
+    save_checkpoint,
+    write_summary,
+)
+
+logger = get_logger("train_qlora_flux")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--pretrained_transformer_model_name_or_path", type=str, default=None,
+                        help="Train this transformer instead of the pipeline's (Hub id or folder; e.g. a de-distilled "
+                             "one, or a pre-quantized NF4 checkpoint). The VAE still comes from the pipeline.")
+    add_dataset_args(parser)
+    parser.add_argument("--data_df_path", type=str, required=True, help="The parquet of compute_embeddings.py.")
+    parser.add_argument("--output_dir", type=str, default="flux-qlora-output", help="LoRA, checkpoints, samples, logs.")
+    parser.add_argument("--width", type=int, default=512, help="Training width in pixels (a multiple of 16).")
+    parser.add_argument("--height", type=int, default=512, help="Training height in pixels (a multiple of 16).")
+    parser.add_argument("--cache_latents", action="store_true",
+                        help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
+    parser.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+    lora.add_argument("--init_lora_weights", type=str, default="gaussian", choices=INIT_CHOICES,
+                      help="LoRA initialisation (peft's init_lora_weights; B starts at zero except for pissa/olora).")
+    lora.add_argument("--lora_layers", type=str, default="attention",
+                      help=f"Target modules: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma-separated list "
+                           "such as 'to_k,to_q,to_v,to_out.0'.")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--train_batch_size", type=int, default=1, help="Images per micro-step per GPU.")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
+    opt.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+    opt.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    opt.add_argument("--lr_scheduler", type=str, default="constant",
+                     choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                              "polynomial"], help="Learning-rate schedule.")
+    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 to disable).")
+    opt.add_argument("--gradient_checkpointing", action="store_true",
+                     help="Recompute block activations in the backward pass: much less memory, ~30%% slower.")
+    opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                     help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
+    opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
+
+    fm = parser.add_argument_group("flow matching")
+    fm.add_argument("--weighting_scheme", type=str, default="none", choices=flow.WEIGHTING_SCHEMES,
+                    help="Timestep density / loss weighting (SD3 paper).")
+    fm.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
+    fm.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal density.")
+    fm.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density.")
+    fm.add_argument("--timestep_shift", type=str, default="1.0",
+                    help="Shift of the sampled sigmas towards noise: a number (1.0 = none, 3.0 = SD3) or 'auto' "
+                         "(FLUX.1-dev's resolution-dependent shift).")
+    fm.add_argument("--guidance_scale", type=float, default=1.0,
+                    help="Value of the guidance vector during training (FLUX.1-dev is guidance-distilled; 1.0).")
+
+    out = parser.add_argument_group("checkpoints, validation, logging")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    out.add_argument("--resume_from_checkpoint", type=str, default=None,
+                     help="'latest' (newest checkpoint in --output_dir; a fresh start if none) or a path.")
+    out.add_argument("--validation_prompt", type=str, action="append", default=[],
+                     help="Prompt for sample images (repeatable); must have been embedded by compute_embeddings.py.")
+    out.add_argument("--validation_steps", type=int, default=0,
+                     help="Sample images every N steps (0: only before and after training).")
+    out.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps of sample images.")
+    out.add_argument("--validation_guidance_scale", type=float, default=3.5, help="Guidance of sample images.")
+    out.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
+                     help="Where to log loss, lr, s/step, peak memory and sample images.")
+    out.add_argument("--logging_steps", type=int, default=10,
+                     help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
+    out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
+    out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
+    out.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    return parser.parse_args(input_args)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every cross-flag check, before anything heavy loads."""
+    check_dataset_args(args)
+    check_resolution(args.width, args.height)
+    for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
+                 "checkpointing_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UserError(f"--max_train_steps {args.max_train_steps} must be at least 1.")
+    if args.timestep_shift != "auto":
+        try:
+            if float(args.timestep_shift) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--timestep_shift {args.timestep_shift} must be a positive number or 'auto'.") from None
+    if args.push_to_hub and args.hub_token is None:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise UserError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("To use 8-bit Adam, please install the bitsandbytes library: "
+                            "`pip install bitsandbytes`.") from None
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to, project_config=project,
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        logger.warning("fp16 on a GPU that supports bf16: bf16 is safer (fp16 overflows give NaN losses).")
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def load_train_data(args, accelerator, weight_dtype) -> tuple[TrainData, object]:
+    """Images + their embeddings; latents cached (VAE then moved to the CPU) with --cache_latents."""
+    from diffusers import AutoencoderKL
+
+    samples = load_samples(args)
+    embeddings = match_embeddings(samples, read_embeddings(args.data_df_path), args.data_df_path)
+    for prompt in args.validation_prompt:
+        read_embeddings(args.data_df_path).prompt(prompt)  # fail now, not after an hour of training
+    pixels = load_pixels(samples, args.width, args.height)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                        variant=args.variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype)
+    vae.requires_grad_(False).to(accelerator.device)
+    data = TrainData(keys=embeddings.keys, prompt_embeds=embeddings.prompt_embeds.to(weight_dtype),
+                     pooled_prompt_embeds=embeddings.pooled_prompt_embeds.to(weight_dtype),
+                     text_ids=embeddings.text_ids.to(weight_dtype), images=pixels)
+    if args.cache_latents:
+        data.images = encode_latents(vae, pixels, show_progress=accelerator.is_local_main_process).cpu()
+        data.latents_cached = True
+        vae.to("cpu")  # only needed again to decode sample images
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    logger.info("%d images at %dx%d, embeddings of %d tokens%s", len(data), args.width, args.height,
+                data.prompt_embeds.shape[1], ", latents cached" if args.cache_latents else "")
+    return data, vae
+
+
+def load_transformer_with_lora(args, accelerator, weight_dtype):
+    transformer = load_nf4_transformer(args.pretrained_transformer_model_name_or_path
+                                       or args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
+                                       revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    # Like peft's prepare_model_for_kbit_training, minus its up-cast of every non-quantized weight to fp32
+    # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
+    set_seed(args.seed)
+    add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    trainable = sum(p.numel() for p in lora_parameters(transformer))
+    logger.info("LoRA rank %d on %s: %.2fM trainable parameters; %d NF4 layers", args.rank, args.lora_layers,
+                trainable / 1e6, count_nf4_layers(transformer))
+    return transformer
+
+
+def make_optimizer(args, params):
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def register_lora_checkpoint_hooks(accelerator) -> None:
+    """Makes every checkpoint folder hold just the LoRA (a loadable `pytorch_lora_weights.safetensors`)."""
+
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                save_lora(accelerator.unwrap_model(model), output_dir)
+            if weights:
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_lora_into(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+
+
+def get_batch(data: TrainData, rows: torch.Tensor, vae, device, dtype) -> Batch:
+    images = data.images[rows]
+    latents = images.to(device, dtype) if data.latents_cached else encode_latents(vae, images, show_progress=False)
+    return Batch(latents, data.prompt_embeds[rows].to(device, non_blocking=True),
+                 data.pooled_prompt_embeds[rows].to(device, non_blocking=True))
+
+
+def sample_sigmas(args, schedule: Schedule, micro_step: int, rank: int, latent_shape) -> tuple[torch.Tensor, ...]:
+    """(noise, sigmas) for this process's share of the global batch, drawn from the micro step's own generator."""
+    generator = schedule.generator(micro_step)
+    b = schedule.batch_size
+    noise = torch.randn((schedule.global_batch, *latent_shape), generator=generator)[rank * b : (rank + 1) * b]
+    u = flow.sample_density(args.weighting_scheme, schedule.global_batch, generator, args.logit_mean,
+                            args.logit_std, args.mode_scale)[rank * b : (rank + 1) * b]
+    sigmas = flow.sigmas_from_density(u)
+    h, w = latent_shape[-2:]
+    shift = flow.resolution_shift(h * w // 4) if args.timestep_shift == "auto" else float(args.timestep_shift)
+    return noise, flow.shift_sigmas(sigmas, shift) if shift != 1.0 else sigmas
+
+
+def flow_matching_step(transformer, batch: Batch, noise, sigmas, text_ids, image_ids, args) -> torch.Tensor:
+    """One forward pass and its loss: noise the latents to sigma, predict the velocity (noise - latents)."""
+    latents = batch.latents
+    sig = sigmas.view(-1, 1, 1, 1).to(latents.device)
+    noise = noise.to(latents.device, latents.dtype)
+    noisy = ((1 - sig) * latents.float() + sig * noise.float()).to(latents.dtype)
+    guidance = torch.full((latents.shape[0],), args.guidance_scale, device=latents.device)
+    model_pred = transformer(
+        hidden_states=flow.pack_latents(noisy), timestep=sig.flatten().to(latents.dtype),
+        guidance=guidance if transformer.config.guidance_embeds else None,
+        pooled_projections=batch.pooled_prompt_embeds, encoder_hidden_states=batch.prompt_embeds,
+        txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+    )[0]
+    model_pred = flow.unpack_latents(model_pred, *latents.shape[-2:])
+    return flow.flow_matching_loss(model_pred, noise, latents, sig.flatten(), args.weighting_scheme)
+
+
+@torch.no_grad()
+def generate_samples(args, accelerator, transformer, vae, step: int) -> list[str]:
+    """Validation images from the training transformer (no second copy), VAE on the GPU only to decode."""
+    if not args.validation_prompt or not accelerator.is_main_process:
+        return []
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    model = accelerator.unwrap_model(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
+    vae.to(accelerator.device)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    embeddings = read_embeddings(args.data_df_path)
+    folder = Path(args.output_dir) / "samples"
+    folder.mkdir(exist_ok=True)
+    was_training = model.training
+    model.eval()
+    files = []
+    with accelerator.autocast():
+        for i, prompt in enumerate(args.validation_prompt):
+            prompt_embeds, pooled = embeddings.prompt(prompt)
+            image = pipe(prompt_embeds=prompt_embeds.to(accelerator.device, vae.dtype),
+                         pooled_prompt_embeds=pooled.to(accelerator.device, vae.dtype),
+                         width=args.width, height=args.height, num_inference_steps=args.validation_inference_steps,
+                         guidance_scale=args.validation_guidance_scale,
+                         generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
+            files.append(f"samples/step-{step:06d}-{i}.png")
+            image.save(Path(args.output_dir) / files[-1])
+            log_image(accelerator, prompt, image, step, i)
+    model.train(was_training)
+    if args.cache_latents:
+        vae.to("cpu")
+    logger.info("Sample images for step %d in %s", step, folder)
+    return files
+
+
+def log_image(accelerator, prompt: str, image, step: int, index: int) -> None:
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({f"samples/{index}": wandb.Image(image, caption=prompt)}, step=step)
+
+
+def peak_memory_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses) -> dict:
+    """The loop: micro-steps under accumulate(), an optimizer step every --gradient_accumulation_steps."""
+    device, dtype = accelerator.device, data.prompt_embeds.dtype
+    latent_shape = (data.images.shape[1], args.height // 8, args.width // 8) if not data.latents_cached \
+        else tuple(data.images.shape[1:])
+    image_ids = flow.latent_image_ids(*latent_shape[-2:], device=device, dtype=dtype)
+    text_ids = data.text_ids.to(device)
+    params = lora_parameters(transformer)
+    step_times, pending = [], []
+    progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    step, tick = start_step, time.perf_counter()
+    for micro_step in range(start_step * args.gradient_accumulation_steps,
+                            args.max_train_steps * args.gradient_accumulation_steps):
+        rows = schedule.rows(micro_step, accelerator.process_index)
+        batch = get_batch(data, rows, vae, device, dtype)
+        if not data.latents_cached:
+            latent_shape = tuple(batch.latents.shape[1:])
+        noise, sigmas = sample_sigmas(args, schedule, micro_step, accelerator.process_index, latent_shape)
+        with accelerator.accumulate(transformer), accelerator.autocast():
+            loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        lr_scheduler.step()
+        step += 1
+        now = time.perf_counter()
+        step_times.append(now - tick)
+        tick = now
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            # One host sync per logging interval: the losses of the interval come back together.
+            interval = torch.stack(pending).float().view(-1, args.gradient_accumulation_steps).mean(1)
+            interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
+            losses.extend(interval)
+            pending = []
+            logs = {"loss": interval[-1], "lr": lr_scheduler.get_last_lr()[0], "s_per_step": step_times[-1],
+                    "peak_memory_gib": peak_memory_gib(device)}
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{logs['s_per_step']:.2f}")
+        progress.update(1)
+        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+            path = save_checkpoint(accelerator, args.output_dir, step, {"losses": losses}, args.checkpoints_total_limit)
+            logger.info("Saved checkpoint %s", path)
+        if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
+            generate_samples(args, accelerator, transformer, vae, step)
+    progress.close()
+    return {"step_times": step_times}
+
+
+def resume(args, accelerator) -> tuple[int, list[float]]:
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if checkpoint is None:
+        return 0, []
+    accelerator.load_state(str(checkpoint))
+    state = read_training_state(checkpoint)
+    logger.info("Resumed from %s at step %d", checkpoint, state["global_step"])
+    return state["global_step"], list(state.get("losses", []))
+
+
+def finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before) -> dict:
+    """Saves the LoRA, the loss plot, after-samples and the run summary; pushes to the Hub if asked."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        lora_path = save_lora(accelerator.unwrap_model(transformer), output_dir)
+        logger.info("Saved the LoRA to %s", lora_path)
+    samples_after = generate_samples(args, accelerator, transformer, vae, args.max_train_steps)
+    if accelerator.is_main_process:
+        if losses:
+            plot_loss(losses, output_dir / "loss.png")
+        times = sorted(timing["step_times"][1:] or timing["step_times"])  # the first step includes warm-up
+        summary = {
+            "steps": args.max_train_steps, "resumed_from_step": start_step,
+            "median_s_per_step": times[len(times) // 2] if times else None,
+            "peak_gpu_memory_gib": round(peak_memory_gib(accelerator.device), 3),
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "first_loss": losses[0] if losses else None,
+            "lora": str(output_dir / "pytorch_lora_weights.safetensors"),
+            "loss_plot": str(output_dir / "loss.png"), "samples_before": samples_before,
+            "samples_after": samples_after, "num_processes": accelerator.num_processes,
+            "nf4_layers": count_nf4_layers(accelerator.unwrap_model(transformer)), "losses": losses,
+        }
+        write_summary(output_dir / "train_summary.json", summary)
+        logger.info("Run summary (%s): %s", output_dir / "train_summary.json",
+                    {k: v for k, v in summary.items() if k != "losses"})
+        (output_dir / "README.md").write_text(model_card(args, samples_after))
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return summary
+
+
+def push_to_hub(args) -> None:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token, commit_message="flux-qlora LoRA",
+                  ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"])
+    logger.info("Pushed to https://huggingface.co/%s", repo_id)
+
+
+def main(args: argparse.Namespace) -> dict:
+    validate_args(args)
+    accelerator = make_accelerator(args)
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    data, vae = load_train_data(args, accelerator, weight_dtype)
+    schedule = Schedule(len(data), args.repeats, args.train_batch_size, accelerator.num_processes, args.seed)
+    if schedule.micro_steps_per_epoch == 0:
+        raise UserError(f"{len(data)} images x {args.repeats} repeats is less than one global batch "
+                        f"({schedule.global_batch}); lower --train_batch_size or raise --repeats.")
+    if args.max_train_steps is None:
+        args.max_train_steps = math.ceil(
+            args.num_train_epochs * schedule.micro_steps_per_epoch / args.gradient_accumulation_steps)
+
+    transformer = load_transformer_with_lora(args, accelerator, weight_dtype)
+    optimizer = make_optimizer(args, lora_parameters(transformer))
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    register_lora_checkpoint_hooks(accelerator)
+    start_step, losses = resume(args, accelerator)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("flux-qlora", config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, int | float | str | bool)})
+
+    logger.info("***** Running training *****")
+    logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", len(data), args.repeats,
+                schedule.micro_steps_per_epoch)
+    logger.info("  batch per device = %d, processes = %d, accumulation = %d -> effective batch %d",
+                args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+                schedule.global_batch * args.gradient_accumulation_steps)
+    logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
+    samples_before = generate_samples(args, accelerator, transformer, vae, 0) if start_step == 0 else []
+    timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses)
+    return finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    setup_logging(args.debug)
+    logging.getLogger("train_qlora_flux").setLevel(logging.INFO)
+    run_main(main, args)
