@@ -92,6 +92,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 to disable).")
     opt.add_argument("--gradient_checkpointing", action="store_true",
                      help="Recompute block activations in the backward pass: much less memory, ~30%% slower.")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (regional compilation: one graph reused by all "
+                          "blocks of a kind); the first steps are slower while it compiles.")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
@@ -123,6 +126,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="Where to log loss, lr, s/step, peak memory and sample images.")
     out.add_argument("--logging_steps", type=int, default=10,
                      help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
+    out.add_argument("--profile_dir", type=str, default=None,
+                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace here and the share of "
+                          "time the GPU was busy in train_summary.json.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
@@ -207,6 +213,9 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.compile:
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block.compile(dynamic=False)
     transformer.train()
     trainable = sum(p.numel() for p in lora_parameters(transformer))
     logger.info("LoRA rank %d on %s: %.2fM trainable parameters; %d NF4 layers", args.rank, args.lora_layers,
@@ -352,6 +361,7 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     step, tick = start_step, time.perf_counter()
+    profiler = StepProfiler(args.profile_dir, device) if args.profile_dir else None
     for micro_step in range(start_step * args.gradient_accumulation_steps,
                             args.max_train_steps * args.gradient_accumulation_steps):
         rows = schedule.rows(micro_step, accelerator.process_index)
@@ -385,13 +395,47 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
             accelerator.log(logs, step=step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{logs['s_per_step']:.2f}")
         progress.update(1)
+        if profiler:
+            profiler.after_step(step)
         if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
             path = save_checkpoint(accelerator, args.output_dir, step, {"losses": losses}, args.checkpoints_total_limit)
             logger.info("Saved checkpoint %s", path)
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
             generate_samples(args, accelerator, transformer, vae, step)
     progress.close()
-    return {"step_times": step_times}
+    return {"step_times": step_times, "gpu_busy_percent": profiler.busy_percent if profiler else None}
+
+
+class StepProfiler:
+    """Profiles optimizer steps 5-7 (after warm-up and compilation) and measures how busy the GPU was."""
+
+    first, last = 5, 7
+
+    def __init__(self, folder: str, device):
+        self.folder, self.device, self.busy_percent = Path(folder), device, None
+        self.profile = None
+
+    def after_step(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first - 1:
+            self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profile.__enter__()
+            self.start = time.perf_counter()
+        elif step == self.last and self.profile is not None:
+            torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+            wall_us = (time.perf_counter() - self.start) * 1e6
+            self.profile.__exit__(None, None, None)
+            # Kernels only: operator rows and user annotations (e.g. "Optimizer.step") repeat their kernels' time.
+            kernels_us = sum(e.device_time_total for e in self.profile.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+            self.busy_percent = round(100 * kernels_us / wall_us, 1)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.profile.export_chrome_trace(str(self.folder / "trace.json"))
+            (self.folder / "top_kernels.txt").write_text(
+                self.profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+            logger.info("Profiled steps %d-%d: GPU busy %.1f%% (trace in %s)", self.first, self.last,
+                        self.busy_percent, self.folder)
 
 
 def resume(args, accelerator) -> tuple[int, list[float]]:
@@ -421,6 +465,7 @@ def finish(args, accelerator, transformer, vae, losses, timing, start_step, samp
             "steps": args.max_train_steps, "resumed_from_step": start_step,
             "median_s_per_step": times[len(times) // 2] if times else None,
             "peak_gpu_memory_gib": round(peak_memory_gib(accelerator.device), 3),
+            "model_gpu_memory_gib": timing["model_memory_gib"], "gpu_busy_percent": timing["gpu_busy_percent"],
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None,
             "lora": str(output_dir / "pytorch_lora_weights.safetensors"),
@@ -461,6 +506,7 @@ def main(args: argparse.Namespace) -> dict:
             args.num_train_epochs * schedule.micro_steps_per_epoch / args.gradient_accumulation_steps)
 
     transformer = load_transformer_with_lora(args, accelerator, weight_dtype)
+    model_memory_gib = torch.cuda.memory_allocated(accelerator.device) / 2**30 if torch.cuda.is_available() else 0.0
     optimizer = make_optimizer(args, lora_parameters(transformer))
     from diffusers.optimization import get_scheduler
 
@@ -483,6 +529,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
     samples_before = generate_samples(args, accelerator, transformer, vae, 0) if start_step == 0 else []
     timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses)
+    timing["model_memory_gib"] = round(model_memory_gib, 3)
     return finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before)
 
 

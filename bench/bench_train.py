@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Training benchmark on a FLUX.1-dev-shaped model with random weights (the real config: real memory, real speed).
+
+    python bench/bench_train.py --workdir /dev/shm/fluxbench --configs nf4-ckpt-512x768 nf4-ckpt-1024x1024
+
+Builds (once) the transformer and VAE with FLUX.1-dev's configs, eight random images and their embeddings
+parquet (77 x 4096 T5 + 768 CLIP, random), then runs train_qlora_flux.py itself for each configuration and
+prints median s/step (first step excluded), peak allocated memory and tokens per second. Results: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_DEV_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096)
+
+# name -> (width, height, extra trainer flags)
+CONFIGS = {
+    "nf4-ckpt-512x768": (512, 768, ["--gradient_checkpointing"]),
+    "nf4-ckpt-512x512": (512, 512, ["--gradient_checkpointing"]),
+    "nf4-ckpt-1024x1024": (1024, 1024, ["--gradient_checkpointing"]),
+    "nf4-512x768": (512, 768, []),
+    "nf4-1024x1024": (1024, 1024, []),
+}
+
+
+def build_model(folder: Path) -> None:
+    """FLUX.1-dev-shaped transformer (bf16 random weights, built on the GPU) + VAE + scheduler, in pipeline layout."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    if (folder / "transformer" / "config.json").exists():
+        return
+    start = time.time()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        torch.set_default_dtype(torch.float32)
+    transformer.save_pretrained(folder / "transformer", max_shard_size="10GB")
+    del transformer
+    torch.cuda.empty_cache()
+    AutoencoderKL(**FLUX_DEV_VAE).to(torch.bfloat16).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER).save_pretrained(folder / "scheduler")
+    print(f"built FLUX.1-dev-shaped model in {folder} ({time.time() - start:.0f} s)", flush=True)
+
+
+def build_data(folder: Path, count: int = 8) -> Path:
+    """Random images with captions, and an embeddings parquet of FLUX.1-dev's shapes keyed by their hashes."""
+    import numpy as np
+    from PIL import Image
+
+    from flux_qlora.data import image_hash
+    from flux_qlora.embeddings import EmbeddingsWriter
+
+    parquet = folder / "embeddings.parquet"
+    if parquet.exists():
+        return parquet
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    writer = EmbeddingsWriter(parquet, {"pretrained_model_name_or_path": "bench"})
+    keys = []
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+        image.save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"random image {i}")
+        keys.append(image_hash(image))
+        writer.write(keys[-1:], [f"random image {i}"], torch.randn(1, 77, 4096), torch.randn(1, 768),
+                     torch.zeros(77, 3))
+    writer.finish(keys)
+    return parquet
+
+
+def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
+    width, height, flags = CONFIGS[name]
+    tag = "".join(f.strip("-")[:3] for f in extra if f.startswith("--"))
+    output = workdir / "runs" / f"{name}{'-' + tag if tag else ''}"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(ROOT / "accelerate.yaml"),
+        str(ROOT / "train_qlora_flux.py"), "--pretrained_model_name_or_path", str(workdir / "model"),
+        "--instance_data_dir", str(workdir / "data" / "images"), "--data_df_path",
+        str(workdir / "data" / "embeddings.parquet"), "--output_dir", str(output), "--width", str(width),
+        "--height", str(height), "--rank", "4", "--use_8bit_adam", "--cache_latents", "--max_train_steps",
+        str(steps), "--checkpointing_steps", "100000", "--report_to", "none", "--logging_steps", "10",
+        "--profile_dir", str(output / "profile"),
+        *flags, *extra,
+    ]
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"config": name, "error": result.stderr[-2000:]}
+    summary = json.loads((output / "train_summary.json").read_text())
+    tokens = (width // 16) * (height // 16) + 77
+    return {"config": name, "resolution": f"{width}x{height}", "s_per_step": summary["median_s_per_step"],
+            "peak_gib": summary["peak_gpu_memory_gib"], "model_gib": summary["model_gpu_memory_gib"],
+            "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
+            "wall_s": time.time() - start, "final_loss": summary["final_loss"], "extra": " ".join(flags + extra)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fluxbench"))
+    parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=25, help="Optimizer steps per configuration.")
+    parser.add_argument("--extra", type=str, action="append", default=[],
+                        help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
+                             "the plain flags always run first).")
+    parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
+    args = parser.parse_args()
+
+    build_model(args.workdir / "model")
+    build_data(args.workdir / "data")
+    results = []
+    for extra in ["", *args.extra]:
+        for name in args.configs:
+            results.append(run_config(name, args.workdir, args.steps, extra.split()))
+            print(json.dumps(results[-1]), flush=True)
+    if args.results:
+        args.results.write_text(json.dumps(results, indent=2))
+    print(f"\n{'config':<22} {'extra':<24} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'model GiB':>9} "
+          f"{'GPU busy':>8} {'tokens/s':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<22} ERROR: {r['error'][-300:]}")
+        else:
+            print(f"{r['config']:<22} {r['extra'][:24]:<24} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
+                  f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r['gpu_busy_percent'] or 0:>7.0f}% "
+                  f"{r['tokens_per_s']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
