@@ -84,3 +84,60 @@ def read_lora_metadata(path: str | Path) -> dict:
     # diffusers stores {"transformer.r": 4, "transformer.lora_alpha": 4, ...} under "lora_adapter_metadata".
     raw = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     return {k.removeprefix("transformer."): v for k, v in raw.items() if k.startswith("transformer.")}
+
+
+def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: str | None = None) -> Path:
+    """The safetensors file of a LoRA given as a file, a folder or a Hub id (downloaded)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        file = path / (weight_name or LORA_WEIGHT_NAME)
+        if not file.is_file():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            raise UserError(f"--lora {source}: no {file.name} in that folder"
+                            + (f"; pick one with --weight_name: {', '.join(found)}." if found else "."))
+        return file
+    if source.endswith(".safetensors") or source.startswith((".", "/")) or source.count("/") != 1:
+        raise UserError(f"--lora {source}: no such file or folder, and not a Hub id (owner/name).")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, weight_name or LORA_WEIGHT_NAME, cache_dir=cache_dir))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise UserError(f"--lora {source}: could not get {weight_name or LORA_WEIGHT_NAME} from the Hub "
+                        f"({error.__class__.__name__}); check the id, --weight_name and your connection.") from None
+
+
+def _lora_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{file} is not a readable safetensors LoRA ({error}).") from None
+
+
+def lora_rank(file: Path) -> int:
+    """The highest rank among the LoRA's layers (the shape of its down projections)."""
+    ranks = [t.shape[0] for k, t in _lora_tensors(file).items() if ("lora_A" in k or "lora_down" in k) and t.dim() == 2]
+    if not ranks:
+        raise UserError(f"{file} holds no LoRA weights (no lora_A / lora_down tensors).")
+    return max(ranks)
+
+
+def check_lora_matches(file: Path, transformer: nn.Module) -> None:
+    """Refuses a diffusers-format LoRA made for another model (layers missing or of other sizes)."""
+    state = _lora_tensors(file)
+    modules = dict(transformer.named_modules())
+    for key, tensor in state.items():
+        if not key.startswith("transformer.") or ".lora_A." not in key:
+            continue  # other formats (kohya, BFL) are converted and checked by diffusers itself
+        name = key.removeprefix("transformer.").split(".lora_A.")[0]
+        module = modules.get(name) or modules.get(f"{name}.base_layer")
+        in_features = getattr(module, "in_features", None)
+        if module is None or in_features != tensor.shape[1]:
+            found = "missing" if module is None else f"{in_features} inputs"
+            raise UserError(f"LoRA {file} doesn't fit this transformer: layer {name} has {tensor.shape[1]} inputs "
+                            f"in the LoRA, {found} in the model. Is it a LoRA for another model?")

@@ -234,7 +234,9 @@ def load_nf4_transformer(name_or_path: str, device: str | torch.device, weight_d
 def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Re-quantizes an in-memory transformer's block linears to NF4 (e.g. after fusing a LoRA)."""
     device = torch.device(device)
-    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES)]:
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES) and ".lora_" not in n]
+    for name in linears:
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)

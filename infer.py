@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Generate images with FLUX.1-dev and your LoRAs: load, blend, fuse (+ re-quantize), or hotswap into a compiled
+transformer without recompiling.
+
+    # one LoRA on the base pipeline
+    python infer.py --lora my-flux-lora --prompt "a yarn art dog" --output_dir outputs
+    # two LoRAs blended 0.8 / 0.5
+    python infer.py --lora style-lora --lora_scale 0.8 --lora subject-lora --lora_scale 0.5 --prompt "..."
+    # fuse into the transformer, save it, and run it re-quantized to NF4
+    python infer.py --lora my-flux-lora --fuse --save_fused fused-transformer --quantize nf4 --prompt "..."
+    # serve several LoRAs (any ranks) through one compiled FP8 transformer, timing each
+    python infer.py --hotswap --lora a --lora b --lora c --compile --fp8 --benchmark 3 --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.data import UserError, check_resolution
+from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
+from flux_qlora.models import add_model_args, quantize_to_nf4
+
+logger = logging.getLogger("infer")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    lora = parser.add_argument_group("LoRAs")
+    lora.add_argument("--lora", type=str, action="append", default=[],
+                      help="A LoRA: a .safetensors file, a folder holding one, or a Hub id (repeatable).")
+    lora.add_argument("--weight_name", type=str, default=None,
+                      help=f"File name inside a LoRA folder or Hub repo (default: {LORA_WEIGHT_NAME}).")
+    lora.add_argument("--lora_scale", type=float, action="append", default=[],
+                      help="Weight of each --lora, in order (repeatable; default 1.0 each): blends several LoRAs.")
+    lora.add_argument("--fuse", action="store_true", help="Fuse the LoRA(s) into the transformer weights and unload.")
+    lora.add_argument("--save_fused", type=str, default=None, help="With --fuse: save the fused transformer here.")
+    lora.add_argument("--quantize", type=str, default=None, choices=["nf4"],
+                      help="Run the transformer in NF4 (bitsandbytes); with --fuse, quantized after fusing "
+                           "(dequantize -> merge -> re-quantize, not a lossy merge into 4-bit weights).")
+    lora.add_argument("--hotswap", action="store_true",
+                      help="Serve each --lora in turn through one transformer, swapping weights in place: with "
+                           "--compile, no recompilation (ranks may differ, up to --hotswap_target_rank).")
+    lora.add_argument("--hotswap_target_rank", type=int, default=None,
+                      help="Highest rank the hotswap slots hold (default: the highest rank among --lora).")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", type=str, action="append", default=[], help="A prompt (repeatable).")
+    gen.add_argument("--prompt_file", type=str, default=None, help="A text file with one prompt per line.")
+    gen.add_argument("--height", type=int, default=1024, help="Image height in pixels (a multiple of 16).")
+    gen.add_argument("--width", type=int, default=1024, help="Image width in pixels (a multiple of 16).")
+    gen.add_argument("--num_inference_steps", type=int, default=28)
+    gen.add_argument("--guidance_scale", type=float, default=3.5)
+    gen.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt.")
+    gen.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
+    gen.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
+    gen.add_argument("--output_dir", type=str, default="outputs", help="Where the PNGs go.")
+    gen.add_argument("--dtype", type=str, default="bf16", choices=list(DTYPES), help="Weight dtype of the pipeline.")
+    gen.add_argument("--device", type=str, default=None, help="Device (default: cuda if available).")
+
+    fast = parser.add_argument_group("memory and speed")
+    fast.add_argument("--cpu_offload", action="store_true", help="Model CPU offload: one component on the GPU at once.")
+    fast.add_argument("--quantize_t5", action="store_true", help="Load T5 in NF4 (CUDA): ~3 GB instead of ~9.5 GB.")
+    fast.add_argument("--compile", type=str, nargs="?", const="regional", default=None, choices=["regional", "full"],
+                      help="torch.compile the transformer: 'regional' (default; compiles one block of each kind, "
+                           "reused by all: fast warm-up) or 'full' (fullgraph).")
+    fast.add_argument("--fp8", action="store_true",
+                      help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
+                           ">= 8.9: Ada, Hopper, Blackwell).")
+    fast.add_argument("--attention_backend", type=str, default=None,
+                      help="diffusers attention backend, e.g. flash, _native_cudnn, _flash_3 (default: PyTorch SDPA, "
+                           "which picks flash/cuDNN on its own).")
+    fast.add_argument("--benchmark", type=int, default=0,
+                      help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    return parser.parse_args(input_args)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    check_resolution(args.width, args.height)
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise UserError(f"{len(args.lora_scale)} --lora_scale for {len(args.lora)} --lora: give one per LoRA or none.")
+    if args.hotswap and (args.fuse or args.lora_scale or len(args.lora) < 1):
+        raise UserError("--hotswap serves whole LoRAs one at a time: give --lora (one or more) and drop --fuse "
+                        "and --lora_scale.")
+    if args.save_fused and not args.fuse:
+        raise UserError("--save_fused needs --fuse.")
+    if args.fuse and not args.lora:
+        raise UserError("--fuse needs at least one --lora.")
+    if args.fp8 and args.quantize:
+        raise UserError("--fp8 and --quantize nf4 both quantize the transformer: choose one.")
+    if args.num_images < 1 or args.num_inference_steps < 1:
+        raise UserError("--num_images and --num_inference_steps must be at least 1.")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt_file {path} does not exist.")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts and not args.save_fused:
+        raise UserError("no prompt: give --prompt (repeatable) or --prompt_file.")
+    return prompts
+
+
+@dataclass
+class Lora:
+    source: str  # as given on the command line
+    file: Path
+    rank: int
+    scale: float
+    adapter_name: str
+
+
+def resolve_loras(args: argparse.Namespace) -> list[Lora]:
+    scales = args.lora_scale or [1.0] * len(args.lora)
+    loras = []
+    for i, (source, scale) in enumerate(zip(args.lora, scales)):
+        file = resolve_lora_file(source, args.weight_name, args.cache_dir)
+        loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
+    if args.hotswap:
+        target = args.hotswap_target_rank or max(lora.rank for lora in loras)
+        too_big = [lora for lora in loras if lora.rank > target]
+        if too_big:
+            raise UserError(f"LoRA {too_big[0].source} has rank {too_big[0].rank}, above --hotswap_target_rank "
+                            f"{target}: raise --hotswap_target_rank to at least {max(lo.rank for lo in loras)}.")
+        args.hotswap_target_rank = target
+    return loras
+
+
+def pick_device(args) -> torch.device:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fp8:
+        if device.type != "cuda":
+            raise UserError("--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell).")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise UserError(f"--fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} has "
+                            f"{major}.{minor}. Drop --fp8 (or use --quantize nf4 to save memory).")
+    if args.quantize_t5 and device.type != "cuda":
+        raise UserError("--quantize_t5 needs a CUDA GPU (bitsandbytes NF4 inference); drop it on the CPU.")
+    return device
+
+
+def load_pipeline(args, device: torch.device):
+    from diffusers import FluxPipeline
+
+    dtype = DTYPES[args.dtype]
+    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "torch_dtype": dtype}
+    extra = {}
+    if args.quantize_t5:
+        from transformers import BitsAndBytesConfig, T5EncoderModel
+
+        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder_2", **common,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=dtype))
+    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
+    logger.info("Loaded %s (%s)", args.pretrained_model_name_or_path, args.dtype)
+    return pipe
+
+
+def apply_loras(pipe, loras: list[Lora], args, device) -> None:
+    """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact."""
+    if args.quantize == "nf4" and not args.fuse:
+        quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
+    if args.hotswap:
+        pipe.enable_lora_hotswap(target_rank=args.hotswap_target_rank)
+        loras = loras[:1]  # the others are swapped in later
+    for lora in loras:
+        check_lora_matches(lora.file, pipe.transformer)
+        pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=lora.adapter_name)
+        logger.info("LoRA %s (rank %d) loaded as %s", lora.source, lora.rank, lora.adapter_name)
+    if loras and not args.hotswap:
+        pipe.set_adapters([lo.adapter_name for lo in loras], adapter_weights=[lo.scale for lo in loras])
+    if args.fuse:
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        logger.info("Fused %d LoRA(s) into the transformer", len(loras))
+        if args.save_fused:
+            pipe.transformer.save_pretrained(args.save_fused)
+            logger.info("Saved the fused transformer to %s", args.save_fused)
+        if args.quantize == "nf4":
+            quantize_to_nf4(pipe.transformer, device)
+
+
+def place_on_device(pipe, args, device) -> None:
+    if args.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+
+def speed_up(pipe, args) -> None:
+    if args.attention_backend:
+        try:
+            pipe.transformer.set_attention_backend(args.attention_backend)
+        except (ValueError, RuntimeError, ImportError) as error:
+            raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
+    if args.fp8:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        # torchao turns on inductor's coordinate-descent tuning process-wide: minutes of compile for little gain.
+        torch._inductor.config.coordinate_descent_tuning = False
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=_fp8_filter)
+        logger.info("Transformer linears quantized to float8 (torchao, per-row scales)")
+    if args.compile == "regional":
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    elif args.compile == "full":
+        pipe.transformer.compile(fullgraph=True)
+
+
+def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
+    """FP8 only pays on big linears whose sizes the FP8 GEMMs take (multiples of 16); LoRA factors stay bf16."""
+    return (isinstance(module, torch.nn.Linear) and "lora_" not in name and module.in_features >= 1024
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def generate(pipe, prompts: list[str], args, lora_tag: str, device) -> list[Path]:
+    from PIL.PngImagePlugin import PngInfo
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for p, prompt in enumerate(prompts):
+        for i in range(args.num_images):
+            seed = args.seed + i
+            image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                         guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            settings = {"prompt": prompt, "seed": seed, "steps": args.num_inference_steps,
+                        "guidance_scale": args.guidance_scale, "size": f"{args.width}x{args.height}",
+                        "model": args.pretrained_model_name_or_path, "loras": lora_tag}
+            info = PngInfo()
+            info.add_text("flux_qlora", json.dumps(settings))
+            files.append(output_dir / f"{_slug(lora_tag)}-p{p}-s{seed}.png")
+            image.save(files[-1], pnginfo=info)
+    logger.info("Wrote %d image(s) to %s", len(files), output_dir)
+    return files
+
+
+def time_generations(pipe, prompt: str, args, device) -> dict:
+    """Seconds per image (median of --benchmark runs, after the warm-up) and peak memory."""
+    times = []
+    for i in range(args.benchmark):
+        _sync(device)
+        start = time.perf_counter()
+        pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+             guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+             generator=torch.Generator("cpu").manual_seed(i))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"s_per_image": sorted(times)[len(times) // 2], "peak_memory_gib": round(peak, 2)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[-60:] or "base"
+
+
+def serve(pipe, loras: list[Lora], prompts: list[str], args, device) -> list[dict]:
+    """Generates (and with --benchmark times) each LoRA in turn: one pass, or one per hotswapped LoRA."""
+    import torch._dynamo.utils as dynamo_utils
+
+    rounds = loras if args.hotswap else [None]
+    results = []
+    for lora in rounds:
+        start = time.perf_counter()
+        if lora is not None and lora is not loras[0]:
+            pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
+                                   adapter_name=loras[0].adapter_name)
+        tag = lora.source if lora else "+".join(f"{lo.source}@{lo.scale:g}" for lo in loras) or "base"
+        frames_before = dynamo_utils.counters["stats"]["unique_graphs"]
+        files = generate(pipe, prompts, args, tag, device)  # the first image of the first round warms up
+        result = {"lora": tag, "files": [str(f) for f in files], "first_image_s": time.perf_counter() - start}
+        if args.benchmark:
+            result.update(time_generations(pipe, prompts[0], args, device))
+        result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - frames_before
+        results.append(result)
+        logger.info("%s", json.dumps({k: v for k, v in result.items() if k != "files"}))
+    return results
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    validate_args(args)
+    prompts = read_prompts(args)
+    device = pick_device(args)
+    loras = resolve_loras(args)
+    pipe = load_pipeline(args, device)
+    apply_loras(pipe, loras, args, device)
+    if not prompts:
+        return []
+    place_on_device(pipe, args, device)
+    speed_up(pipe, args)
+    results = serve(pipe, loras, prompts, args, device)
+    if args.benchmark or args.hotswap:
+        path = Path(args.output_dir) / "benchmark.json"
+        path.write_text(json.dumps(results, indent=2))
+        logger.info("Timings in %s", path)
+    return results
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    setup_logging(args.debug)
+    run_main(main, args)

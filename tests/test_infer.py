@@ -1,0 +1,159 @@
+"""infer.py on the tiny model: LoRA loading, blending, fusing and hotswapping agree with the maths done by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_script
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import infer
+from flux_qlora.lora import add_lora, save_lora
+
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def make_lora(model_dir, folder, rank: int, seed: int, alpha: int | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA written with peft + save_lora, with non-zero B; returns each layer's weight delta (scale * B @ A)."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    torch.manual_seed(seed)
+    add_lora(transformer, rank, alpha, "gaussian", TARGETS)
+    deltas = {}
+    for name, module in transformer.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            deltas[name] = (b @ a * module.scaling["default"]).detach()
+    save_lora(transformer, folder)
+    return deltas
+
+
+def hand_applied(model_dir, *weighted_deltas) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    with torch.no_grad():
+        for weight, deltas in weighted_deltas:
+            for name, delta in deltas.items():
+                transformer.get_submodule(name).weight += weight * delta
+    return transformer
+
+
+def forward(transformer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.7]),
+            guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=g),
+            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
+            img_ids=torch.randn(12, 3, generator=g), return_dict=False)[0]
+
+
+def pipeline_with(model_dir, *flags):
+    from diffusers import FluxPipeline
+
+    args = infer.parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dtype", "fp32", *flags])
+    pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {name: (root / name, make_lora(tiny_model, root / name, rank, seed))
+            for name, rank, seed in [("a", 4, 1), ("b", 8, 2)]}
+
+
+def test_loaded_lora_equals_weights_applied_by_hand(tiny_model, loras):
+    folder, deltas = loras["a"]
+    pipe = pipeline_with(tiny_model, "--lora", str(folder))
+    expected = forward(hand_applied(tiny_model, (1.0, deltas)))
+    torch.testing.assert_close(forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_equals_unfused(tiny_model, loras):
+    folder, _ = loras["a"]
+    unfused = forward(pipeline_with(tiny_model, "--lora", str(folder)).transformer)
+    fused = pipeline_with(tiny_model, "--lora", str(folder), "--fuse").transformer
+    assert not any("lora" in name for name, _ in fused.named_parameters())  # merged and unloaded
+    torch.testing.assert_close(forward(fused), unfused, rtol=1e-4, atol=1e-5)
+
+
+def test_blend_is_the_weighted_sum_of_deltas(tiny_model, loras):
+    (fa, da), (fb, db) = loras["a"], loras["b"]
+    pipe = pipeline_with(tiny_model, "--lora", str(fa), "--lora_scale", "0.7",
+                         "--lora", str(fb), "--lora_scale", "-0.3")
+    expected = forward(hand_applied(tiny_model, (0.7, da), (-0.3, db)))
+    torch.testing.assert_close(forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hotswap_into_compiled_transformer_equals_fresh_load_without_recompiling(tiny_model, loras):
+    import torch._dynamo.utils as dynamo_utils
+
+    (fa, _), (fb, _) = loras["a"], loras["b"]  # rank 4, then rank 8
+    torch._dynamo.reset()
+    pipe = pipeline_with(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb))
+    pipe.transformer.compile(fullgraph=True, backend="eager")  # dynamo's guards and graphs, no code generation
+    forward(pipe.transformer)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    pipe.load_lora_weights(str(fb), hotswap=True, adapter_name="lora_0")
+    swapped = forward(pipe.transformer)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    fresh = forward(pipeline_with(tiny_model, "--lora", str(fb)).transformer)
+    torch.testing.assert_close(swapped, fresh, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, loras, tmp_path):
+    folder, _ = loras["a"]
+    run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--lora", folder, "--fuse",
+               "--save_fused", tmp_path / "fused", "--quantize", "nf4", "--prompt", "a red circle",
+               "--prompt", "a blue square", "--height", "48", "--width", "64", "--num_inference_steps", "3",
+               "--output_dir", tmp_path / "out", "--benchmark", "1")
+    images = sorted((tmp_path / "out").glob("*.png"))
+    assert len(images) == 2 and Image.open(images[0]).size == (64, 48)
+    settings = json.loads(Image.open(images[0]).text["flux_qlora"])
+    assert settings["prompt"] == "a red circle" and settings["steps"] == 3 and settings["seed"] == 0
+    assert (tmp_path / "fused" / "config.json").exists()
+    benchmark = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert benchmark[0]["s_per_image"] > 0
+
+
+def test_cli_hotswap_compiled_counts_no_new_graphs(tiny_model, loras, tmp_path):
+    (fa, _), (fb, _) = loras["a"], loras["b"]
+    run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--hotswap", "--lora", fa, "--lora", fb,
+               "--compile", "--prompt", "a red circle", "--height", "32", "--width", "32",
+               "--num_inference_steps", "2", "--output_dir", tmp_path / "out", "--dtype", "fp32")
+    rounds = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert [r["lora"] for r in rounds] == [str(fa), str(fb)]
+    assert rounds[0]["new_graphs"] > 0 and rounds[1]["new_graphs"] == 0
+
+
+@pytest.mark.parametrize("case", ["rank_above_target", "other_model", "missing", "fp8_on_cpu", "scales"])
+def test_bad_input_gives_one_clear_line(case, tiny_model, loras, tmp_path):
+    folder, _ = loras["a"]
+    flags, expect = ["--lora", str(folder)], []
+    if case == "rank_above_target":
+        flags += ["--hotswap", "--hotswap_target_rank", "2"]
+        expect = ["rank 4", "--hotswap_target_rank"]
+    elif case == "other_model":
+        state = load_file(folder / "pytorch_lora_weights.safetensors")
+        state = {k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()}
+        save_file(state, tmp_path / "other.safetensors")
+        flags, expect = ["--lora", str(tmp_path / "other.safetensors")], ["doesn't fit", "another model"]
+    elif case == "missing":
+        flags, expect = ["--lora", str(tmp_path / "nope.safetensors")], ["nope.safetensors", "no such file"]
+    elif case == "fp8_on_cpu":
+        flags += ["--fp8"]
+        expect = ["--fp8", "8.9"]
+    elif case == "scales":
+        flags += ["--lora_scale", "0.5", "--lora_scale", "0.5"]
+        expect = ["--lora_scale"]
+    result = run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--prompt", "x", "--height", "32",
+                        "--width", "32", "--output_dir", tmp_path / "out", *flags, check=False)
+    assert_one_line_error(result, *expect)
