@@ -74,9 +74,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--compile", type=str, nargs="?", const="regional", default=None, choices=["regional", "full"],
                       help="torch.compile the transformer: 'regional' (default; compiles one block of each kind, "
                            "reused by all: fast warm-up) or 'full' (fullgraph).")
-    fast.add_argument("--fp8", action="store_true",
+    fast.add_argument("--fp8", type=str, nargs="?", const="row", default=None, choices=["row", "tensor"],
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
-                           ">= 8.9: Ada, Hopper, Blackwell).")
+                           ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
+                           "scales.")
     fast.add_argument("--attention_backend", type=str, default=None,
                       help="diffusers attention backend, e.g. flash, _native_cudnn, _flash_3 (default: PyTorch SDPA, "
                            "which picks flash/cuDNN on its own).")
@@ -211,13 +212,14 @@ def speed_up(pipe, args) -> None:
         except (ValueError, RuntimeError, ImportError) as error:
             raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
     if args.fp8:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-        # torchao turns on inductor's coordinate-descent tuning process-wide: minutes of compile for little gain.
-        torch._inductor.config.coordinate_descent_tuning = False
-        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                  filter_fn=_fp8_filter)
-        logger.info("Transformer linears quantized to float8 (torchao, per-row scales)")
+        # set_inductor_config=False: torchao would otherwise turn on inductor's coordinate-descent tuning
+        # process-wide, which took the compile warm-up from seconds to ~5 minutes (BENCHMARKS.md).
+        config = Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if args.fp8 == "row" else PerTensor(), set_inductor_config=False)
+        quantize_(pipe.transformer, config, filter_fn=_fp8_filter)
+        logger.info("Transformer linears quantized to float8 (torchao, per-%s scales)", args.fp8)
     if args.compile == "regional":
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     elif args.compile == "full":
@@ -300,12 +302,13 @@ def serve(pipe, loras: list[Lora], prompts: list[str], args, device) -> list[dic
     return results
 
 
-def main(args: argparse.Namespace) -> list[dict]:
+def main(args: argparse.Namespace, pipe=None) -> list[dict]:
+    """`pipe`: an already loaded FluxPipeline to use instead of loading one (notebooks, benchmarks)."""
     validate_args(args)
     prompts = read_prompts(args)
     device = pick_device(args)
     loras = resolve_loras(args)
-    pipe = load_pipeline(args, device)
+    pipe = pipe if pipe is not None else load_pipeline(args, device)
     apply_loras(pipe, loras, args, device)
     if not prompts:
         return []

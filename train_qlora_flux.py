@@ -31,7 +31,15 @@ from flux_qlora import flow
 from flux_qlora.cli import run_main, setup_logging
 from flux_qlora.data import UserError, add_dataset_args, check_dataset_args, check_resolution, load_samples
 from flux_qlora.embeddings import read_embeddings
-from flux_qlora.lora import INIT_CHOICES, add_lora, load_lora_into, lora_parameters, save_lora, target_modules
+from flux_qlora.lora import (
+    INIT_CHOICES,
+    add_lora,
+    flatten_lora_parameters,
+    load_lora_into,
+    lora_parameters,
+    save_lora,
+    target_modules,
+)
 from flux_qlora.models import LORA_TARGET_PRESETS, WEIGHT_DTYPES, add_model_args, count_nf4_layers, load_nf4_transformer
 from flux_qlora.training import (
     Schedule,
@@ -349,14 +357,14 @@ def peak_memory_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses) -> dict:
+def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses,
+          flat_lora) -> dict:
     """The loop: micro-steps under accumulate(), an optimizer step every --gradient_accumulation_steps."""
     device, dtype = accelerator.device, data.prompt_embeds.dtype
     latent_shape = (data.images.shape[1], args.height // 8, args.width // 8) if not data.latents_cached \
         else tuple(data.images.shape[1:])
     image_ids = flow.latent_image_ids(*latent_shape[-2:], device=device, dtype=dtype)
     text_ids = data.text_ids.to(device)
-    params = lora_parameters(transformer)
     step_times, pending = [], []
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
@@ -373,9 +381,9 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
             loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                accelerator.clip_grad_norm_([flat_lora], args.max_grad_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # the LoRA grads are views into flat_lora.grad
         pending.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
@@ -507,7 +515,8 @@ def main(args: argparse.Namespace) -> dict:
 
     transformer = load_transformer_with_lora(args, accelerator, weight_dtype)
     model_memory_gib = torch.cuda.memory_allocated(accelerator.device) / 2**30 if torch.cuda.is_available() else 0.0
-    optimizer = make_optimizer(args, lora_parameters(transformer))
+    flat_lora = flatten_lora_parameters(lora_parameters(transformer))
+    optimizer = make_optimizer(args, [flat_lora])
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -528,7 +537,8 @@ def main(args: argparse.Namespace) -> dict:
                 schedule.global_batch * args.gradient_accumulation_steps)
     logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
     samples_before = generate_samples(args, accelerator, transformer, vae, 0) if start_step == 0 else []
-    timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses)
+    timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses,
+                   flat_lora)
     timing["model_memory_gib"] = round(model_memory_gib, 3)
     return finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before)
 

@@ -127,13 +127,14 @@ def main() -> None:
     parser.add_argument("--extra", type=str, action="append", default=[],
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
                              "the plain flags always run first).")
+    parser.add_argument("--skip_plain", action="store_true", help="Run only the --extra passes.")
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
 
     build_model(args.workdir / "model")
     build_data(args.workdir / "data")
     results = []
-    for extra in ["", *args.extra]:
+    for extra in ([] if args.skip_plain else [""]) + args.extra:
         for name in args.configs:
             results.append(run_config(name, args.workdir, args.steps, extra.split()))
             print(json.dumps(results[-1]), flush=True)

@@ -141,3 +141,24 @@ def check_lora_matches(file: Path, transformer: nn.Module) -> None:
             found = "missing" if module is None else f"{in_features} inputs"
             raise UserError(f"LoRA {file} doesn't fit this transformer: layer {name} has {tensor.shape[1]} inputs "
                             f"in the LoRA, {found} in the model. Is it a LoRA for another model?")
+
+
+def flatten_lora_parameters(params: list[nn.Parameter]) -> nn.Parameter:
+    """Makes every LoRA weight and its gradient a view into one flat fp32 buffer; returns it as one Parameter.
+
+    The optimizer step, gradient clipping and zeroing then run a handful of kernels over one tensor instead of
+    launching kernels for each of the ~760 small LoRA tensors of Flux. Autograd accumulates into the existing
+    `.grad` views in place, so gradients must be zeroed (`zero_grad(set_to_none=False)`), never set to None.
+    """
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+    flat_grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        flat[offset : offset + n].copy_(p.data.flatten())
+        p.data = flat[offset : offset + n].view_as(p)
+        p.grad = flat_grad[offset : offset + n].view_as(p)
+        offset += n
+    flat_param = nn.Parameter(flat)
+    flat_param.grad = flat_grad
+    return flat_param

@@ -25,7 +25,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "
 SHAPES = ("circle", "square")
 
 
-def _write_clip_tokenizer(folder: Path) -> None:
+def write_clip_tokenizer(folder: Path) -> None:
     """A character-level byte-BPE vocabulary: CLIPTokenizer loads it from vocab.json + merges.txt."""
     from transformers import CLIPTokenizer
 
@@ -41,7 +41,7 @@ def _write_clip_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _write_t5_tokenizer(folder: Path) -> None:
+def write_t5_tokenizer(folder: Path) -> None:
     """A Unigram `tokenizer.json` over single characters, loaded by transformers as a T5 tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -94,8 +94,8 @@ def build_tiny_pipeline(output_dir: str | Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as staging:
-        _write_clip_tokenizer(Path(staging) / "clip")
-        _write_t5_tokenizer(Path(staging) / "t5")
+        write_clip_tokenizer(Path(staging) / "clip")
+        write_t5_tokenizer(Path(staging) / "t5")
         pipe = FluxPipeline(
             scheduler=scheduler, vae=vae, transformer=transformer,
             text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(Path(staging) / "clip"),
