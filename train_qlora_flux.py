@@ -35,6 +35,7 @@ from flux_qlora.lora import (
     INIT_CHOICES,
     add_lora,
     flatten_lora_parameters,
+    gather_lora_grads,
     load_lora_into,
     lora_parameters,
     save_lora,
@@ -286,7 +287,8 @@ def sample_sigmas(args, schedule: Schedule, micro_step: int, rank: int, latent_s
     return noise, flow.shift_sigmas(sigmas, shift) if shift != 1.0 else sigmas
 
 
-def flow_matching_step(transformer, batch: Batch, noise, sigmas, text_ids, image_ids, args) -> torch.Tensor:
+def flow_matching_step(transformer, batch: Batch, noise, sigmas, text_ids, image_ids, args,
+                       guidance_embeds: bool) -> torch.Tensor:
     """One forward pass and its loss: noise the latents to sigma, predict the velocity (noise - latents)."""
     latents = batch.latents
     sig = sigmas.view(-1, 1, 1, 1).to(latents.device)
@@ -295,7 +297,7 @@ def flow_matching_step(transformer, batch: Batch, noise, sigmas, text_ids, image
     guidance = torch.full((latents.shape[0],), args.guidance_scale, device=latents.device)
     model_pred = transformer(
         hidden_states=flow.pack_latents(noisy), timestep=sig.flatten().to(latents.dtype),
-        guidance=guidance if transformer.config.guidance_embeds else None,
+        guidance=guidance if guidance_embeds else None,
         pooled_projections=batch.pooled_prompt_embeds, encoder_hidden_states=batch.prompt_embeds,
         txt_ids=text_ids, img_ids=image_ids, return_dict=False,
     )[0]
@@ -365,6 +367,8 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
         else tuple(data.images.shape[1:])
     image_ids = flow.latent_image_ids(*latent_shape[-2:], device=device, dtype=dtype)
     text_ids = data.text_ids.to(device)
+    guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds  # DDP hides .config
+    lora_weights = lora_parameters(transformer)
     step_times, pending = [], []
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
@@ -378,12 +382,15 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
             latent_shape = tuple(batch.latents.shape[1:])
         noise, sigmas = sample_sigmas(args, schedule, micro_step, accelerator.process_index, latent_shape)
         with accelerator.accumulate(transformer), accelerator.autocast():
-            loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args)
+            loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args, guidance_embeds)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_([flat_lora], args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # the LoRA grads are views into flat_lora.grad
+            if accelerator.sync_gradients:
+                gather_lora_grads(flat_lora, lora_weights)
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([flat_lora], args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                transformer.zero_grad(set_to_none=True)
         pending.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
@@ -515,13 +522,14 @@ def main(args: argparse.Namespace) -> dict:
 
     transformer = load_transformer_with_lora(args, accelerator, weight_dtype)
     model_memory_gib = torch.cuda.memory_allocated(accelerator.device) / 2**30 if torch.cuda.is_available() else 0.0
+    transformer = accelerator.prepare(transformer)
+    # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
     flat_lora = flatten_lora_parameters(lora_parameters(transformer))
-    optimizer = make_optimizer(args, [flat_lora])
+    optimizer = accelerator.prepare(make_optimizer(args, [flat_lora]))
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     register_lora_checkpoint_hooks(accelerator)
     start_step, losses = resume(args, accelerator)

@@ -144,21 +144,22 @@ def check_lora_matches(file: Path, transformer: nn.Module) -> None:
 
 
 def flatten_lora_parameters(params: list[nn.Parameter]) -> nn.Parameter:
-    """Makes every LoRA weight and its gradient a view into one flat fp32 buffer; returns it as one Parameter.
+    """Makes every LoRA weight a view into one flat fp32 buffer, returned as one Parameter for the optimizer.
 
-    The optimizer step, gradient clipping and zeroing then run a handful of kernels over one tensor instead of
-    launching kernels for each of the ~760 small LoRA tensors of Flux. Autograd accumulates into the existing
-    `.grad` views in place, so gradients must be zeroed (`zero_grad(set_to_none=False)`), never set to None.
+    The optimizer step and gradient clipping then run a handful of kernels over one tensor instead of kernels
+    for each of the ~760 small LoRA tensors of Flux. Gradients stay on the LoRA weights themselves (DDP reduces
+    them there) and are gathered into the buffer's `.grad` by `gather_lora_grads` before each optimizer step.
     """
     flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-    flat_grad = torch.zeros_like(flat)
     offset = 0
     for p in params:
         n = p.numel()
         flat[offset : offset + n].copy_(p.data.flatten())
         p.data = flat[offset : offset + n].view_as(p)
-        p.grad = flat_grad[offset : offset + n].view_as(p)
         offset += n
-    flat_param = nn.Parameter(flat)
-    flat_param.grad = flat_grad
-    return flat_param
+    return nn.Parameter(flat)
+
+
+def gather_lora_grads(flat: nn.Parameter, params: list[nn.Parameter]) -> None:
+    """flat.grad = the LoRA weights' gradients, concatenated in `flatten_lora_parameters` order (one kernel)."""
+    flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

@@ -1,0 +1,53 @@
+"""Data-parallel training through accelerate (DDP, gloo on the CPU): same result as one process, one set of files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import torch
+from conftest import ROOT, run_script
+from safetensors.torch import load_file
+from test_train import train_args
+
+# The documented multi-GPU config; ACCELERATE_USE_CPU makes accelerate run its processes on the CPU over gloo.
+DDP = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+       str(ROOT / "accelerate-multigpu.yaml"), "--num_processes", "2", "--main_process_port", "29533",
+       "--mixed_precision", "no"]
+CPU = {"ACCELERATE_USE_CPU": "true"}
+COMMON = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "no")
+
+
+def assert_same_lora(a, b):
+    first, second = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, ddp, *COMMON,
+                                                  "--train_batch_size", "1", "--report_to", "tensorboard"),
+               launcher=DDP, env=CPU)
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, single, *COMMON,
+                                                  "--train_batch_size", "2"))
+    summary = json.loads((ddp / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert_same_lora(single, ddp)
+    # Written once, by the main process: one LoRA, one tensorboard log, one set of random states per process.
+    assert len(list(ddp.glob("*.safetensors"))) == 1
+    assert len(list((ddp / "logs").rglob("events.out.tfevents*"))) == 2  # scalars + hparams, one process
+    assert len({p.name.split(".")[3] for p in (ddp / "logs").rglob("events.out.tfevents*")}) == 1
+    assert sorted(p.name for p in (ddp / "checkpoint-2").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+    # Resume with two processes from the step-2 checkpoint: the same final LoRA.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ddp / "checkpoint-2", resumed / "checkpoint-2")
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, resumed, *COMMON,
+                                                  "--train_batch_size", "1", "--resume_from_checkpoint", "latest"),
+               launcher=DDP, env=CPU)
+    assert_same_lora(ddp, resumed)
