@@ -159,7 +159,7 @@ def load_pipeline(args, device: torch.device):
     from diffusers import FluxPipeline
 
     dtype = DTYPES[args.dtype]
-    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "torch_dtype": dtype}
+    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "dtype": dtype}
     extra = {}
     if args.quantize_t5:
         from transformers import BitsAndBytesConfig, T5EncoderModel

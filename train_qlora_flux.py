@@ -197,7 +197,7 @@ def load_train_data(args, accelerator, weight_dtype) -> tuple[TrainData, object]
         read_embeddings(args.data_df_path).prompt(prompt)  # fail now, not after an hour of training
     pixels = load_pixels(samples, args.width, args.height)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
-                                        variant=args.variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype)
+                                        variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype)
     vae.requires_grad_(False).to(accelerator.device)
     data = TrainData(keys=embeddings.keys, prompt_embeds=embeddings.prompt_embeds.to(weight_dtype),
                      pooled_prompt_embeds=embeddings.pooled_prompt_embeds.to(weight_dtype),

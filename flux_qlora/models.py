@@ -72,10 +72,10 @@ def load_text_pipeline(args, device: str | None = None):
         from transformers import BitsAndBytesConfig, T5EncoderModel
 
         extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder_2", torch_dtype=dtype,
+            args.pretrained_model_name_or_path, subfolder="text_encoder_2", dtype=dtype,
             quantization_config=BitsAndBytesConfig(load_in_8bit=True), **common)
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=None, vae=None,
-                                        torch_dtype=dtype, **common, **extra)
+                                        dtype=dtype, **common, **extra)
     for name in ("text_encoder", "text_encoder_2"):
         module = getattr(pipe, name)
         if not getattr(module, "is_loaded_in_8bit", False):

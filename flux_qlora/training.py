@@ -229,7 +229,7 @@ layers `{args.lora_layers}`, {args.max_train_steps} steps at {args.width}x{args.
 import torch
 from diffusers import FluxPipeline
 
-pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
 image = pipe("{(args.validation_prompt or [args.instance_prompt or 'a photo'])[0]}", num_inference_steps=28).images[0]
 ```

@@ -58,7 +58,7 @@ def pipeline_with(model_dir, *flags):
     from diffusers import FluxPipeline
 
     args = infer.parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dtype", "fp32", *flags])
-    pipe = FluxPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=torch.float32)
     infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
     return pipe
 

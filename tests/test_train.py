@@ -71,7 +71,7 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_mode
     add_lora(trained_model, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
     load_lora_into(trained_model, trained)
 
-    pipe = FluxPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     quantize_to_nf4(pipe.transformer, "cpu")
     before = _forward(pipe.transformer)
     pipe.load_lora_weights(trained)
