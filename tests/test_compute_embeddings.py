@@ -141,3 +141,23 @@ def test_parse_args_defaults():
     assert args.max_sequence_length == 77 and args.output_path == "embeddings.parquet"
     assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
     assert prompt_key("a") != prompt_key("b")
+
+
+def test_dataset_name_path_reads_a_datasets_folder_with_the_same_keys(tiny_model, tiny_images, tmp_path):
+    """--dataset_name through `datasets.load_dataset` (a local imagefolder here; a Hub id for users)."""
+    import json
+
+    lines = [json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text()})
+             for p in sorted(tiny_images.glob("*.png"))]
+    (tiny_images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    for txt in tiny_images.glob("*.txt"):
+        txt.unlink()
+    hub, local = tmp_path / "hub.parquet", tmp_path / "local.parquet"
+    common = ["--pretrained_model_name_or_path", tiny_model, "--max_sequence_length", "8"]
+    run_script("compute_embeddings.py", *common, "--dataset_name", tiny_images, "--output_path", hub,
+               "--cache_dir", tmp_path / "cache")
+    run_script("compute_embeddings.py", *common, "--instance_data_dir", tiny_images, "--output_path", local)
+    from_hub, from_folder = read_embeddings(hub), read_embeddings(local)
+    assert sorted(from_hub.keys) == sorted(from_folder.keys) and len(from_hub.keys) == 6
+    torch.testing.assert_close(from_hub.prompt_embeds[[from_hub.index()[k] for k in from_folder.keys]],
+                               from_folder.prompt_embeds)
