@@ -41,7 +41,14 @@ from flux_qlora.lora import (
     save_lora,
     target_modules,
 )
-from flux_qlora.models import LORA_TARGET_PRESETS, WEIGHT_DTYPES, add_model_args, count_nf4_layers, load_nf4_transformer
+from flux_qlora.models import (
+    LORA_TARGET_PRESETS,
+    WEIGHT_DTYPES,
+    add_model_args,
+    count_nf4_layers,
+    enable_gradient_checkpointing,
+    load_nf4_transformer,
+)
 from flux_qlora.training import (
     Schedule,
     TrainData,
@@ -101,6 +108,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 to disable).")
     opt.add_argument("--gradient_checkpointing", action="store_true",
                      help="Recompute block activations in the backward pass: much less memory, ~30%% slower.")
+    opt.add_argument("--gradient_checkpointing_interval", type=int, default=1,
+                     help="With --gradient_checkpointing: checkpoint only every N-th block (more memory, faster).")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
                           "blocks of a kind); the first steps are slower while it compiles.")
@@ -150,7 +159,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_dataset_args(args)
     check_resolution(args.width, args.height)
     for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
-                 "checkpointing_steps", "logging_steps"):
+                 "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -221,7 +230,7 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     set_seed(args.seed)
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval)
     if args.compile:
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             block.compile(dynamic=False)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,6 +41,17 @@ def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
                "--instance_data_dir", tiny_images_master, "--output_path", output,
                "--validation_prompt", "a red circle on a green background", "--max_sequence_length", "16")
     return output
+
+
+def tiny_forward(transformer, grad: bool = False) -> torch.Tensor:
+    """The tiny transformer on fixed random inputs (12 image tokens, 5 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.set_grad_enabled(grad):
+        return transformer(
+            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.7]),
+            guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=g),
+            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
+            img_ids=torch.randn(12, 3, generator=g), return_dict=False)[0]
 
 
 def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,

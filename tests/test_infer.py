@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, tiny_forward
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -44,16 +44,6 @@ def hand_applied(model_dir, *weighted_deltas) -> torch.nn.Module:
     return transformer
 
 
-def forward(transformer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.7]),
-            guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=g),
-            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
-            img_ids=torch.randn(12, 3, generator=g), return_dict=False)[0]
-
-
 def pipeline_with(model_dir, *flags):
     from diffusers import FluxPipeline
 
@@ -73,24 +63,24 @@ def loras(tiny_model, tmp_path_factory):
 def test_loaded_lora_equals_weights_applied_by_hand(tiny_model, loras):
     folder, deltas = loras["a"]
     pipe = pipeline_with(tiny_model, "--lora", str(folder))
-    expected = forward(hand_applied(tiny_model, (1.0, deltas)))
-    torch.testing.assert_close(forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
+    expected = tiny_forward(hand_applied(tiny_model, (1.0, deltas)))
+    torch.testing.assert_close(tiny_forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_equals_unfused(tiny_model, loras):
     folder, _ = loras["a"]
-    unfused = forward(pipeline_with(tiny_model, "--lora", str(folder)).transformer)
+    unfused = tiny_forward(pipeline_with(tiny_model, "--lora", str(folder)).transformer)
     fused = pipeline_with(tiny_model, "--lora", str(folder), "--fuse").transformer
     assert not any("lora" in name for name, _ in fused.named_parameters())  # merged and unloaded
-    torch.testing.assert_close(forward(fused), unfused, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tiny_forward(fused), unfused, rtol=1e-4, atol=1e-5)
 
 
 def test_blend_is_the_weighted_sum_of_deltas(tiny_model, loras):
     (fa, da), (fb, db) = loras["a"], loras["b"]
     pipe = pipeline_with(tiny_model, "--lora", str(fa), "--lora_scale", "0.7",
                          "--lora", str(fb), "--lora_scale", "-0.3")
-    expected = forward(hand_applied(tiny_model, (0.7, da), (-0.3, db)))
-    torch.testing.assert_close(forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
+    expected = tiny_forward(hand_applied(tiny_model, (0.7, da), (-0.3, db)))
+    torch.testing.assert_close(tiny_forward(pipe.transformer), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_hotswap_into_compiled_transformer_equals_fresh_load_without_recompiling(tiny_model, loras):
@@ -100,12 +90,12 @@ def test_hotswap_into_compiled_transformer_equals_fresh_load_without_recompiling
     torch._dynamo.reset()
     pipe = pipeline_with(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb))
     pipe.transformer.compile(fullgraph=True, backend="eager")  # dynamo's guards and graphs, no code generation
-    forward(pipe.transformer)
+    tiny_forward(pipe.transformer)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     pipe.load_lora_weights(str(fb), hotswap=True, adapter_name="lora_0")
-    swapped = forward(pipe.transformer)
+    swapped = tiny_forward(pipe.transformer)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
-    fresh = forward(pipeline_with(tiny_model, "--lora", str(fb)).transformer)
+    fresh = tiny_forward(pipeline_with(tiny_model, "--lora", str(fb)).transformer)
     torch.testing.assert_close(swapped, fresh, rtol=1e-4, atol=1e-5)
 
 

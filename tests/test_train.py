@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script, tiny_forward
 from safetensors.torch import load_file
 
 from flux_qlora.training import Schedule
@@ -73,20 +73,10 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_mode
 
     pipe = FluxPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     quantize_to_nf4(pipe.transformer, "cpu")
-    before = _forward(pipe.transformer)
+    before = tiny_forward(pipe.transformer)
     pipe.load_lora_weights(trained)
-    torch.testing.assert_close(_forward(pipe.transformer), _forward(trained_model), rtol=1e-4, atol=1e-5)
-    assert (_forward(pipe.transformer) - before).abs().max() > 1e-4  # and the LoRA does change the output
-
-
-def _forward(transformer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.5]),
-            guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g),
-            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
-            img_ids=torch.zeros(12, 3), return_dict=False)[0]
+    torch.testing.assert_close(tiny_forward(pipe.transformer), tiny_forward(trained_model), rtol=1e-4, atol=1e-5)
+    assert (tiny_forward(pipe.transformer) - before).abs().max() > 1e-4  # and the LoRA does change the output
 
 
 def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
@@ -152,3 +142,33 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embe
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, embeddings, tmp_path / "out"),
                         "--max_train_steps", "1", *extra, check=False)
     assert_one_line_error(result, *expect)
+
+
+def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_model):
+    from flux_qlora.lora import add_lora, lora_parameters
+    from flux_qlora.models import enable_gradient_checkpointing, load_nf4_transformer
+
+    def grads_and_saved_bytes(interval: int | None):
+        torch.manual_seed(0)
+        transformer = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+        add_lora(transformer, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
+        for p in lora_parameters(transformer):
+            torch.nn.init.normal_(p, std=0.1)  # non-zero B too, so every LoRA weight gets a gradient
+        if interval:
+            enable_gradient_checkpointing(transformer, interval)
+        transformer.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = tiny_forward(transformer, grad=True)
+        out.square().mean().backward()
+        return [p.grad.clone() for p in lora_parameters(transformer)], sum(saved)
+
+    plain, plain_bytes = grads_and_saved_bytes(None)
+    every, every_bytes = grads_and_saved_bytes(1)
+    half, half_bytes = grads_and_saved_bytes(2)
+    for a, b, c in zip(plain, every, half):
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(c, a)
+    assert every_bytes < half_bytes < plain_bytes, (every_bytes, half_bytes, plain_bytes)
+
