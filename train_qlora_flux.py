@@ -201,21 +201,22 @@ def load_train_data(args, accelerator, weight_dtype) -> tuple[TrainData, object]
     from diffusers import AutoencoderKL
 
     samples = load_samples(args)
-    embeddings = match_embeddings(samples, read_embeddings(args.data_df_path), args.data_df_path)
-    for prompt in args.validation_prompt:
-        read_embeddings(args.data_df_path).prompt(prompt)  # fail now, not after an hour of training
+    table = read_embeddings(args.data_df_path)
+    embeddings = match_embeddings(samples, table, args.data_df_path)
+    validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
     pixels = load_pixels(samples, args.width, args.height)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
                                         variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype)
     vae.requires_grad_(False).to(accelerator.device)
     data = TrainData(keys=embeddings.keys, prompt_embeds=embeddings.prompt_embeds.to(weight_dtype),
                      pooled_prompt_embeds=embeddings.pooled_prompt_embeds.to(weight_dtype),
-                     text_ids=embeddings.text_ids.to(weight_dtype), images=pixels)
+                     text_ids=embeddings.text_ids.to(weight_dtype), images=pixels, validation=validation)
     if args.cache_latents:
         data.images = encode_latents(vae, pixels, show_progress=accelerator.is_local_main_process).cpu()
         data.latents_cached = True
         vae.to("cpu")  # only needed again to decode sample images
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     logger.info("%d images at %dx%d, embeddings of %d tokens%s", len(data), args.width, args.height,
                 data.prompt_embeds.shape[1], ", latents cached" if args.cache_latents else "")
     return data, vae
@@ -315,7 +316,7 @@ def flow_matching_step(transformer, batch: Batch, noise, sigmas, text_ids, image
 
 
 @torch.no_grad()
-def generate_samples(args, accelerator, transformer, vae, step: int) -> list[str]:
+def generate_samples(args, accelerator, transformer, vae, data: TrainData, step: int) -> list[str]:
     """Validation images from the training transformer (no second copy), VAE on the GPU only to decode."""
     if not args.validation_prompt or not accelerator.is_main_process:
         return []
@@ -328,7 +329,6 @@ def generate_samples(args, accelerator, transformer, vae, step: int) -> list[str
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None)
     pipe.set_progress_bar_config(disable=True)
-    embeddings = read_embeddings(args.data_df_path)
     folder = Path(args.output_dir) / "samples"
     folder.mkdir(exist_ok=True)
     was_training = model.training
@@ -336,7 +336,7 @@ def generate_samples(args, accelerator, transformer, vae, step: int) -> list[str
     files = []
     with accelerator.autocast():
         for i, prompt in enumerate(args.validation_prompt):
-            prompt_embeds, pooled = embeddings.prompt(prompt)
+            prompt_embeds, pooled = data.validation[prompt]
             image = pipe(prompt_embeds=prompt_embeds.to(accelerator.device, vae.dtype),
                          pooled_prompt_embeds=pooled.to(accelerator.device, vae.dtype),
                          width=args.width, height=args.height, num_inference_steps=args.validation_inference_steps,
@@ -425,7 +425,7 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
             path = save_checkpoint(accelerator, args.output_dir, step, {"losses": losses}, args.checkpoints_total_limit)
             logger.info("Saved checkpoint %s", path)
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
-            generate_samples(args, accelerator, transformer, vae, step)
+            generate_samples(args, accelerator, transformer, vae, data, step)
     progress.close()
     return {"step_times": step_times, "gpu_busy_percent": profiler.busy_percent if profiler else None}
 
@@ -472,7 +472,7 @@ def resume(args, accelerator) -> tuple[int, list[float]]:
     return state["global_step"], list(state.get("losses", []))
 
 
-def finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before) -> dict:
+def finish(args, accelerator, transformer, vae, data, losses, timing, start_step, samples_before) -> dict:
     """Saves the LoRA, the loss plot, after-samples and the run summary; pushes to the Hub if asked."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
@@ -480,7 +480,7 @@ def finish(args, accelerator, transformer, vae, losses, timing, start_step, samp
     if accelerator.is_main_process:
         lora_path = save_lora(accelerator.unwrap_model(transformer), output_dir)
         logger.info("Saved the LoRA to %s", lora_path)
-    samples_after = generate_samples(args, accelerator, transformer, vae, args.max_train_steps)
+    samples_after = generate_samples(args, accelerator, transformer, vae, data, args.max_train_steps)
     if accelerator.is_main_process:
         if losses:
             plot_loss(losses, output_dir / "loss.png")
@@ -553,11 +553,11 @@ def main(args: argparse.Namespace) -> dict:
                 args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
                 schedule.global_batch * args.gradient_accumulation_steps)
     logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
-    samples_before = generate_samples(args, accelerator, transformer, vae, 0) if start_step == 0 else []
+    samples_before = generate_samples(args, accelerator, transformer, vae, data, 0) if start_step == 0 else []
     timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses,
                    flat_lora)
     timing["model_memory_gib"] = round(model_memory_gib, 3)
-    return finish(args, accelerator, transformer, vae, losses, timing, start_step, samples_before)
+    return finish(args, accelerator, transformer, vae, data, losses, timing, start_step, samples_before)
 
 
 if __name__ == "__main__":

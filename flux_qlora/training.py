@@ -33,6 +33,7 @@ class TrainData:
     pooled_prompt_embeds: torch.Tensor  # (N, pooled_dim)
     text_ids: torch.Tensor  # (seq, 3)
     images: torch.Tensor  # (N, 3, H, W) uint8 pixels, or (N, C, h, w) scaled latents once cached
+    validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # prompt -> embeddings
     latents_cached: bool = False
 
     def __len__(self) -> int:
