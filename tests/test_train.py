@@ -172,3 +172,13 @@ def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_mod
         torch.testing.assert_close(c, a)
     assert every_bytes < half_bytes < plain_bytes, (every_bytes, half_bytes, plain_bytes)
 
+
+
+def test_report_to_wandb_logs_scalars_and_sample_images(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out", "--max_train_steps", "2",
+        "--report_to", "wandb", "--validation_prompt", VALIDATION),
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert b"peak_memory_gib" in next(run.glob("run-*.wandb")).read_bytes()
+    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2  # before and after training
