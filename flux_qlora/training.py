@@ -110,9 +110,6 @@ class Schedule:
             self._perms = {epoch: torch.randperm(self.num_images * self.repeats, generator=generator)}
         return self._perms[epoch]
 
-    def epoch_of(self, micro_step: int) -> int:
-        return micro_step // self.micro_steps_per_epoch
-
     def rows(self, micro_step: int, rank: int) -> torch.Tensor:
         """Image rows of this process's part of the global batch: no image twice per epoch, none dropped by rank."""
         epoch, i = divmod(micro_step, self.micro_steps_per_epoch)

@@ -182,3 +182,21 @@ def test_report_to_wandb_logs_scalars_and_sample_images(tiny_model, tiny_images_
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     assert b"peak_memory_gib" in next(run.glob("run-*.wandb")).read_bytes()
     assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2  # before and after training
+
+
+def test_prequantized_nf4_checkpoint_loads_without_requantizing(tiny_model, tmp_path):
+    """A transformer saved with its NF4 weights (bitsandbytes' state-dict layout) loads back to the same model."""
+    from safetensors.torch import save_file
+
+    from flux_qlora.models import count_nf4_layers, load_nf4_transformer
+
+    quantized = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+    state = {k: v.contiguous().clone() for k, v in quantized.state_dict().items()}
+    assert any(k.endswith(".weight.absmax") for k in state)  # packed weights + their quantization state
+    folder = tmp_path / "nf4-transformer"
+    folder.mkdir()
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    shutil.copy(tiny_model / "transformer" / "config.json", folder)
+    reloaded = load_nf4_transformer(str(folder), "cpu", torch.float32)
+    assert count_nf4_layers(reloaded) == 40
+    torch.testing.assert_close(tiny_forward(reloaded), tiny_forward(quantized))
