@@ -47,7 +47,7 @@ from flux_qlora.models import (
     add_model_args,
     count_nf4_layers,
     enable_gradient_checkpointing,
-    load_nf4_transformer,
+    load_transformer,
 )
 from flux_qlora.training import (
     Schedule,
@@ -80,6 +80,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_latents", action="store_true",
                         help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
     parser.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
+
+    parser.add_argument("--base_precision", type=str, default="nf4", choices=["nf4", "bf16"],
+                        help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
+                             "LoRA in the --mixed_precision dtype, ~24 GB: for big GPUs).")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -223,9 +227,9 @@ def load_train_data(args, accelerator, weight_dtype) -> tuple[TrainData, object]
 
 
 def load_transformer_with_lora(args, accelerator, weight_dtype):
-    transformer = load_nf4_transformer(args.pretrained_transformer_model_name_or_path
-                                       or args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
-                                       revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    transformer = load_transformer(args.pretrained_transformer_model_name_or_path or args.pretrained_model_name_or_path,
+                                   accelerator.device, weight_dtype, revision=args.revision, variant=args.variant,
+                                   cache_dir=args.cache_dir, nf4=args.base_precision == "nf4")
     # Like peft's prepare_model_for_kbit_training, minus its up-cast of every non-quantized weight to fp32
     # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
     set_seed(args.seed)

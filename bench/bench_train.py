@@ -36,13 +36,11 @@ FLUX_DEV_VAE = dict(
 FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                           base_image_seq_len=256, max_image_seq_len=4096)
 
-# name -> (width, height, extra trainer flags)
+# name -> (width, height, extra trainer flags): {NF4, bf16 base} x {checkpointing, none} x {512x768, 1024x1024}
 CONFIGS = {
-    "nf4-ckpt-512x768": (512, 768, ["--gradient_checkpointing"]),
-    "nf4-ckpt-512x512": (512, 512, ["--gradient_checkpointing"]),
-    "nf4-ckpt-1024x1024": (1024, 1024, ["--gradient_checkpointing"]),
-    "nf4-512x768": (512, 768, []),
-    "nf4-1024x1024": (1024, 1024, []),
+    f"{base}{'-ckpt' if ckpt else ''}-{w}x{h}":
+        (w, h, ["--base_precision", base, *(["--gradient_checkpointing"] if ckpt else [])])
+    for base in ("nf4", "bf16") for ckpt in (True, False) for w, h in ((512, 768), (1024, 1024), (512, 512))
 }
 
 

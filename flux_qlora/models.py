@@ -172,12 +172,11 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
-def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> set[str]:
-    """Streams one safetensors file into `model`; returns the parameter names it filled."""
+def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> None:
+    """Streams one safetensors file into `model`: the layers named in `quantized` become NF4."""
     import bitsandbytes as bnb
     from safetensors import safe_open
 
-    filled = set()
     with safe_open(str(file), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         # Pre-quantized files hold `<layer>.weight` (packed uint8) plus `<layer>.weight.<quant state>` entries.
@@ -190,6 +189,8 @@ def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> se
             if ".weight." in key:
                 continue
             layer = key.rsplit(".", 1)[0]
+            if layer in quant_stats and layer not in quantized:
+                raise UserError(f"{file} holds NF4-quantized weights ({layer}): load it with --base_precision nf4.")
             tensor = f.get_tensor(key)
             if layer in quantized and key.endswith(".weight"):
                 module = model.get_submodule(layer)
@@ -201,13 +202,12 @@ def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> se
                     module.weight = _nf4_weight(tensor, module, device)
             else:
                 _set_tensor(model, key, tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype))
-            filled.add(key)
-    return filled
 
 
-def load_nf4_transformer(name_or_path: str, device: str | torch.device, weight_dtype: torch.dtype,
-                         revision=None, variant=None, cache_dir=None):
-    """The Flux transformer with its blocks' linear layers in NF4 and everything else in `weight_dtype`."""
+def load_transformer(name_or_path: str, device: str | torch.device, weight_dtype: torch.dtype,
+                     revision=None, variant=None, cache_dir=None, nf4: bool = True):
+    """The Flux transformer with its blocks' linear layers in NF4 (all in `weight_dtype` with `nf4=False`) and
+    everything else in `weight_dtype`."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
     from tqdm.auto import tqdm
@@ -215,18 +215,17 @@ def load_nf4_transformer(name_or_path: str, device: str | torch.device, weight_d
     config, files = resolve_transformer(name_or_path, revision, variant, cache_dir)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
-    quantized = set(_replace_linears_with_nf4(model, weight_dtype))
+    quantized = set(_replace_linears_with_nf4(model, weight_dtype)) if nf4 else set()
     device = torch.device(device)
-    filled = set()
-    for file in tqdm(files, desc="Loading transformer (NF4)", disable=len(files) < 2):
-        filled |= _load_file_into(model, file, quantized, device, weight_dtype)
+    for file in tqdm(files, desc="Loading transformer", disable=len(files) < 2):
+        _load_file_into(model, file, quantized, device, weight_dtype)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise UserError(f"the transformer checkpoint in {files[0].parent} lacks {len(missing)} weights "
                         f"(e.g. {missing[0]}): is it a Flux transformer matching its config.json?")
     model.requires_grad_(False)
     model.eval()
-    logger.info("Transformer loaded in NF4 on %s: %d linear layers quantized, %.1f MiB of weights",
+    logger.info("Transformer loaded on %s: %d linear layers in NF4, %.1f MiB of weights",
                 device, len(quantized), module_bytes(model) / 2**20)
     return model
 

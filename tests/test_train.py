@@ -65,9 +65,9 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_mode
     from diffusers import FluxPipeline
 
     from flux_qlora.lora import add_lora, load_lora_into
-    from flux_qlora.models import load_nf4_transformer, quantize_to_nf4
+    from flux_qlora.models import load_transformer, quantize_to_nf4
 
-    trained_model = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+    trained_model = load_transformer(str(tiny_model), "cpu", torch.float32)
     add_lora(trained_model, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
     load_lora_into(trained_model, trained)
 
@@ -146,11 +146,11 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embe
 
 def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_model):
     from flux_qlora.lora import add_lora, lora_parameters
-    from flux_qlora.models import enable_gradient_checkpointing, load_nf4_transformer
+    from flux_qlora.models import enable_gradient_checkpointing, load_transformer
 
     def grads_and_saved_bytes(interval: int | None):
         torch.manual_seed(0)
-        transformer = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+        transformer = load_transformer(str(tiny_model), "cpu", torch.float32)
         add_lora(transformer, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
         for p in lora_parameters(transformer):
             torch.nn.init.normal_(p, std=0.1)  # non-zero B too, so every LoRA weight gets a gradient
@@ -188,15 +188,23 @@ def test_prequantized_nf4_checkpoint_loads_without_requantizing(tiny_model, tmp_
     """A transformer saved with its NF4 weights (bitsandbytes' state-dict layout) loads back to the same model."""
     from safetensors.torch import save_file
 
-    from flux_qlora.models import count_nf4_layers, load_nf4_transformer
+    from flux_qlora.models import count_nf4_layers, load_transformer
 
-    quantized = load_nf4_transformer(str(tiny_model), "cpu", torch.float32)
+    quantized = load_transformer(str(tiny_model), "cpu", torch.float32)
     state = {k: v.contiguous().clone() for k, v in quantized.state_dict().items()}
     assert any(k.endswith(".weight.absmax") for k in state)  # packed weights + their quantization state
     folder = tmp_path / "nf4-transformer"
     folder.mkdir()
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
     shutil.copy(tiny_model / "transformer" / "config.json", folder)
-    reloaded = load_nf4_transformer(str(folder), "cpu", torch.float32)
+    reloaded = load_transformer(str(folder), "cpu", torch.float32)
     assert count_nf4_layers(reloaded) == 40
     torch.testing.assert_close(tiny_forward(reloaded), tiny_forward(quantized))
+
+
+def test_bf16_base_trains_without_nf4_layers(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
+                                                  "--max_train_steps", "2", "--base_precision", "bf16"))
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["nf4_layers"] == 0 and summary["steps"] == 2
+    assert load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
