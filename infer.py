@@ -26,7 +26,7 @@ import torch
 from flux_qlora.cli import run_main, setup_logging
 from flux_qlora.data import UserError, check_resolution
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
-from flux_qlora.models import add_model_args, quantize_to_nf4
+from flux_qlora.models import add_model_args, check_fp8_device, quantize_to_nf4
 
 logger = logging.getLogger("infer")
 
@@ -144,12 +144,7 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
 def pick_device(args) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fp8:
-        if device.type != "cuda":
-            raise UserError("--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell).")
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise UserError(f"--fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} has "
-                            f"{major}.{minor}. Drop --fp8 (or use --quantize nf4 to save memory).")
+        check_fp8_device(device, "--fp8")
     if args.quantize_t5 and device.type != "cuda":
         raise UserError("--quantize_t5 needs a CUDA GPU (bitsandbytes NF4 inference); drop it on the CPU.")
     return device

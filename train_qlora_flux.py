@@ -45,7 +45,9 @@ from flux_qlora.models import (
     LORA_TARGET_PRESETS,
     WEIGHT_DTYPES,
     add_model_args,
+    check_fp8_device,
     count_nf4_layers,
+    enable_fp8_training,
     enable_gradient_checkpointing,
     load_transformer,
 )
@@ -84,6 +86,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_precision", type=str, default="nf4", choices=["nf4", "bf16"],
                         help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
                              "LoRA in the --mixed_precision dtype, ~24 GB: for big GPUs).")
+
+    parser.add_argument("--do_fp8_training", action="store_true",
+                        help="Run the frozen base's big linears in float8 (torchao) with --base_precision bf16 on a "
+                             "GPU of compute capability >= 8.9. Not yet measured (BENCHMARKS.md).")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -179,6 +185,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
         if get_token() is None:
             raise UserError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
+    if args.do_fp8_training and args.base_precision != "bf16":
+        raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
+                        "already 4-bit and are not converted).")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -234,6 +243,8 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
     set_seed(args.seed)
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
+    if args.do_fp8_training:
+        enable_fp8_training(transformer, accelerator.device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval)
     if args.compile:
@@ -523,6 +534,8 @@ def push_to_hub(args) -> None:
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     accelerator = make_accelerator(args)
+    if args.do_fp8_training:
+        check_fp8_device(accelerator.device, "--do_fp8_training")  # before anything loads
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     data, vae = load_train_data(args, accelerator, weight_dtype)
     schedule = Schedule(len(data), args.repeats, args.train_batch_size, accelerator.num_processes, args.seed)

@@ -282,3 +282,37 @@ def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1) -> 
         return block(*args)
 
     transformer.enable_gradient_checkpointing(checkpoint_every_nth)
+
+
+def check_fp8_device(device: torch.device, flag: str) -> None:
+    """FP8 matrix units arrived with compute capability 8.9 (Ada); refuses anything older, and the CPU."""
+    if device.type != "cuda":
+        raise UserError(f"{flag} needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                        "this run is on the CPU. Drop the flag.")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise UserError(f"{flag} needs compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                        f"{torch.cuda.get_device_name(device)} has {major}.{minor}. Drop the flag.")
+
+
+def enable_fp8_training(transformer: nn.Module, device: torch.device) -> int:
+    """torchao float8 training for the frozen base's big linear layers (a bf16 base on an FP8-capable GPU).
+
+    Only layers whose sizes the FP8 GEMMs take (multiples of 16, at least 1024 wide) are swapped; the LoRA
+    factors, the small embedders and NF4 layers stay as they are. Returns the number of layers swapped.
+    """
+    check_fp8_device(device, "--do_fp8_training")
+    from torchao.float8 import convert_to_float8_training
+
+    swapped = []
+
+    def big_plain_linear(module: nn.Module, fqn: str) -> bool:
+        ok = (type(module) is nn.Linear and ".lora_" not in fqn and min(module.in_features, module.out_features) >= 1024
+              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        if ok:
+            swapped.append(fqn)
+        return ok
+
+    convert_to_float8_training(transformer, module_filter_fn=big_plain_linear)
+    logger.info("FP8 training (torchao) on %d linear layers", len(swapped))
+    return len(swapped)

@@ -58,7 +58,8 @@ def run_script(script: str, *args, check: bool = True, launcher: list[str] | Non
                env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails."""
     command = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+    # A hang (e.g. a distributed run waiting for a dead peer) fails the test with its output, not CI's clock.
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=480,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 
 import torch
@@ -11,10 +12,18 @@ from conftest import ROOT, run_script
 from safetensors.torch import load_file
 from test_train import train_args
 
+
 # The documented multi-GPU config; ACCELERATE_USE_CPU makes accelerate run its processes on the CPU over gloo.
-DDP = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-       str(ROOT / "accelerate-multigpu.yaml"), "--num_processes", "2", "--main_process_port", "29533",
-       "--mixed_precision", "no"]
+def ddp_launcher() -> list[str]:
+    """accelerate launch with 2 processes on a port free right now (a fixed one can still be held by a last run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+            str(ROOT / "accelerate-multigpu.yaml"), "--num_processes", "2", "--main_process_port", str(port),
+            "--mixed_precision", "no"]
+
+
 CPU = {"ACCELERATE_USE_CPU": "true"}
 COMMON = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "no")
 
@@ -30,7 +39,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_ima
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, ddp, *COMMON,
                                                   "--train_batch_size", "1", "--report_to", "tensorboard"),
-               launcher=DDP, env=CPU)
+               launcher=ddp_launcher(), env=CPU)
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, single, *COMMON,
                                                   "--train_batch_size", "2"))
     summary = json.loads((ddp / "train_summary.json").read_text())
@@ -49,5 +58,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_ima
     shutil.copytree(ddp / "checkpoint-2", resumed / "checkpoint-2")
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, resumed, *COMMON,
                                                   "--train_batch_size", "1", "--resume_from_checkpoint", "latest"),
-               launcher=DDP, env=CPU)
+               launcher=ddp_launcher(), env=CPU)
     assert_same_lora(ddp, resumed)

@@ -125,7 +125,8 @@ def test_schedule_shards_each_epoch_without_repeats():
     assert torch.equal(single.rows(1, 0), torch.cat([schedule.rows(1, 0), schedule.rows(1, 1)]))
 
 
-@pytest.mark.parametrize("case", ["resolution", "missing_parquet", "stale_caption", "bad_resume", "tiny_dataset"])
+@pytest.mark.parametrize("case", ["resolution", "missing_parquet", "stale_caption", "bad_resume", "tiny_dataset",
+                                  "fp8_on_nf4", "fp8_on_cpu"])
 def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embeddings, tmp_path):
     embeddings, extra, expect = tiny_embeddings, [], []
     if case == "resolution":
@@ -139,6 +140,10 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embe
         extra, expect = ["--resume_from_checkpoint", str(tmp_path / "ckpt")], ["--resume_from_checkpoint", "latest"]
     elif case == "tiny_dataset":
         extra, expect = ["--train_batch_size", "64"], ["less than one global batch"]
+    elif case == "fp8_on_nf4":
+        extra, expect = ["--do_fp8_training"], ["--base_precision bf16"]
+    elif case == "fp8_on_cpu":
+        extra, expect = ["--do_fp8_training", "--base_precision", "bf16"], ["--do_fp8_training", "8.9"]
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, embeddings, tmp_path / "out"),
                         "--max_train_steps", "1", *extra, check=False)
     assert_one_line_error(result, *expect)
@@ -208,3 +213,14 @@ def test_bf16_base_trains_without_nf4_layers(tiny_model, tiny_images_master, tin
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["nf4_layers"] == 0 and summary["steps"] == 2
     assert load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+def test_speed_ups_keep_the_step_zero_loss(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    """--compile, partial checkpointing and the flat LoRA buffer change the speed, not the maths."""
+    first_losses = []
+    for name, flags in [("plain", []), ("fast", ["--compile", "--gradient_checkpointing_interval", "2"])]:
+        run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                      tmp_path / name, "--max_train_steps", "1",
+                                                      "--mixed_precision", "no", *flags))
+        first_losses.append(json.loads((tmp_path / name / "train_summary.json").read_text())["first_loss"])
+    assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-4)
