@@ -286,12 +286,12 @@ def serve(pipe, loras: list[Lora], prompts: list[str], args, device) -> list[dic
             pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
                                    adapter_name=loras[0].adapter_name)
         tag = lora.source if lora else "+".join(f"{lo.source}@{lo.scale:g}" for lo in loras) or "base"
-        frames_before = dynamo_utils.counters["stats"]["unique_graphs"]
+        graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
         files = generate(pipe, prompts, args, tag, device)  # the first image of the first round warms up
         result = {"lora": tag, "files": [str(f) for f in files], "first_image_s": time.perf_counter() - start}
         if args.benchmark:
             result.update(time_generations(pipe, prompts[0], args, device))
-        result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - frames_before
+        result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
         results.append(result)
         logger.info("%s", json.dumps({k: v for k, v in result.items() if k != "files"}))
     return results
