@@ -114,7 +114,8 @@ def test_metadata_jsonl_and_instance_prompt_captions(tiny_images):
     assert load_local_samples(str(tiny_images), "text", None)[0].caption == "from jsonl"
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "no_images", "no_caption", "zero_length", "unreadable"])
+@pytest.mark.parametrize("case", ["missing_folder", "no_images", "no_caption", "zero_length", "unreadable",
+                                  "two_sources", "t5_8bit_on_cpu"])
 def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tmp_path):
     data, extra, expect = tiny_images, [], []
     if case == "missing_folder":
@@ -126,6 +127,10 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tmp_path)
         expect = ["002.png", "--instance_prompt"]
     elif case == "zero_length":
         extra, expect = ["--max_sequence_length", "0"], ["--max_sequence_length 0"]
+    elif case == "two_sources":
+        extra, expect = ["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"]
+    elif case == "t5_8bit_on_cpu":
+        extra, expect = ["--t5_8bit", "--device", "cpu"], ["--t5_8bit", "CUDA"]
     elif case == "unreadable":
         (tiny_images / "bad.png").write_bytes(b"not a png")
         (tiny_images / "bad.txt").write_text("a caption")
