@@ -68,6 +68,11 @@ def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
 
     state = load_file(Path(lora_dir) / LORA_WEIGHT_NAME)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+    expected = {m.r["default"] for m in transformer.modules() if hasattr(m, "lora_A") and "default" in m.r}
+    if ranks != expected:
+        raise UserError(f"{lora_dir} holds a LoRA of rank {sorted(ranks)}, this run builds rank {sorted(expected)}: "
+                        "resume with the same --rank (or start a new --output_dir).")
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -114,6 +114,15 @@ def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_mas
     summary = json.loads((interrupted / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 3 and len(summary["losses"]) == 6
 
+    # Resuming that checkpoint with another rank is refused in one line, not a size-mismatch traceback.
+    other = tmp_path / "other-rank"
+    other.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", other / "checkpoint-3")
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, other,
+                                                           *common, "--resume_from_checkpoint", "latest",
+                                                           "--rank", "8"), check=False)
+    assert_one_line_error(result, "rank [4]", "--rank")
+
 
 def test_schedule_shards_each_epoch_without_repeats():
     schedule = Schedule(num_images=5, repeats=2, batch_size=2, num_processes=2, seed=1)
