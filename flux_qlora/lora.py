@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flux_qlora.data import UserError
-from flux_qlora.models import LORA_TARGET_PRESETS
+from flux_qlora.models import LORA_TARGET_PRESETS, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: st
             raise UserError(f"--lora {source}: no {file.name} in that folder"
                             + (f"; pick one with --weight_name: {', '.join(found)}." if found else "."))
         return file
-    if source.endswith(".safetensors") or source.startswith((".", "/")) or source.count("/") != 1:
+    if source.endswith(".safetensors") or not looks_like_hub_id(source):
         raise UserError(f"--lora {source}: no such file or folder, and not a Hub id (owner/name).")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

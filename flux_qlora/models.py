@@ -42,12 +42,13 @@ def add_model_args(parser) -> None:
     group.add_argument("--cache_dir", type=str, default=None, help="Where Hub downloads are cached.")
 
 
-def _is_local(name_or_path: str) -> bool:
-    return Path(name_or_path).exists()
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, not a path: what the Hub accepts as a repository id."""
+    return not name.startswith((".", "/")) and name.count("/") == 1
 
 
 def _check_model_source(name_or_path: str) -> None:
-    if not _is_local(name_or_path) and (name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1):
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub id "
                         "(owner/name) either.")
 
@@ -144,9 +145,15 @@ def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return layer
 
 
+def _block_linears(model: nn.Module) -> list[str]:
+    """Names of the plain linear layers of the repeated blocks (the bulk of the weights), LoRA factors excluded."""
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and n.startswith(QUANTIZED_PREFIXES) and ".lora_" not in n]
+
+
 def _replace_linears_with_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
     """Swaps the blocks' nn.Linear for empty NF4 `Linear4bit` layers (weights arrive later); returns their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES)]
+    names = _block_linears(model)
     for name in names:
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
@@ -233,9 +240,7 @@ def load_transformer(name_or_path: str, device: str | torch.device, weight_dtype
 def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Re-quantizes an in-memory transformer's block linears to NF4 (e.g. after fusing a LoRA)."""
     device = torch.device(device)
-    linears = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.startswith(QUANTIZED_PREFIXES) and ".lora_" not in n]
-    for name in linears:
+    for name in _block_linears(model):
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
