@@ -387,9 +387,7 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
           flat_lora) -> dict:
     """The loop: micro-steps under accumulate(), an optimizer step every --gradient_accumulation_steps."""
     device, dtype = accelerator.device, data.prompt_embeds.dtype
-    latent_shape = (data.images.shape[1], args.height // 8, args.width // 8) if not data.latents_cached \
-        else tuple(data.images.shape[1:])
-    image_ids = flow.latent_image_ids(*latent_shape[-2:], device=device, dtype=dtype)
+    image_ids = flow.latent_image_ids(args.height // 8, args.width // 8, device=device, dtype=dtype)
     text_ids = data.text_ids.to(device)
     guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds  # DDP hides .config
     lora_weights = lora_parameters(transformer)
@@ -402,9 +400,8 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
                             args.max_train_steps * args.gradient_accumulation_steps):
         rows = schedule.rows(micro_step, accelerator.process_index)
         batch = get_batch(data, rows, vae, device, dtype)
-        if not data.latents_cached:
-            latent_shape = tuple(batch.latents.shape[1:])
-        noise, sigmas = sample_sigmas(args, schedule, micro_step, accelerator.process_index, latent_shape)
+        noise, sigmas = sample_sigmas(args, schedule, micro_step, accelerator.process_index,
+                                      tuple(batch.latents.shape[1:]))
         with accelerator.accumulate(transformer), accelerator.autocast():
             loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args, guidance_embeds)
             accelerator.backward(loss)
@@ -423,7 +420,9 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
         now = time.perf_counter()
         step_times.append(now - tick)
         tick = now
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
+        checkpoint_now = step % args.checkpointing_steps == 0 and step < args.max_train_steps
+        # Also before a checkpoint, so the losses it stores are complete.
+        if step % args.logging_steps == 0 or step == args.max_train_steps or checkpoint_now:
             # One host sync per logging interval: the losses of the interval come back together.
             interval = torch.stack(pending).float().view(-1, args.gradient_accumulation_steps).mean(1)
             interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
@@ -436,7 +435,7 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
         progress.update(1)
         if profiler:
             profiler.after_step(step)
-        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+        if checkpoint_now:
             path = save_checkpoint(accelerator, args.output_dir, step, {"losses": losses}, args.checkpoints_total_limit)
             logger.info("Saved checkpoint %s", path)
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:

@@ -94,7 +94,7 @@ def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, t
 
 def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
-              "--learning_rate", "1e-3", "--lr_scheduler", "cosine")
+              "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--logging_steps", "4")
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                   tmp_path / "full", *common))
     # What a run killed after its step-3 checkpoint leaves on disk (checkpoints are renamed into place when
