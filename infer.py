@@ -26,7 +26,7 @@ import torch
 from flux_qlora.cli import run_main, setup_logging
 from flux_qlora.data import UserError, check_resolution
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
-from flux_qlora.models import add_model_args, check_fp8_device, quantize_to_nf4
+from flux_qlora.models import add_model_args, check_fp8_device, quantize_to_nf4, set_attention_backend
 
 logger = logging.getLogger("infer")
 
@@ -201,11 +201,7 @@ def place_on_device(pipe, args, device) -> None:
 
 
 def speed_up(pipe, args) -> None:
-    if args.attention_backend:
-        try:
-            pipe.transformer.set_attention_backend(args.attention_backend)
-        except (ValueError, RuntimeError, ImportError) as error:
-            raise UserError(f"--attention_backend {args.attention_backend}: {error}") from None
+    set_attention_backend(pipe.transformer, args.attention_backend)
     if args.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 

@@ -46,10 +46,12 @@ from flux_qlora.models import (
     WEIGHT_DTYPES,
     add_model_args,
     check_fp8_device,
+    compile_blocks,
     count_nf4_layers,
     enable_fp8_training,
     enable_gradient_checkpointing,
     load_transformer,
+    set_attention_backend,
 )
 from flux_qlora.training import (
     Schedule,
@@ -122,7 +124,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="With --gradient_checkpointing: checkpoint only every N-th block (more memory, faster).")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
-                          "blocks of a kind); the first steps are slower while it compiles.")
+                          "blocks of a kind, NF4 layers fused into plain kernels); the first steps are slower "
+                          "while it compiles.")
+    opt.add_argument("--attention_backend", type=str, default=None,
+                     help="diffusers attention backend, e.g. _native_cudnn (fastest on H100), flash, _flash_3 "
+                          "(default: PyTorch SDPA's own choice).")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
@@ -245,11 +251,11 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.do_fp8_training:
         enable_fp8_training(transformer, accelerator.device)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval)
+    set_attention_backend(transformer, args.attention_backend)
     if args.compile:
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            block.compile(dynamic=False)
+        compile_blocks(transformer)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval, compiled=args.compile)
     transformer.train()
     trainable = sum(p.numel() for p in lora_parameters(transformer))
     logger.info("LoRA rank %d on %s: %.2fM trainable parameters; %d NF4 layers", args.rank, args.lora_layers,
@@ -441,16 +447,17 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
             generate_samples(args, accelerator, transformer, vae, data, step)
     progress.close()
-    return {"step_times": step_times, "gpu_busy_percent": profiler.busy_percent if profiler else None}
+    return {"step_times": step_times, "gpu_kernel_s_per_step": profiler.kernel_s_per_step if profiler else None}
 
 
 class StepProfiler:
-    """Profiles optimizer steps 5-7 (after warm-up and compilation) and measures how busy the GPU was."""
+    """Profiles optimizer steps 5-7 (after warm-up and compilation): the GPU's kernel time per step, which the run
+    summary divides by the median (unprofiled) step time to say how busy the GPU was."""
 
     first, last = 5, 7
 
     def __init__(self, folder: str, device):
-        self.folder, self.device, self.busy_percent = Path(folder), device, None
+        self.folder, self.device, self.kernel_s_per_step = Path(folder), device, None
         self.profile = None
 
     def after_step(self, step: int) -> None:
@@ -462,18 +469,18 @@ class StepProfiler:
             self.start = time.perf_counter()
         elif step == self.last and self.profile is not None:
             torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
-            wall_us = (time.perf_counter() - self.start) * 1e6
             self.profile.__exit__(None, None, None)
             # Kernels only: operator rows and user annotations (e.g. "Optimizer.step") repeat their kernels' time.
             kernels_us = sum(e.device_time_total for e in self.profile.events()
                              if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
-            self.busy_percent = round(100 * kernels_us / wall_us, 1)
+            self.kernel_s_per_step = kernels_us / 1e6 / (self.last - self.first + 1)
             self.folder.mkdir(parents=True, exist_ok=True)
             self.profile.export_chrome_trace(str(self.folder / "trace.json"))
-            (self.folder / "top_kernels.txt").write_text(
-                self.profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
-            logger.info("Profiled steps %d-%d: GPU busy %.1f%% (trace in %s)", self.first, self.last,
-                        self.busy_percent, self.folder)
+            table = self.profile.key_averages().table
+            (self.folder / "top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=40))
+            (self.folder / "top_cpu.txt").write_text(table(sort_by="self_cpu_time_total", row_limit=40))
+            logger.info("Profiled steps %d-%d: %.3f s of GPU kernels per step (trace in %s)", self.first, self.last,
+                        self.kernel_s_per_step, self.folder)
 
 
 def resume(args, accelerator) -> tuple[int, list[float]]:
@@ -499,11 +506,13 @@ def finish(args, accelerator, transformer, vae, data, losses, timing, start_step
         if losses:
             plot_loss(losses, output_dir / "loss.png")
         times = sorted(timing["step_times"][1:] or timing["step_times"])  # the first step includes warm-up
+        median = times[len(times) // 2] if times else None
+        kernel_s = timing["gpu_kernel_s_per_step"]
         summary = {
-            "steps": args.max_train_steps, "resumed_from_step": start_step,
-            "median_s_per_step": times[len(times) // 2] if times else None,
+            "steps": args.max_train_steps, "resumed_from_step": start_step, "median_s_per_step": median,
             "peak_gpu_memory_gib": round(peak_memory_gib(accelerator.device), 3),
-            "model_gpu_memory_gib": timing["model_memory_gib"], "gpu_busy_percent": timing["gpu_busy_percent"],
+            "model_gpu_memory_gib": timing["model_memory_gib"], "gpu_kernel_s_per_step": kernel_s,
+            "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None,
             "lora": str(output_dir / "pytorch_lora_weights.safetensors"),

@@ -36,11 +36,12 @@ FLUX_DEV_VAE = dict(
 FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                           base_image_seq_len=256, max_image_seq_len=4096)
 
-# name -> (width, height, extra trainer flags): {NF4, bf16 base} x {checkpointing, none} x {512x768, 1024x1024}
+# name -> (width, height, extra trainer flags): {NF4, bf16, FP8-trained bf16 base} x {checkpointing, none} x sizes
+BASES = {"nf4": ["--base_precision", "nf4"], "bf16": ["--base_precision", "bf16"],
+         "fp8": ["--base_precision", "bf16", "--do_fp8_training"]}
 CONFIGS = {
-    f"{base}{'-ckpt' if ckpt else ''}-{w}x{h}":
-        (w, h, ["--base_precision", base, *(["--gradient_checkpointing"] if ckpt else [])])
-    for base in ("nf4", "bf16") for ckpt in (True, False) for w, h in ((512, 768), (1024, 1024), (512, 512))
+    f"{base}{'-ckpt' if ckpt else ''}-{w}x{h}": (w, h, [*flags, *(["--gradient_checkpointing"] if ckpt else [])])
+    for base, flags in BASES.items() for ckpt in (True, False) for w, h in ((512, 768), (1024, 1024), (512, 512))
 }
 
 
@@ -117,6 +118,16 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
             "wall_s": time.time() - start, "final_loss": summary["final_loss"], "extra": " ".join(flags + extra)}
 
 
+def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
+    """bench/reference_recipe.py: the libraries' standard QLoRA calls, on the same model and sizes."""
+    command = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(workdir / "model"),
+               "--width", str(width), "--height", str(height), "--steps", str(steps)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        return {"config": "reference", "resolution": f"{width}x{height}", "error": result.stderr[-2000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fluxbench"))
@@ -126,27 +137,38 @@ def main() -> None:
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
                              "the plain flags always run first).")
     parser.add_argument("--skip_plain", action="store_true", help="Run only the --extra passes.")
+    parser.add_argument("--skip_reference", action="store_true",
+                        help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
 
     build_model(args.workdir / "model")
     build_data(args.workdir / "data")
-    results = []
+    results, reference = [], {}
+    if not args.skip_reference:
+        for w, h in sorted({CONFIGS[name][:2] for name in args.configs if name.startswith("nf4")}):
+            reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps)
+            results.append(reference[f"{w}x{h}"])
+            print(json.dumps(results[-1]), flush=True)
     for extra in ([] if args.skip_plain else [""]) + args.extra:
         for name in args.configs:
             results.append(run_config(name, args.workdir, args.steps, extra.split()))
+            base = reference.get(results[-1].get("resolution"), {})
+            if "s_per_step" in base and "s_per_step" in results[-1]:
+                results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
             print(json.dumps(results[-1]), flush=True)
     if args.results:
         args.results.write_text(json.dumps(results, indent=2))
     print(f"\n{'config':<22} {'extra':<24} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'model GiB':>9} "
-          f"{'GPU busy':>8} {'tokens/s':>8}")
+          f"{'GPU busy':>8} {'vs ref':>7}")
     for r in results:
         if "error" in r:
-            print(f"{r['config']:<22} ERROR: {r['error'][-300:]}")
+            print(f"{r['config']:<22} {r.get('resolution', '')} ERROR: {r['error'][-300:]}")
         else:
-            print(f"{r['config']:<22} {r['extra'][:24]:<24} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
-                  f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r['gpu_busy_percent'] or 0:>7.0f}% "
-                  f"{r['tokens_per_s']:>8.0f}")
+            speedup = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
+            print(f"{r['config']:<22} {r.get('extra', '')[:24]:<24} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
+                  f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r.get('gpu_busy_percent') or 0:>7.0f}% "
+                  f"{speedup:>7}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""NF4 linear layers that `torch.compile` turns into plain GPU kernels.
+
+bitsandbytes' `Linear4bit` runs each matmul through its Python layer (quant state handling, an autograd
+Function, two dequantization kernels because of double quantization, then the GEMM): ~230 us of CPU per call,
+~1000 calls per Flux training step, so the step waits on the CPU (BENCHMARKS.md). Here the same packed weights
+and scales are dequantized with ordinary torch ops, which inductor fuses into one kernel per weight feeding
+cuBLAS, and a small autograd Function keeps the backward from saving the bf16 weight: it dequantizes again,
+as bitsandbytes does. The storage is bitsandbytes' own (`Params4bit` and its `QuantState`), shared, not copied,
+so loading, saving, LoRA merging and the eager path are unchanged.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                   absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
+                   shape: tuple[int, int], blocksize: int, blocksize2: int, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' double-quantized NF4 layout, in torch ops: two 4-bit codes per byte (high nibble first),
+    one 8-bit scale per `blocksize` weights, itself scaled per `blocksize2` scales plus an offset."""
+    n_blocks = absmax_q.numel()
+    block_of_scale = torch.arange(n_blocks, device=packed.device) // blocksize2
+    absmax = absmax_code[absmax_q.long()] * absmax_scale[block_of_scale] + absmax_offset
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(n_blocks, blocksize)
+    return (code[codes.long()] * absmax[:, None]).view(shape).to(dtype)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequant(W).T, saving only the packed weight for the backward (the bf16 weight would be 4x its size)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code, shape, blocksize,
+                blocksize2):
+        quant = (packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code)
+        ctx.save_for_backward(*quant)
+        ctx.layout = (shape, blocksize, blocksize2, x.dtype)
+        return x @ dequantize_nf4(*quant, shape, blocksize, blocksize2, x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = dequantize_nf4(*ctx.saved_tensors, *ctx.layout)
+        return grad_out @ weight, None, None, None, None, None, None, None, None, None
+
+
+class CompilableLinear4bit(bnb.nn.Linear4bit):
+    """A `Linear4bit` whose forward is torch ops over the same storage (see the module docstring)."""
+
+    def setup_buffers(self) -> None:
+        state = self.weight.quant_state
+        # Non-persistent: views of the Params4bit storage, never saved twice, not in state_dict.
+        for name, tensor in (("nf4_packed", self.weight.data.view(torch.uint8)), ("nf4_absmax_q", state.absmax),
+                             ("nf4_absmax_code", state.state2.code), ("nf4_absmax_scale", state.state2.absmax),
+                             ("nf4_absmax_offset", torch.as_tensor(state.offset, device=state.absmax.device)),
+                             ("nf4_code", state.code)):
+            self.register_buffer(name, tensor, persistent=False)
+        self.nf4_layout = (tuple(state.shape), state.blocksize, state.state2.blocksize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        shape, blocksize, blocksize2 = self.nf4_layout
+        out = _NF4Matmul.apply(x.to(dtype), self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax_code,
+                               self.nf4_absmax_scale, self.nf4_absmax_offset, self.nf4_code, shape, blocksize,
+                               blocksize2)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out.to(x.dtype)
+
+
+def compilable(layer: nn.Module) -> bool:
+    """Double-quantized NF4 whose size is a whole number of blocks: the layout `dequantize_nf4` reads."""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return (type(layer) is bnb.nn.Linear4bit and state is not None and state.quant_type == "nf4"
+            and state.nested and state.shape.numel() % state.blocksize == 0)
+
+
+def make_nf4_compilable(model: nn.Module) -> int:
+    """Switches the model's NF4 layers to `CompilableLinear4bit` in place (after loading and moving to the device;
+    LoRA wrappers keep working: they only call the layer). Returns the number of layers switched."""
+    # AOTAutograd's common-subexpression elimination would merge the backward's dequantization with the
+    # forward's and then keep every block's bf16 weights for the backward (+21 GiB on FLUX.1-dev, measured).
+    torch._functorch.config.cse = False
+    count = 0
+    for layer in model.modules():
+        if compilable(layer):
+            layer.__class__ = CompilableLinear4bit
+            layer.setup_buffers()
+            count += 1
+    return count

@@ -1,0 +1,87 @@
+"""The compilable NF4 layer: bitsandbytes' numbers from plain torch ops, without saving the dequantized weight."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from flux_qlora.models import _nf4_linear, _nf4_weight
+from flux_qlora.nf4 import CompilableLinear4bit, dequantize_nf4, make_nf4_compilable
+
+# On a GPU machine the same tests check bitsandbytes' CUDA kernels.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def nf4_model(out_features: int, in_features: int, dtype=torch.float32, device: str = "cpu") -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features)
+    layer = _nf4_linear(linear, dtype)
+    layer.weight = _nf4_weight(linear.weight.data, layer, torch.device(device))
+    layer.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    model = nn.Sequential()
+    model.add_module("to_q", layer)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(64, 192), (384, 256)])  # 192 scales (< one outer block), 1536 (six blocks)
+def test_dequantization_equals_bitsandbytes_bit_for_bit(shape, device):
+    model = nf4_model(*shape, dtype=torch.bfloat16, device=device)
+    expected = bnb.functional.dequantize_4bit(model.to_q.weight.data, model.to_q.weight.quant_state)
+    assert make_nf4_compilable(model) == 1 and isinstance(model.to_q, CompilableLinear4bit)
+    layer = model.to_q
+    weight = dequantize_nf4(layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
+                            layer.nf4_absmax_offset, layer.nf4_code, *layer.nf4_layout, torch.bfloat16)
+    assert weight.dtype == expected.dtype and torch.equal(weight, expected)
+    assert not any(key.startswith("to_q.nf4_") for key in model.state_dict())  # views, never saved twice
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    out.square().sum().backward()
+    return out, x.grad, [p.grad for n, p in model.named_parameters() if "lora_" in n], saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_training_matches_bitsandbytes_and_saves_no_dequantized_weight(device):
+    x = torch.randn(2, 7, 256, device=device)
+    results = []
+    for fast in (False, True):
+        model = nf4_model(384, 256, device=device)
+        model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"]), model)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                nn.init.normal_(p, std=0.1)
+        if fast:
+            assert make_nf4_compilable(model) == 1
+        results.append(forward_backward(model, x))
+    (out, grad, lora_grads, _), (fast_out, fast_grad, fast_lora_grads, saved) = results
+    close = {"rtol": 1e-4, "atol": 1e-4}  # fp32 sums in another order
+    torch.testing.assert_close(fast_out, out, **close)
+    torch.testing.assert_close(fast_grad, grad, **close)
+    assert len(fast_lora_grads) == 2
+    for a, b in zip(fast_lora_grads, lora_grads):
+        torch.testing.assert_close(a, b, **close)
+    # The backward keeps the packed 4-bit weight, not a float copy of it (4-8x the size).
+    assert not [t for t in saved if t.is_floating_point() and t.numel() == 384 * 256]
+    assert any(t.dtype == torch.uint8 and t.numel() == 384 * 256 // 2 for t in saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_layer_equals_eager(device):
+    model = nf4_model(384, 256, device=device)
+    make_nf4_compilable(model)
+    x = torch.randn(3, 256, device=device)
+    eager = forward_backward(model, x)
+    compiled = forward_backward(torch.compile(model, fullgraph=True), x)  # fullgraph: no fallback to eager ops
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    # The compiled backward dequantizes again too, instead of keeping the forward's weight (what inductor's
+    # common-subexpression elimination would otherwise make of the two identical dequantizations).
+    assert not [t for t in compiled[3] if t.is_floating_point() and t.numel() >= 384 * 256]
