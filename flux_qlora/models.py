@@ -351,7 +351,7 @@ def enable_fp8_training(transformer: nn.Module, device: torch.device) -> int:
     factors, the small embedders and NF4 layers stay as they are. Returns the number of layers swapped.
     """
     check_fp8_device(device, "--do_fp8_training")
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     swapped = []
 
@@ -362,6 +362,9 @@ def enable_fp8_training(transformer: nn.Module, device: torch.device) -> int:
             swapped.append(fqn)
         return ok
 
-    convert_to_float8_training(transformer, module_filter_fn=big_plain_linear)
+    # pad_inner_dim: token counts such as 77 text + 1536 image tokens are not multiples of 16, which the FP8
+    # GEMMs of the backward need.
+    convert_to_float8_training(transformer, module_filter_fn=big_plain_linear,
+                               config=Float8LinearConfig(pad_inner_dim=True))
     logger.info("FP8 training (torchao) on %d linear layers", len(swapped))
     return len(swapped)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,95 @@ class Schedule:
 
     def generator(self, micro_step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation offloading: what autograd keeps for the backward (with checkpointing: each block's inputs) waits
+# in pinned CPU memory instead of on the GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Offloaded:
+    host: torch.Tensor
+    ready: torch.cuda.Event | None = None  # the copy in either direction is done
+    fetched: torch.Tensor | None = None  # prefetched back to the GPU
+
+
+class ActivationOffload:
+    """saved_tensors_hooks that copy large saved tensors to pinned CPU memory on a side stream during the forward
+    and bring them back during the backward, each one prefetched while the block after it is being processed
+    (the backward visits blocks in reverse order). Weights, small and non-contiguous tensors stay where they are.
+
+        offload = ActivationOffload(device)
+        with offload.hooks(model):
+            loss = model(...)
+        loss.backward()
+    """
+
+    def __init__(self, device: torch.device, min_bytes: int = 1 << 20):
+        self.device, self.min_bytes = device, min_bytes
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.entries: list[_Offloaded] = []
+        self.seen: dict[int, tuple[weakref.ref, int]] = {}
+        self.keep: set[int] = set()
+
+    def hooks(self, model: torch.nn.Module):
+        self.entries, self.seen = [], {}
+        self.keep = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(e.host.numel() * e.host.element_size() for e in self.entries)
+
+    def _pack(self, tensor: torch.Tensor):
+        if (tensor.device != self.device or not tensor.is_contiguous()
+                or tensor.numel() * tensor.element_size() < self.min_bytes
+                or tensor.untyped_storage().data_ptr() in self.keep):
+            return tensor
+        # A tensor saved by several ops (e.g. the rotary embedding, by every block) is copied once; the weak
+        # reference tells a live tensor from a new one at a recycled id.
+        ref, index = self.seen.get(id(tensor), (None, None))
+        if ref is None or ref() is not tensor:
+            index = len(self.entries)
+            self.entries.append(self._to_host(tensor))
+            self.seen[id(tensor)] = (weakref.ref(tensor), index)
+        return index
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        tensor = self._fetch(packed)
+        if packed > 0:
+            self._fetch(packed - 1, prefetch=True)
+        return tensor
+
+    def _to_host(self, tensor: torch.Tensor) -> _Offloaded:
+        if self.stream is None:
+            return _Offloaded(tensor.clone())
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(self.stream)  # not reused by the allocator before the copy is done
+        return _Offloaded(host, self.stream.record_event())
+
+    def _fetch(self, index: int, prefetch: bool = False) -> torch.Tensor | None:
+        entry = self.entries[index]
+        if self.stream is None:
+            return None if prefetch else entry.host
+        if entry.fetched is None:
+            with torch.cuda.stream(self.stream):
+                entry.fetched = entry.host.to(self.device, non_blocking=True)
+                entry.ready = self.stream.record_event()
+        if prefetch:
+            return None
+        tensor, entry.fetched = entry.fetched, None
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(entry.ready)
+        tensor.record_stream(current)
+        return tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -43,15 +43,15 @@ def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
     return output
 
 
-def tiny_forward(transformer, grad: bool = False) -> torch.Tensor:
+def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:
     """The tiny transformer on fixed random inputs (12 image tokens, 5 text tokens)."""
     g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.7]),
+                  guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
+                  img_ids=torch.randn(12, 3, generator=g))
     with torch.set_grad_enabled(grad):
-        return transformer(
-            hidden_states=torch.randn(1, 12, 16, generator=g), timestep=torch.tensor([0.7]),
-            guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=g),
-            encoder_hidden_states=torch.randn(1, 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
-            img_ids=torch.randn(12, 3, generator=g), return_dict=False)[0]
+        return transformer(**{k: v.to(device) for k, v in inputs.items()}, return_dict=False)[0]
 
 
 def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,
