@@ -162,7 +162,7 @@ class ActivationOffload:
         return sum(e.host.numel() * e.host.element_size() for e in self.entries)
 
     def _pack(self, tensor: torch.Tensor):
-        if (tensor.device != self.device or not tensor.is_contiguous()
+        if (tensor.device.type != self.device.type or not tensor.is_contiguous()
                 or tensor.numel() * tensor.element_size() < self.min_bytes
                 or tensor.untyped_storage().data_ptr() in self.keep):
             return tensor
