@@ -129,11 +129,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                           "inputs, ~0.5 GiB at 512x768) in pinned CPU memory, copied on a side stream.")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
-                          "blocks of a kind, NF4 layers fused into plain kernels); the first steps are slower "
-                          "while it compiles.")
+                          "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
+                          "their compiled backward); the first step takes ~1 minute to compile.")
     opt.add_argument("--attention_backend", type=str, default=None,
-                     help="diffusers attention backend, e.g. _native_cudnn (fastest on H100), flash, _flash_3 "
-                          "(default: PyTorch SDPA's own choice).")
+                     help="diffusers attention backend, e.g. _native_flash, _native_cudnn, flash, _flash_3 (default: "
+                          "PyTorch SDPA's choice, cuDNN on an H100; _native_flash with a bf16 base on a GPU).")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
@@ -256,7 +256,12 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.do_fp8_training:
         enable_fp8_training(transformer, accelerator.device)
-    set_attention_backend(transformer, args.attention_backend)
+    backend = args.attention_backend
+    if backend is None and args.base_precision == "bf16" and accelerator.device.type == "cuda":
+        # With a bf16 base on the H100, the cuDNN attention kernel that PyTorch picks failed in the backward
+        # ("mha_graph.execute ... is_good()"); its flash kernel ran (BENCHMARKS.md).
+        backend = "_native_flash"
+    set_attention_backend(transformer, backend)
     if args.compile:
         compile_blocks(transformer)
     if args.gradient_checkpointing:
