@@ -26,7 +26,13 @@ import torch
 from flux_qlora.cli import run_main, setup_logging
 from flux_qlora.data import UserError, check_resolution
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
-from flux_qlora.models import add_model_args, check_fp8_device, quantize_to_nf4, set_attention_backend
+from flux_qlora.models import (
+    add_attention_backend_arg,
+    add_model_args,
+    check_fp8_device,
+    quantize_to_nf4,
+    set_attention_backend,
+)
 
 logger = logging.getLogger("infer")
 
@@ -78,9 +84,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
                            ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
                            "scales.")
-    fast.add_argument("--attention_backend", type=str, default=None,
-                      help="diffusers attention backend, e.g. flash, _native_cudnn, _flash_3 (default: PyTorch SDPA, "
-                           "which picks flash/cuDNN on its own).")
+    add_attention_backend_arg(fast, "PyTorch SDPA, which picks flash/cuDNN on its own")
     fast.add_argument("--benchmark", type=int, default=0,
                       help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")

@@ -45,6 +45,7 @@ from flux_qlora.lora import (
 from flux_qlora.models import (
     LORA_TARGET_PRESETS,
     WEIGHT_DTYPES,
+    add_attention_backend_arg,
     add_model_args,
     check_fp8_device,
     compile_blocks,
@@ -131,9 +132,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
                           "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
                           "their compiled backward); the first step takes ~1 minute to compile.")
-    opt.add_argument("--attention_backend", type=str, default=None,
-                     help="diffusers attention backend, e.g. _native_flash, _native_cudnn, flash, _flash_3 (default: "
-                          "PyTorch SDPA's choice, cuDNN on an H100; _native_flash with a bf16 base on a GPU).")
+    add_attention_backend_arg(opt, "PyTorch SDPA's choice, cuDNN on an H100; _native_flash with a bf16 base on a GPU")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")

@@ -322,6 +322,12 @@ def compile_blocks(transformer: nn.Module) -> int:
     return switched
 
 
+def add_attention_backend_arg(group, default: str) -> None:
+    group.add_argument("--attention_backend", type=str, default=None,
+                       help=f"diffusers attention backend, e.g. _native_flash, _native_cudnn, flash, _flash_3 "
+                            f"(default: {default}).")
+
+
 def set_attention_backend(transformer: nn.Module, backend: str | None) -> None:
     """diffusers' attention dispatcher: e.g. _native_cudnn (PyTorch's cuDNN kernel, fastest on Hopper), flash,
     _flash_3 (where installed). None keeps PyTorch's SDPA choice."""
