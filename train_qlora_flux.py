@@ -436,8 +436,9 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
         lr_scheduler.step()
         step += 1
         now = time.perf_counter()
-        step_times.append(now - tick)
-        tick = now
+        elapsed, tick = now - tick, now
+        if not (profiler and profiler.profiling(step)):  # the profiler's own overhead stays out of the timing
+            step_times.append(elapsed)
         checkpoint_now = step % args.checkpointing_steps == 0 and step < args.max_train_steps
         # Also before a checkpoint, so the losses it stores are complete.
         if step % args.logging_steps == 0 or step == args.max_train_steps or checkpoint_now:
@@ -446,7 +447,7 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
             interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
             losses.extend(interval)
             pending = []
-            logs = {"loss": interval[-1], "lr": lr_scheduler.get_last_lr()[0], "s_per_step": step_times[-1],
+            logs = {"loss": interval[-1], "lr": lr_scheduler.get_last_lr()[0], "s_per_step": elapsed,
                     "peak_memory_gib": peak_memory_gib(device)}
             accelerator.log(logs, step=step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{logs['s_per_step']:.2f}")
@@ -471,6 +472,9 @@ class StepProfiler:
     def __init__(self, folder: str, device):
         self.folder, self.device, self.kernel_s_per_step = Path(folder), device, None
         self.profile = None
+
+    def profiling(self, step: int) -> bool:
+        return self.first <= step <= self.last
 
     def after_step(self, step: int) -> None:
         from torch.profiler import ProfilerActivity, profile

@@ -329,8 +329,8 @@ def add_attention_backend_arg(group, default: str) -> None:
 
 
 def set_attention_backend(transformer: nn.Module, backend: str | None) -> None:
-    """diffusers' attention dispatcher: e.g. _native_cudnn (PyTorch's cuDNN kernel, fastest on Hopper), flash,
-    _flash_3 (where installed). None keeps PyTorch's SDPA choice."""
+    """diffusers' attention dispatcher: e.g. _native_flash / _native_cudnn (PyTorch's kernels), flash, _flash_3
+    (where installed). None keeps PyTorch's SDPA choice."""
     if not backend:
         return
     try:
