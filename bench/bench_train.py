@@ -45,6 +45,11 @@ CONFIGS = {
 }
 
 
+# Issue 6's matrix: NF4 and bf16 base with and without checkpointing, FP8 with it, at 512x768 and 1024x1024.
+MATRIX = [name for name in CONFIGS
+          if not name.endswith("512x512") and (not name.startswith("fp8") or "-ckpt-" in name)]
+
+
 def build_model(folder: Path) -> None:
     """FLUX.1-dev-shaped transformer (bf16 random weights, built on the GPU) + VAE + scheduler, in pipeline layout."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -115,7 +120,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
     return {"config": name, "resolution": f"{width}x{height}", "s_per_step": summary["median_s_per_step"],
             "peak_gib": summary["peak_gpu_memory_gib"], "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
-            "wall_s": time.time() - start, "final_loss": summary["final_loss"], "extra": " ".join(flags + extra)}
+            "wall_s": time.time() - start, "final_loss": summary["final_loss"], "flags": " ".join(flags),
+            "extra": " ".join(extra)}
 
 
 def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
@@ -131,7 +137,11 @@ def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fluxbench"))
-    parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], choices=[*CONFIGS, "matrix"],
+                        metavar="NAME",
+                        help=f"Configurations to run ({', '.join(CONFIGS)}), or 'matrix' = issue 6's whole matrix: "
+                             "{512x768, 1024x1024} x {checkpointing, none} x {NF4, bf16 base}, and the FP8 path with "
+                             "checkpointing.")
     parser.add_argument("--steps", type=int, default=25, help="Optimizer steps per configuration.")
     parser.add_argument("--extra", type=str, action="append", default=[],
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
@@ -142,6 +152,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
 
+    if "matrix" in args.configs:
+        args.configs = MATRIX
     build_model(args.workdir / "model")
     build_data(args.workdir / "data")
     results, reference = [], {}
@@ -159,17 +171,21 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     if args.results:
         args.results.write_text(json.dumps(results, indent=2))
-    print(f"\n{'config':<22} {'extra':<24} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'model GiB':>9} "
-          f"{'GPU busy':>8} {'vs ref':>7}")
+    print_table(results)
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'model GiB':>9} "
+          f"{'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<22} {r.get('resolution', '')} ERROR: {r['error'][-300:]}")
-        else:
-            speedup = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
-            print(f"{r['config']:<22} {r.get('extra', '')[:24]:<24} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
-                  f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r.get('gpu_busy_percent') or 0:>7.0f}% "
-                  f"{speedup:>7}")
-
+            continue
+        speedup = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
+        tokens = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+        print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
+              f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r.get('gpu_busy_percent') or 0:>7.0f}% "
+              f"{tokens:>8} {speedup:>7}")
 
 if __name__ == "__main__":
     main()
