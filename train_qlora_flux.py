@@ -34,9 +34,8 @@ from flux_qlora.data import UserError, add_dataset_args, check_dataset_args, che
 from flux_qlora.embeddings import read_embeddings
 from flux_qlora.lora import (
     INIT_CHOICES,
+    FlatLora,
     add_lora,
-    flatten_lora_parameters,
-    gather_lora_grads,
     load_lora_into,
     lora_parameters,
     save_lora,
@@ -282,19 +281,21 @@ def make_optimizer(args, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def register_lora_checkpoint_hooks(accelerator) -> None:
-    """Makes every checkpoint folder hold just the LoRA (a loadable `pytorch_lora_weights.safetensors`)."""
+def register_lora_checkpoint_hooks(accelerator, flat_lora: FlatLora) -> None:
+    """Makes every checkpoint folder hold just the LoRA (a loadable `pytorch_lora_weights.safetensors`, fp32)."""
 
     def save_model_hook(models, weights, output_dir):
         for model in models:
             if accelerator.is_main_process:
-                save_lora(accelerator.unwrap_model(model), output_dir)
+                with flat_lora.master_weights():
+                    save_lora(accelerator.unwrap_model(model), output_dir)
             if weights:
                 weights.pop()
 
     def load_model_hook(models, input_dir):
         while models:
-            load_lora_into(accelerator.unwrap_model(models.pop()), input_dir)
+            with flat_lora.master_weights():
+                load_lora_into(accelerator.unwrap_model(models.pop()), input_dir)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -405,7 +406,6 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
     image_ids = flow.latent_image_ids(args.height // 8, args.width // 8, device=device, dtype=dtype)
     text_ids = data.text_ids.to(device)
     guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds  # DDP hides .config
-    lora_weights = lora_parameters(transformer)
     step_times, pending = [], []
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
@@ -423,11 +423,13 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
                 loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args,
                                           guidance_embeds)
             accelerator.backward(loss)
+            if flat_lora.compute is not None or accelerator.sync_gradients:
+                flat_lora.gather_grads()
             if accelerator.sync_gradients:
-                gather_lora_grads(flat_lora, lora_weights)
                 if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([flat_lora], args.max_grad_norm)
+                    accelerator.clip_grad_norm_([flat_lora.master], args.max_grad_norm)
                 optimizer.step()
+                flat_lora.sync()
                 optimizer.zero_grad(set_to_none=True)
                 transformer.zero_grad(set_to_none=True)
         pending.append(loss.detach())
@@ -509,13 +511,14 @@ def resume(args, accelerator) -> tuple[int, list[float]]:
     return state["global_step"], list(state.get("losses", []))
 
 
-def finish(args, accelerator, transformer, vae, data, losses, timing, start_step, samples_before) -> dict:
+def finish(args, accelerator, transformer, flat_lora, vae, data, losses, timing, start_step, samples_before) -> dict:
     """Saves the LoRA, the loss plot, after-samples and the run summary; pushes to the Hub if asked."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(transformer), output_dir)
+        with flat_lora.master_weights():
+            lora_path = save_lora(accelerator.unwrap_model(transformer), output_dir)
         logger.info("Saved the LoRA to %s", lora_path)
     samples_after = generate_samples(args, accelerator, transformer, vae, data, args.max_train_steps)
     if accelerator.is_main_process:
@@ -574,14 +577,16 @@ def main(args: argparse.Namespace) -> dict:
     model_memory_gib = torch.cuda.memory_allocated(accelerator.device) / 2**30 if torch.cuda.is_available() else 0.0
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
-    flat_lora = flatten_lora_parameters(lora_parameters(transformer))
-    optimizer = accelerator.prepare(make_optimizer(args, [flat_lora]))
+    # DDP reduces the weights' own (fp32) gradients, so the low-precision compute copy is for one process only.
+    compute_dtype = weight_dtype if accelerator.num_processes == 1 else torch.float32
+    flat_lora = FlatLora(lora_parameters(transformer), compute_dtype)
+    optimizer = accelerator.prepare(make_optimizer(args, [flat_lora.master]))
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     accelerator.register_for_checkpointing(lr_scheduler)
-    register_lora_checkpoint_hooks(accelerator)
+    register_lora_checkpoint_hooks(accelerator, flat_lora)
     start_step, losses = resume(args, accelerator)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("flux-qlora", config={k: v for k, v in vars(args).items()
@@ -598,7 +603,7 @@ def main(args: argparse.Namespace) -> dict:
     timing = train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses,
                    flat_lora)
     timing["model_memory_gib"] = round(model_memory_gib, 3)
-    return finish(args, accelerator, transformer, vae, data, losses, timing, start_step, samples_before)
+    return finish(args, accelerator, transformer, flat_lora, vae, data, losses, timing, start_step, samples_before)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, t
 
 
 def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    # bf16: the LoRA computes in a bf16 copy while its fp32 master weights, saved in the checkpoint, are trained.
     common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
-              "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--logging_steps", "4")
+              "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--logging_steps", "4", "--mixed_precision",
+              "bf16")
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                   tmp_path / "full", *common))
     # What a run killed after its step-3 checkpoint leaves on disk (checkpoints are renamed into place when
@@ -123,6 +125,31 @@ def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_mas
                                                            *common, "--resume_from_checkpoint", "latest",
                                                            "--rank", "8"), check=False)
     assert_one_line_error(result, "rank [4]", "--rank")
+
+
+def test_flat_lora_computes_in_bf16_and_keeps_fp32_master_weights():
+    from flux_qlora.lora import FlatLora
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))
+    exact = torch.cat([a.detach().reshape(-1), b.detach().reshape(-1)])
+    flat = FlatLora([a, b], torch.bfloat16)
+    assert a.dtype == b.dtype == torch.bfloat16 and flat.master.dtype == torch.float32
+    torch.testing.assert_close(flat.master.detach(), exact, rtol=0, atol=0)  # no rounding through bf16
+    for _ in range(2):  # two micro steps: gradients add up in fp32
+        (a.float().sum() + 2 * b.float().sum()).backward()
+        flat.gather_grads()
+        assert a.grad is None
+    torch.testing.assert_close(flat.master.grad, torch.cat([torch.full((32,), 2.0), torch.full((32,), 4.0)]))
+    with torch.no_grad():
+        flat.master.add_(1e-3)  # an optimizer step smaller than bf16's resolution at these values
+    flat.sync()
+    torch.testing.assert_close(a.detach(), (exact[:32] + 1e-3).view(4, 8).bfloat16())
+    with flat.master_weights():  # what saving and loading see: the fp32 weights, exactly
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.detach().reshape(-1), exact[:32] + 1e-3, rtol=0, atol=0)
+        a.data.fill_(0.5)  # a load writes into the master
+    assert a.dtype == torch.bfloat16 and bool((a == 0.5).all()) and bool((flat.master[:32] == 0.5).all())
 
 
 def test_schedule_shards_each_epoch_without_repeats():
