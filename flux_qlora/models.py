@@ -270,6 +270,11 @@ def count_nf4_layers(model: nn.Module) -> int:
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The 19 double-stream and 38 single-stream blocks of FLUX.1-dev, in the order the forward runs them."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
 def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, compiled: bool = False) -> None:
     """Recomputes the activations of every `interval`-th block in the backward pass (1: every block).
 
@@ -282,7 +287,7 @@ def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, com
 
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = repeated_blocks(transformer)
     checkpointed = {id(block) for i, block in enumerate(blocks) if i % interval == 0}
 
     def recompute_everything(ctx, op, *args, **kwargs):
@@ -315,7 +320,7 @@ def compile_blocks(transformer: nn.Module) -> int:
     from flux_qlora.nf4 import make_nf4_compilable
 
     switched = make_nf4_compilable(transformer)
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = repeated_blocks(transformer)
     for block in blocks:
         block.compile(dynamic=False)
     logger.info("Compiling %d blocks (%d NF4 layers as fused torch ops)", len(blocks), switched)

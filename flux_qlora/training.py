@@ -154,12 +154,9 @@ class ActivationOffload:
 
     def hooks(self, model: torch.nn.Module):
         self.entries, self.seen = [], {}
-        self.keep = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        if not self.keep:  # the weights' storages don't move during training: listed once, not every step
+            self.keep = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    @property
-    def offloaded_bytes(self) -> int:
-        return sum(e.host.numel() * e.host.element_size() for e in self.entries)
 
     def _pack(self, tensor: torch.Tensor):
         if (tensor.device.type != self.device.type or not tensor.is_contiguous()
