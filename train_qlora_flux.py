@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flux_qlora import flow
@@ -56,6 +56,7 @@ from flux_qlora.models import (
 )
 from flux_qlora.training import (
     ActivationOffload,
+    CudaGraphStep,
     Schedule,
     TrainData,
     encode_latents,
@@ -131,6 +132,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
                           "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
                           "their compiled backward); the first step takes ~1 minute to compile.")
+    opt.add_argument("--cuda_graphs", action="store_true",
+                     help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
+                          "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
+                          "One GPU, --mixed_precision bf16/fp16; best with --compile.")
     add_attention_backend_arg(opt, "PyTorch SDPA's choice, cuDNN on an H100; _native_flash with a bf16 base on a GPU")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
@@ -164,8 +169,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--logging_steps", type=int, default=10,
                      help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
     out.add_argument("--profile_dir", type=str, default=None,
-                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace here and the share of "
-                          "time the GPU was busy in train_summary.json.")
+                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
+                          "a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time the GPU was "
+                          "busy in train_summary.json.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
@@ -197,12 +203,23 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.do_fp8_training and args.base_precision != "bf16":
         raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
                         "already 4-bit and are not converted).")
+    if args.cuda_graphs and args.offload_activations:
+        raise UserError("--cuda_graphs and --offload_activations don't combine (the offload's copies are decided "
+                        "on the CPU at every step): drop one.")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("To use 8-bit Adam, please install the bitsandbytes library: "
                             "`pip install bitsandbytes`.") from None
+
+
+def check_cuda_graphs(accelerator: Accelerator, compute_dtype: torch.dtype) -> None:
+    if accelerator.device.type != "cuda":
+        raise UserError("--cuda_graphs needs an NVIDIA GPU (no CUDA device here): drop the flag.")
+    if accelerator.num_processes > 1 or compute_dtype == torch.float32:
+        raise UserError("--cuda_graphs runs on one GPU with --mixed_precision bf16 or fp16 (this run: "
+                        f"{accelerator.num_processes} processes, {accelerator.mixed_precision}): drop the flag.")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -412,27 +429,38 @@ def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedul
     step, tick = start_step, time.perf_counter()
     profiler = StepProfiler(args.profile_dir, device) if args.profile_dir else None
     offload = ActivationOffload(device) if args.offload_activations else None
-    for micro_step in range(start_step * args.gradient_accumulation_steps,
-                            args.max_train_steps * args.gradient_accumulation_steps):
-        rows = schedule.rows(micro_step, accelerator.process_index)
+    # Inside a CUDA graph autocast must not cache casts across calls (the cache would outlive the capture).
+    autocast = AutocastKwargs(cache_enabled=False) if args.cuda_graphs else None
+
+    def micro_step(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas) -> torch.Tensor:
+        """Forward, backward and (with a compute copy) the fp32 gradient gather: GPU work only, so capturable."""
+        with accelerator.autocast(autocast), offload.hooks(transformer) if offload else nullcontext():
+            loss = flow_matching_step(transformer, Batch(latents, prompt_embeds, pooled_prompt_embeds), noise,
+                                      sigmas, text_ids, image_ids, args, guidance_embeds)
+        accelerator.backward(loss)
+        if flat_lora.gathers_each_micro_step:
+            flat_lora.gather_grads()
+        return loss.detach()
+
+    run_micro_step = CudaGraphStep(micro_step) if args.cuda_graphs else micro_step
+    for micro_step_index in range(start_step * args.gradient_accumulation_steps,
+                                  args.max_train_steps * args.gradient_accumulation_steps):
+        rows = schedule.rows(micro_step_index, accelerator.process_index)
         batch = get_batch(data, rows, vae, device, dtype)
-        noise, sigmas = sample_sigmas(args, schedule, micro_step, accelerator.process_index,
+        noise, sigmas = sample_sigmas(args, schedule, micro_step_index, accelerator.process_index,
                                       tuple(batch.latents.shape[1:]))
-        with accelerator.accumulate(transformer), accelerator.autocast():
-            with offload.hooks(transformer) if offload else nullcontext():
-                loss = flow_matching_step(transformer, batch, noise, sigmas, text_ids, image_ids, args,
-                                          guidance_embeds)
-            accelerator.backward(loss)
-            if flat_lora.compute is not None or accelerator.sync_gradients:
-                flat_lora.gather_grads()
+        with accelerator.accumulate(transformer):
+            loss = run_micro_step(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds,
+                                  noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True))
             if accelerator.sync_gradients:
+                if not flat_lora.gathers_each_micro_step:
+                    flat_lora.gather_grads()
                 if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_([flat_lora.master], args.max_grad_norm)
                 optimizer.step()
                 flat_lora.sync()
-                optimizer.zero_grad(set_to_none=True)
-                transformer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
+                flat_lora.zero_grad()
+        pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay
         if not accelerator.sync_gradients:
             continue
         lr_scheduler.step()
@@ -484,15 +512,20 @@ class StepProfiler:
         if step == self.first - 1:
             self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.profile.__enter__()
+            if self.device.type == "cuda":  # every allocation with its stack, for pytorch.org/memory_viz
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             self.start = time.perf_counter()
         elif step == self.last and self.profile is not None:
             torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
             self.profile.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.device.type == "cuda":
+                torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
+                torch.cuda.memory._record_memory_history(enabled=None)
             # Kernels only: operator rows and user annotations (e.g. "Optimizer.step") repeat their kernels' time.
             kernels_us = sum(e.device_time_total for e in self.profile.events()
                              if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
             self.kernel_s_per_step = kernels_us / 1e6 / (self.last - self.first + 1)
-            self.folder.mkdir(parents=True, exist_ok=True)
             self.profile.export_chrome_trace(str(self.folder / "trace.json"))
             table = self.profile.key_averages().table
             (self.folder / "top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=40))
@@ -579,6 +612,8 @@ def main(args: argparse.Namespace) -> dict:
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
     # DDP reduces the weights' own (fp32) gradients, so the low-precision compute copy is for one process only.
     compute_dtype = weight_dtype if accelerator.num_processes == 1 else torch.float32
+    if args.cuda_graphs:
+        check_cuda_graphs(accelerator, compute_dtype)
     flat_lora = FlatLora(lora_parameters(transformer), compute_dtype)
     optimizer = accelerator.prepare(make_optimizer(args, [flat_lora.master]))
     from diffusers.optimization import get_scheduler

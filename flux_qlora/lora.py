@@ -164,7 +164,14 @@ class FlatLora:
         self.params = params
         self.master = nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in params]))
         self.compute = self.master.detach().to(compute_dtype) if compute_dtype != torch.float32 else None
+        if self.compute is not None:  # allocated once and zeroed in place: a CUDA graph adds into this address
+            self.master.grad = torch.zeros_like(self.master)
         self._view_params(self.compute if self.compute is not None else self.master.data)
+
+    @property
+    def gathers_each_micro_step(self) -> bool:
+        """With a compute copy, each micro step's gradients go into master.grad at once (and can be captured)."""
+        return self.compute is not None
 
     def _view_params(self, flat: torch.Tensor) -> None:
         offset = 0
@@ -178,7 +185,15 @@ class FlatLora:
         if self.compute is None:
             self.master.grad = grads
             return
-        self.master.grad = grads.float() if self.master.grad is None else self.master.grad + grads.float()
+        self.master.grad.add_(grads)
+        for p in self.params:
+            p.grad = None
+
+    def zero_grad(self) -> None:
+        if self.compute is not None:
+            self.master.grad.zero_()
+            return
+        self.master.grad = None
         for p in self.params:
             p.grad = None
 

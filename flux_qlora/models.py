@@ -134,11 +134,11 @@ def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_di
 
 
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
+    from flux_qlora.nf4 import AutocastLinear4bit
 
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                              quant_storage=torch.uint8, device="meta")
+    layer = AutocastLinear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                               quant_storage=torch.uint8, device="meta")
     # On CPUs with AVX512-bf16, bnb repacks the weight in place the first time the layer runs in eval mode,
     # which then breaks training and LoRA merging on it; one layout everywhere keeps CPU tests = GPU path.
     layer.support_avx512bf16_for_cpu = False

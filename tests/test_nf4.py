@@ -85,3 +85,17 @@ def test_compiled_layer_equals_eager(device):
     # The compiled backward dequantizes again too, instead of keeping the forward's weight (what inductor's
     # common-subexpression elimination would otherwise make of the two identical dequantizations).
     assert not [t for t in compiled[3] if t.is_floating_point() and t.numel() >= 384 * 256]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled_layer", [False, True])
+def test_nf4_layers_follow_autocast_like_nn_linear(compiled_layer, device):
+    """Under autocast an fp32 input (CUDA's layer_norm output) gives a bf16 output, as nn.Linear's does; bitsandbytes
+    alone returns fp32, which turned Flux's residual stream and every checkpointed block input fp32."""
+    model = nf4_model(64, 192, dtype=torch.bfloat16, device=device)
+    if compiled_layer:
+        make_nf4_compilable(model)
+    x = torch.randn(3, 192, device=device)
+    with torch.autocast(device, torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16 == nn.Linear(192, 64, device=device)(x).dtype
+    assert model(x).dtype == torch.float32  # outside autocast: the input's dtype, as before

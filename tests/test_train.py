@@ -163,7 +163,7 @@ def test_schedule_shards_each_epoch_without_repeats():
 
 
 @pytest.mark.parametrize("case", ["resolution", "missing_parquet", "stale_caption", "bad_resume", "tiny_dataset",
-                                  "fp8_on_nf4", "fp8_on_cpu"])
+                                  "fp8_on_nf4", "fp8_on_cpu", "graphs_on_cpu", "graphs_with_offload"])
 def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embeddings, tmp_path):
     embeddings, extra, expect = tiny_embeddings, [], []
     if case == "resolution":
@@ -181,6 +181,12 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tiny_embe
         extra, expect = ["--do_fp8_training"], ["--base_precision bf16"]
     elif case == "fp8_on_cpu":
         extra, expect = ["--do_fp8_training", "--base_precision", "bf16"], ["--do_fp8_training", "8.9"]
+    elif case == "graphs_on_cpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra, expect = ["--cuda_graphs"], ["--cuda_graphs", "NVIDIA GPU"]
+    elif case == "graphs_with_offload":
+        extra, expect = ["--cuda_graphs", "--offload_activations"], ["--cuda_graphs", "--offload_activations"]
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, embeddings, tmp_path / "out"),
                         "--max_train_steps", "1", *extra, check=False)
     assert_one_line_error(result, *expect)
@@ -302,3 +308,24 @@ def test_speed_ups_keep_the_step_zero_loss(tiny_model, tiny_images_master, tiny_
                                                       "--mixed_precision", "no", *flags))
         first_losses.append(json.loads((tmp_path / name / "train_summary.json").read_text())["first_loss"])
     assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
+@pytest.mark.parametrize("compile_flags", [[], ["--compile"]])
+def test_cuda_graphs_train_exactly_like_eager(compile_flags, tiny_model, tiny_images_master, tiny_embeddings,
+                                              tmp_path):
+    """The captured micro step (replayed from the third on) gives the eager run's losses and LoRA, with gradient
+    accumulation across replays."""
+    common = ("--max_train_steps", "5", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+              "--mixed_precision", "bf16", "--logging_steps", "1", *compile_flags)
+    for name, flags in [("eager", []), ("graphs", ["--cuda_graphs"])]:
+        result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                               tmp_path / name, *common, *flags))
+    assert "Captured the training step in a CUDA graph" in result.stderr
+    losses = [json.loads((tmp_path / run / "train_summary.json").read_text())["losses"] for run in ("eager", "graphs")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-5)
+    eager = load_file(tmp_path / "eager" / "pytorch_lora_weights.safetensors")
+    graphs = load_file(tmp_path / "graphs" / "pytorch_lora_weights.safetensors")
+    for key in eager:
+        torch.testing.assert_close(graphs[key], eager[key], rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graphs.items() if "lora_B" in k)  # it trained
