@@ -136,7 +136,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
                           "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
                           "One GPU, --mixed_precision bf16/fp16; best with --compile.")
-    add_attention_backend_arg(opt, "PyTorch SDPA's choice, cuDNN on an H100; _native_flash with a bf16 base on a GPU")
+    add_attention_backend_arg(opt, "_native_flash on a GPU, PyTorch SDPA's choice on the CPU")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
@@ -272,9 +272,10 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
     if args.do_fp8_training:
         enable_fp8_training(transformer, accelerator.device)
     backend = args.attention_backend
-    if backend is None and args.base_precision == "bf16" and accelerator.device.type == "cuda":
-        # With a bf16 base on the H100, the cuDNN attention kernel that PyTorch picks failed in the backward
-        # ("mha_graph.execute ... is_good()"); its flash kernel ran (BENCHMARKS.md).
+    if backend is None and accelerator.device.type == "cuda":
+        # The cuDNN attention PyTorch picks on the H100 broke in the backward once the projections fed it bf16
+        # directly (bf16 base: "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA
+        # gradients); its flash kernel trains correctly (BENCHMARKS.md).
         backend = "_native_flash"
     set_attention_backend(transformer, backend)
     if args.compile:
