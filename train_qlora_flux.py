@@ -277,6 +277,9 @@ def load_transformer_with_lora(args, accelerator, weight_dtype):
         # directly (bf16 base: "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA
         # gradients); its flash kernel trains correctly (BENCHMARKS.md).
         backend = "_native_flash"
+    elif backend and "cudnn" in backend and accelerator.device.type == "cuda":
+        logger.warning("--attention_backend %s: on the H100 its backward failed or gave zero LoRA gradients in "
+                       "our tests (BENCHMARKS.md); check that the loss falls.", backend)
     set_attention_backend(transformer, backend)
     if args.compile:
         compile_blocks(transformer)
