@@ -416,8 +416,11 @@ def log_image(accelerator, prompt: str, image, step: int, index: int) -> None:
             tracker.log({f"samples/{index}": wandb.Image(image, caption=prompt)}, step=step)
 
 
-def peak_memory_gib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+def peak_memory_gib(device, reserved: bool = False) -> float:
+    """Peak GPU memory held by tensors (allocated) or by PyTorch's caching allocator (reserved); 0 on the CPU."""
+    if device.type != "cuda":
+        return 0.0
+    return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30
 
 
 def train(args, accelerator, transformer, optimizer, lr_scheduler, data, schedule, vae, start_step, losses,
@@ -567,6 +570,7 @@ def finish(args, accelerator, transformer, flat_lora, vae, data, losses, timing,
         summary = {
             "steps": args.max_train_steps, "resumed_from_step": start_step, "median_s_per_step": median,
             "peak_gpu_memory_gib": round(peak_memory_gib(accelerator.device), 3),
+            "peak_reserved_gpu_memory_gib": round(peak_memory_gib(accelerator.device, reserved=True), 3),
             "model_gpu_memory_gib": timing["model_memory_gib"], "gpu_kernel_s_per_step": kernel_s,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,

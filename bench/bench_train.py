@@ -5,7 +5,8 @@
 
 Builds (once) the transformer and VAE with FLUX.1-dev's configs, eight random images and their embeddings
 parquet (77 x 4096 T5 + 768 CLIP, random), then runs train_qlora_flux.py itself for each configuration and
-prints median s/step (first step excluded), peak allocated memory and tokens per second. Results: BENCHMARKS.md.
+prints median s/step (first step excluded), peak allocated and reserved memory and tokens per second.
+Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
     summary = json.loads((output / "train_summary.json").read_text())
     tokens = (width // 16) * (height // 16) + 77
     return {"config": name, "resolution": f"{width}x{height}", "s_per_step": summary["median_s_per_step"],
-            "peak_gib": summary["peak_gpu_memory_gib"], "model_gib": summary["model_gpu_memory_gib"],
+            "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
+            "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
             "wall_s": time.time() - start, "final_loss": summary["final_loss"], "flags": " ".join(flags),
             "extra": " ".join(extra)}
@@ -175,8 +177,8 @@ def main() -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'model GiB':>9} "
-          f"{'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7}")
+    print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'reserved':>8} "
+          f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<22} {r.get('resolution', '')} ERROR: {r['error'][-300:]}")
@@ -184,8 +186,8 @@ def print_table(results: list[dict]) -> None:
         speedup = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
         tokens = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
         print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
-              f"{r['peak_gib']:>8.2f} {r['model_gib']:>9.2f} {r.get('gpu_busy_percent') or 0:>7.0f}% "
-              f"{tokens:>8} {speedup:>7}")
+              f"{r['peak_gib']:>8.2f} {r.get('reserved_gib', 0):>8.2f} {r['model_gib']:>9.2f} "
+              f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7}")
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,8 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     print(json.dumps({"config": "reference", "resolution": f"{args.width}x{args.height}",
                       "s_per_step": statistics.median(times[3:]), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                      "model_gib": model_gib, "final_loss": losses[-1]}))
+                      "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "model_gib": model_gib,
+                      "final_loss": losses[-1]}))
 
 
 if __name__ == "__main__":
