@@ -52,16 +52,14 @@ def main() -> None:
     if peak_event:
         print(f"reached by a {peak_event['size'] / 2**20:.1f} MiB allocation at "
               f"{frame_key(peak_event.get('frames', []), 4)}\n")
-    groups = defaultdict(lambda: [0, 0])
+    groups, sizes = defaultdict(lambda: [0, 0]), defaultdict(int)
     for event in peak_live.values():
         group = groups[frame_key(event.get("frames", []), args.depth)]
         group[0] += event["size"]
         group[1] += 1
+        sizes[event["size"]] += 1
     for key, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{size / GiB:8.3f} GiB {count:6d} x  {key}")
-    sizes = defaultdict(int)
-    for event in peak_live.values():
-        sizes[event["size"]] += 1
     print("\nsizes of the allocations live at the peak (MiB x count):")
     print(", ".join(f"{size / 2**20:.1f} x {count}" for size, count in sorted(sizes.items(), reverse=True)))
 
