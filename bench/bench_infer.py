@@ -85,7 +85,94 @@ def build_loras(folder: Path) -> list[Path]:
     return files
 
 
-def run_infer(name: str, flags: list, workdir: Path) -> list[dict]:
+def attention_microbench(tokens: int = 4608, heads: int = 24, head_dim: int = 128) -> list[dict]:
+    """Forward SDPA at FLUX's 1024x1024 shape for each PyTorch backend: TFLOP/s and error against flash."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attend = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        reference = attend(q, k, v).float()
+    rows = []
+    for name, backend in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel(backend) if backend else nullcontext():
+                error = float((attend(q, k, v).float() - reference).abs().max())
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    attend(q, k, v)
+                end.record()
+                torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 20
+            rows.append({"backend": name, "ms": round(ms, 3), "max_abs_err_vs_flash": error,
+                         "tflops": round(4 * tokens**2 * head_dim * heads / ms / 1e9)})
+        except RuntimeError as failure:
+            rows.append({"backend": name, "error": str(failure)[:200]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class StageTimer:
+    """GPU time of each named module's forward calls (CUDA events around them), over one image."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.events: dict[str, list] = {name: [] for name in modules}
+        self.handles = []
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._record(name, start=True)))
+            self.handles.append(module.register_forward_hook(self._record(name, start=False)))
+
+    def _record(self, name: str, start: bool):
+        def hook(*_):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            if start:
+                self.events[name].append([event])
+            else:
+                self.events[name][-1].append(event)
+        return hook
+
+    def seconds(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        for handle in self.handles:
+            handle.remove()
+        return {name: round(sum(a.elapsed_time(b) for a, b in pairs) / 1e3, 4) for name, pairs in self.events.items()}
+
+
+def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
+    """Where one image's time goes: GPU seconds per stage, and (with out_dir) a profile of one more image."""
+    call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5,
+                generator=torch.Generator("cpu").manual_seed(0))
+    timer = StageTimer({"clip": pipe.text_encoder, "t5": pipe.text_encoder_2, "transformer": pipe.transformer,
+                        "vae_decode": pipe.vae.decoder})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(**call)
+    torch.cuda.synchronize()
+    report = {"config": name, "wall_s": round(time.perf_counter() - start, 3), "gpu_s": timer.seconds()}
+    if out_dir is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            pipe(**call)
+            torch.cuda.synchronize()
+        kernels_us = sum(e.device_time_total for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+        report["profiled_kernel_s"] = round(kernels_us / 1e6, 3)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table
+        (out_dir / f"{name}-top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=50))
+        (out_dir / f"{name}-top_cpu.txt").write_text(table(sort_by="self_cpu_time_total", row_limit=30))
+    print("DIAGNOSE " + json.dumps(report), flush=True)
+    return report
+
+
+def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None = None,
+              diagnostics: list | None = None) -> list[dict]:
     """infer.main on a freshly built pipeline (its own LoRA, FP8 and compile code paths; only loading skipped)."""
     import infer
 
@@ -106,6 +193,8 @@ def run_infer(name: str, flags: list, workdir: Path) -> list[dict]:
     for r in rounds:
         r.update(config=name)
         print(json.dumps({k: v for k, v in r.items() if k != "files"}), flush=True)
+    if diagnostics is not None:
+        diagnostics.append(diagnose(pipe, name, diagnose_dir))
     del pipe
     gc.collect()
     return rounds
@@ -116,25 +205,36 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fi"))
     parser.add_argument("--images", type=int, default=3, help="Timed images per LoRA (after one warm-up image).")
     parser.add_argument("--configs", nargs="+", default=["baseline", "optimized"],
-                        choices=["baseline", "compiled", "optimized", "optimized-tensor", "optimized-full"])
+                        help="Configurations, in order (see `configs` in main()).")
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="Also: SDPA backends at the 1024x1024 shape, GPU time per stage of one image.")
+    parser.add_argument("--profile_dir", type=Path, default=None,
+                        help="With --diagnose: profile one more image per configuration, kernel tables here.")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     loras = build_loras(args.workdir / "loras")
     common = ["--benchmark", args.images]
+    all_loras = sum((["--lora", p] for p in loras), [])
+    optimized = ["--hotswap", *all_loras, "--compile", "--fp8"]
     configs = {
         "baseline": ["--lora", loras[1]],
-        "compiled": ["--hotswap", *sum((["--lora", p] for p in loras), []), "--compile"],
-        "optimized": ["--hotswap", *sum((["--lora", p] for p in loras), []), "--compile", "--fp8"],
-        "optimized-tensor": ["--hotswap", *sum((["--lora", p] for p in loras), []), "--compile", "--fp8", "tensor"],
-        "optimized-full": ["--hotswap", *sum((["--lora", p] for p in loras), []), "--compile", "full", "--fp8"],
+        "compiled": ["--hotswap", *all_loras, "--compile"],
+        "optimized": optimized,
+        "optimized-cudnn": [*optimized, "--attention_backend", "_native_cudnn"],
+        "optimized-flash": [*optimized, "--attention_backend", "_native_flash"],
+        "optimized-nolora": ["--compile", "--fp8"],
+        "optimized-tensor": [*optimized, "tensor"],
+        "optimized-full": ["--hotswap", *all_loras, "--compile", "full", "--fp8"],
     }
-    results = []
+    results, diagnostics = [], ([] if args.diagnose else None)
+    if args.diagnose:
+        diagnostics.append({"sdpa_1x24x4608x128": attention_microbench()})
     for name in args.configs:
-        results += run_infer(name, common + configs[name], args.workdir)
+        results += run_infer(name, common + configs[name], args.workdir, args.profile_dir, diagnostics)
     if args.results:
-        args.results.write_text(json.dumps(results, indent=2))
+        args.results.write_text(json.dumps({"runs": results, "diagnostics": diagnostics}, indent=2))
     print(f"\n{'config':<15} {'lora':<22} {'s/image':>8} {'first image s':>13} {'new graphs':>10} {'peak GiB':>8}")
     for r in results:
         print(f"{r['config']:<15} {Path(r['lora']).name[:22]:<22} {r['s_per_image']:>8.2f} {r['first_image_s']:>13.1f} "
