@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import UserError, check_resolution
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
 from flux_qlora.models import (
@@ -84,6 +85,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
                            ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
                            "scales.")
+    fast.add_argument("--cuda_graphs", action="store_true",
+                      help="Replay the transformer's forward from a CUDA graph (captured on the first image's third "
+                           "step), so the GPU never waits for Python between kernels; hotswaps need no new capture. "
+                           "CUDA only; with --compile regional or no --compile.")
     add_attention_backend_arg(fast, "PyTorch SDPA, which picks flash/cuDNN on its own")
     fast.add_argument("--benchmark", type=int, default=0,
                       help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
@@ -104,6 +109,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--fuse needs at least one --lora.")
     if args.fp8 and args.quantize:
         raise UserError("--fp8 and --quantize nf4 both quantize the transformer: choose one.")
+    if args.cuda_graphs and (args.cpu_offload or args.compile == "full"):
+        raise UserError("--cuda_graphs replays fixed weights and wraps the compiled blocks: drop --cpu_offload, and "
+                        "use --compile (regional) rather than --compile full.")
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be at least 1.")
 
@@ -149,6 +157,8 @@ def pick_device(args) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fp8:
         check_fp8_device(device, "--fp8")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError("--cuda_graphs needs an NVIDIA GPU (this run is on the CPU): drop the flag.")
     if args.quantize_t5 and device.type != "cuda":
         raise UserError("--quantize_t5 needs a CUDA GPU (bitsandbytes NF4 inference); drop it on the CPU.")
     return device
@@ -201,10 +211,23 @@ def place_on_device(pipe, args, device) -> None:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+        move_lora_scalings(pipe.transformer, device)
     pipe.set_progress_bar_config(disable=True)
 
 
-def speed_up(pipe, args) -> None:
+def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> None:
+    """Hotswap keeps each LoRA scale in a tensor (swaps then fill it in place, no recompiling) made where the
+    weights were at load time, and `.to()` does not move it: left on the CPU, a CUDA graph would bake in the first
+    LoRA's scale."""
+    for module in transformer.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            for name, value in scaling.items():
+                if isinstance(value, torch.Tensor):
+                    scaling[name] = value.to(device)
+
+
+def speed_up(pipe, args, device: torch.device) -> None:
     set_attention_backend(pipe.transformer, args.attention_backend)
     if args.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -219,6 +242,10 @@ def speed_up(pipe, args) -> None:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     elif args.compile == "full":
         pipe.transformer.compile(fullgraph=True)
+    if args.compile and device.type == "cuda":
+        pipe.vae.decoder.compile(dynamic=False)  # its eager group norms took half of the decode
+    if args.cuda_graphs:
+        replay_forward_from_cuda_graphs(pipe.transformer)
 
 
 def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
@@ -251,7 +278,7 @@ def generate(pipe, prompts: list[str], args, lora_tag: str, device) -> list[Path
 
 
 def time_generations(pipe, prompt: str, args, device) -> dict:
-    """Seconds per image (median of --benchmark runs, after the warm-up) and peak memory."""
+    """Seconds per image (median of --benchmark runs, after the warm-up; each run's too) and peak memory."""
     times = []
     for i in range(args.benchmark):
         _sync(device)
@@ -262,7 +289,8 @@ def time_generations(pipe, prompt: str, args, device) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return {"s_per_image": sorted(times)[len(times) // 2], "peak_memory_gib": round(peak, 2)}
+    return {"s_per_image": sorted(times)[len(times) // 2], "times": [round(t, 3) for t in times],
+            "peak_memory_gib": round(peak, 2)}
 
 
 def _sync(device) -> None:
@@ -308,7 +336,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     if not prompts:
         return []
     place_on_device(pipe, args, device)
-    speed_up(pipe, args)
+    speed_up(pipe, args, device)
     results = serve(pipe, loras, prompts, args, device)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from flux_qlora import flow
 from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.cuda_graphs import CudaGraphStep
 from flux_qlora.data import UserError, add_dataset_args, check_dataset_args, check_resolution, load_samples
 from flux_qlora.embeddings import read_embeddings
 from flux_qlora.lora import (
@@ -56,7 +57,6 @@ from flux_qlora.models import (
 )
 from flux_qlora.training import (
     ActivationOffload,
-    CudaGraphStep,
     Schedule,
     TrainData,
     encode_latents,

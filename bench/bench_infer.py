@@ -222,6 +222,7 @@ def main() -> None:
         "baseline": ["--lora", loras[1]],
         "compiled": ["--hotswap", *all_loras, "--compile"],
         "optimized": optimized,
+        "optimized-graphs": [*optimized, "--cuda_graphs"],
         "optimized-cudnn": [*optimized, "--attention_backend", "_native_cudnn"],
         "optimized-flash": [*optimized, "--attention_backend", "_native_flash"],
         "optimized-nolora": ["--compile", "--fp8"],

@@ -213,53 +213,6 @@ class ActivationOffload:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CudaGraphStep:
-    """Calls `step(*inputs)` (CUDA tensors in, a tensor out) eagerly `warmup` times per input shape, on a side
-    stream as capture requires (compilation, autotuning and lazy allocations happen there), then captures it in a
-    CUDA graph and from then on replays that: the inputs are copied into the graph's own, and the output returned
-    is the graph's, overwritten by the next replay (clone what you keep). All graphs share one memory pool.
-
-    The step must not wait for the host, read CPU tensors or change its Python-side decisions between calls;
-    whatever it writes outside its own allocations (e.g. accumulated gradients) must keep its address.
-    """
-
-    def __init__(self, step, warmup: int = 2):
-        self.step, self.warmup = step, warmup
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
-        self.calls: dict[tuple, int] = {}
-        self.pool = None
-        self.stream = torch.cuda.Stream()
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
-        if key in self.graphs:
-            graph, static_inputs, output = self.graphs[key]
-            for static, tensor in zip(static_inputs, inputs):
-                static.copy_(tensor, non_blocking=True)
-            graph.replay()
-            return output
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if self.calls[key] <= self.warmup:
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                output = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return output
-        return self._capture(key, inputs)
-
-    def _capture(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        static_inputs = [t.clone() for t in inputs]
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.step(*static_inputs)
-        self.pool = graph.pool()
-        self.graphs[key] = (graph, static_inputs, output)
-        logger.info("Captured the training step in a CUDA graph (inputs %s)", [k[0] for k in key])
-        graph.replay()  # capturing records the work without running it: this runs the current micro step
-        return output
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a hidden temporary folder, renamed when complete, so a crash never leaves a broken one
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer
+from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.lora import add_lora, save_lora
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -124,7 +125,38 @@ def test_cli_hotswap_compiled_counts_no_new_graphs(tiny_model, loras, tmp_path):
     assert rounds[0]["new_graphs"] > 0 and rounds[1]["new_graphs"] == 0
 
 
-@pytest.mark.parametrize("case", ["rank_above_target", "other_model", "missing", "fp8_on_cpu", "scales"])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
+def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, loras, tmp_path):
+    """The graph is captured with LoRA a; after swapping in c (another rank and scale) replays must use c."""
+    (fa, _), (fb, _) = loras["a"], loras["b"]
+    fc = tmp_path / "c"
+    make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)  # scale 0.5, where a and b have 1.0
+    device = torch.device("cuda")
+
+    def latents(pipe) -> torch.Tensor:
+        return pipe("a red circle", height=32, width=32, num_inference_steps=5, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(0)).images
+
+    def eager(folder) -> torch.Tensor:
+        pipe = pipeline_with(tiny_model, "--lora", str(folder))
+        infer.place_on_device(pipe, infer.parse_args([]), device)
+        return latents(pipe)
+
+    pipe = pipeline_with(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb), "--lora", str(fc))
+    infer.place_on_device(pipe, infer.parse_args([]), device)
+    replay_forward_from_cuda_graphs(pipe.transformer)
+    graphed = {"a": latents(pipe)}
+    for name, folder in [("c", fc), ("b", fb)]:
+        pipe.load_lora_weights(str(folder), hotswap=True, adapter_name="lora_0")
+        graphed[name] = latents(pipe)
+    assert [len(step.graphs) for step in pipe.transformer.forward.steps.values()] == [1]  # captured once
+    for name, folder in [("a", fa), ("c", fc), ("b", fb)]:
+        torch.testing.assert_close(graphed[name], eager(folder), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(graphed["a"], graphed["c"])
+
+
+@pytest.mark.parametrize("case", ["rank_above_target", "other_model", "missing", "fp8_on_cpu", "scales",
+                                  "graphs_on_cpu"])
 def test_bad_input_gives_one_clear_line(case, tiny_model, loras, tmp_path):
     folder, _ = loras["a"]
     flags, expect = ["--lora", str(folder)], []
@@ -141,6 +173,9 @@ def test_bad_input_gives_one_clear_line(case, tiny_model, loras, tmp_path):
     elif case == "fp8_on_cpu":
         flags += ["--fp8"]
         expect = ["--fp8", "8.9"]
+    elif case == "graphs_on_cpu":
+        flags += ["--cuda_graphs", "--device", "cpu"]
+        expect = ["--cuda_graphs", "NVIDIA GPU"]
     elif case == "scales":
         flags += ["--lora_scale", "0.5", "--lora_scale", "0.5"]
         expect = ["--lora_scale"]
