@@ -227,7 +227,7 @@ def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> No
                     scaling[name] = value.to(device)
 
 
-def speed_up(pipe, args, device: torch.device) -> None:
+def speed_up(pipe, args) -> None:
     set_attention_backend(pipe.transformer, args.attention_backend)
     if args.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -242,8 +242,6 @@ def speed_up(pipe, args, device: torch.device) -> None:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     elif args.compile == "full":
         pipe.transformer.compile(fullgraph=True)
-    if args.compile and device.type == "cuda":
-        pipe.vae.decoder.compile(dynamic=False)  # its eager group norms took half of the decode
     if args.cuda_graphs:
         replay_forward_from_cuda_graphs(pipe.transformer)
 
@@ -336,7 +334,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     if not prompts:
         return []
     place_on_device(pipe, args, device)
-    speed_up(pipe, args, device)
+    speed_up(pipe, args)
     results = serve(pipe, loras, prompts, args, device)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"

@@ -117,38 +117,42 @@ def attention_microbench(tokens: int = 4608, heads: int = 24, head_dim: int = 12
 
 
 class StageTimer:
-    """GPU time of each named module's forward calls (CUDA events around them), over one image."""
+    """GPU time spent in named methods (CUDA events around each call; wrapping the methods, not hooks, so
+    compiled modules and CUDA-graph replays are timed too), over one image."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module]):
-        self.events: dict[str, list] = {name: [] for name in modules}
-        self.handles = []
-        for name, module in modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._record(name, start=True)))
-            self.handles.append(module.register_forward_hook(self._record(name, start=False)))
+    def __init__(self, methods: dict[str, tuple[object, str]]):
+        self.pairs: dict[str, list] = {name: [] for name in methods}
+        self.originals = []
+        for name, (owner, attr) in methods.items():
+            self.originals.append((owner, attr, owner.__dict__.get(attr)))
+            setattr(owner, attr, self._timed(name, getattr(owner, attr)))
 
-    def _record(self, name: str, start: bool):
-        def hook(*_):
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            if start:
-                self.events[name].append([event])
-            else:
-                self.events[name][-1].append(event)
-        return hook
+    def _timed(self, name: str, method):
+        def call(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            output = method(*args, **kwargs)
+            end.record()
+            self.pairs[name].append((start, end))
+            return output
+        return call
 
     def seconds(self) -> dict[str, float]:
         torch.cuda.synchronize()
-        for handle in self.handles:
-            handle.remove()
-        return {name: round(sum(a.elapsed_time(b) for a, b in pairs) / 1e3, 4) for name, pairs in self.events.items()}
+        for owner, attr, original in self.originals:
+            if original is None:
+                delattr(owner, attr)  # the class's method again
+            else:
+                setattr(owner, attr, original)
+        return {name: round(sum(a.elapsed_time(b) for a, b in pairs) / 1e3, 4) for name, pairs in self.pairs.items()}
 
 
 def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
     """Where one image's time goes: GPU seconds per stage, and (with out_dir) a profile of one more image."""
     call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5,
                 generator=torch.Generator("cpu").manual_seed(0))
-    timer = StageTimer({"clip": pipe.text_encoder, "t5": pipe.text_encoder_2, "transformer": pipe.transformer,
-                        "vae_decode": pipe.vae.decoder})
+    timer = StageTimer({"clip": (pipe.text_encoder, "forward"), "t5": (pipe.text_encoder_2, "forward"),
+                        "transformer": (pipe.transformer, "forward"), "vae_decode": (pipe.vae, "decode")})
     torch.cuda.synchronize()
     start = time.perf_counter()
     pipe(**call)
