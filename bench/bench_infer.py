@@ -230,6 +230,7 @@ def main() -> None:
         "optimized-cudnn": [*optimized, "--attention_backend", "_native_cudnn"],
         "optimized-flash": [*optimized, "--attention_backend", "_native_flash"],
         "optimized-nolora": ["--compile", "--fp8"],
+        "optimized-nolora-graphs": ["--compile", "--fp8", "--cuda_graphs"],
         "optimized-tensor": [*optimized, "tensor"],
         "optimized-full": ["--hotswap", *all_loras, "--compile", "full", "--fp8"],
     }

@@ -59,9 +59,9 @@ class CudaGraphStep:
 
 class GraphedTransformerForward:
     """Stands in for a diffusers transformer's `forward`: keyword tensors in, replayed from a CUDA graph per set of
-    input shapes (CudaGraphStep) after two eager warm-up calls. Anything else (positional or non-tensor
-    arguments such as joint_attention_kwargs) runs eagerly. The output is cloned: a pipeline may call twice per
-    step (true CFG) before using the first result.
+    input shapes (CudaGraphStep) after two eager warm-up calls. Calls with positional arguments or other values
+    (say a non-empty joint_attention_kwargs; None and {} are dropped) run eagerly. The output is cloned: a
+    pipeline may call twice per step (true CFG) before using the first result.
 
     Weights must keep their addresses: LoRA hotswapping copies in place, so swaps need no new capture.
     """
@@ -71,9 +71,10 @@ class GraphedTransformerForward:
         self.steps: dict[tuple[str, ...], CudaGraphStep] = {}
 
     def __call__(self, *args, return_dict: bool = True, **kwargs):
-        if args or any(v is not None and not isinstance(v, torch.Tensor) for v in kwargs.values()):
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and not (isinstance(v, dict) and not v)}
+        if args or not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return self.forward(*args, return_dict=return_dict, **kwargs)
-        names = tuple(sorted(k for k, v in kwargs.items() if v is not None))
+        names = tuple(sorted(kwargs))
         if names not in self.steps:
             self.steps[names] = CudaGraphStep(self._call_with(names), name="the transformer's forward")
         output = self.steps[names](*(kwargs[n] for n in names)).clone()
