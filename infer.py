@@ -10,6 +10,8 @@ transformer without recompiling.
     python infer.py --lora my-flux-lora --fuse --save_fused fused-transformer --quantize nf4 --prompt "..."
     # serve several LoRAs (any ranks) through one compiled FP8 transformer, timing each
     python infer.py --hotswap --lora a --lora b --lora c --compile --fp8 --benchmark 3 --prompt "..."
+    # the same, fastest: each LoRA merged into the weights when swapped in, replayed from a CUDA graph
+    python infer.py --hotswap fused --lora a --lora b --compile --fp8 --cuda_graphs --prompt "..."
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from flux_qlora.cli import run_main, setup_logging
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import UserError, check_resolution
+from flux_qlora.fused_swap import FusedLoraSwap
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
 from flux_qlora.models import (
     add_attention_backend_arg,
@@ -55,9 +58,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--quantize", type=str, default=None, choices=["nf4"],
                       help="Run the transformer in NF4 (bitsandbytes); with --fuse, quantized after fusing "
                            "(dequantize -> merge -> re-quantize, not a lossy merge into 4-bit weights).")
-    lora.add_argument("--hotswap", action="store_true",
+    lora.add_argument("--hotswap", type=str, nargs="?", const="adapter", default=None, choices=["adapter", "fused"],
                       help="Serve each --lora in turn through one transformer, swapping weights in place: with "
-                           "--compile, no recompilation (ranks may differ, up to --hotswap_target_rank).")
+                           "--compile, no recompilation. 'adapter' (default): peft's hotswap, LoRA layers kept "
+                           "(ranks up to --hotswap_target_rank; later LoRAs target the first one's layers). "
+                           "'fused': each LoRA merged into the weights (FP8 ones re-quantized) when swapped in: "
+                           "no LoRA cost per image, any ranks and layers; keeps the targeted layers' original "
+                           "weights in CPU memory.")
     lora.add_argument("--hotswap_target_rank", type=int, default=None,
                       help="Highest rank the hotswap slots hold (default: the highest rank among --lora).")
 
@@ -107,6 +114,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--save_fused needs --fuse.")
     if args.fuse and not args.lora:
         raise UserError("--fuse needs at least one --lora.")
+    if args.hotswap == "fused" and args.quantize:
+        raise UserError("--hotswap fused re-writes the weights at each swap, which NF4 layers don't allow: drop "
+                        "--quantize nf4 (use --fp8 or bf16), or use --hotswap adapter.")
     if args.fp8 and args.quantize:
         raise UserError("--fp8 and --quantize nf4 both quantize the transformer: choose one.")
     if args.cuda_graphs and (args.cpu_offload or args.compile == "full"):
@@ -143,7 +153,7 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
         file = resolve_lora_file(source, args.weight_name, args.cache_dir)
         loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
-    if args.hotswap:
+    if args.hotswap == "adapter":
         target = args.hotswap_target_rank or max(lora.rank for lora in loras)
         too_big = [lora for lora in loras if lora.rank > target]
         if too_big:
@@ -182,15 +192,19 @@ def load_pipeline(args, device: torch.device):
     return pipe
 
 
-def apply_loras(pipe, loras: list[Lora], args, device) -> None:
-    """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact."""
+def apply_loras(pipe, loras: list[Lora], args, device) -> FusedLoraSwap | None:
+    """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact. With --hotswap fused,
+    returns the swapper instead, nothing merged yet (main merges the first LoRA once the weights are on the GPU)."""
+    for lora in loras:  # all of them before any work, hotswapped ones too
+        check_lora_matches(lora.file, pipe.transformer)
+    if args.hotswap == "fused":
+        return FusedLoraSwap(pipe.transformer, [lora.file for lora in loras])
     if args.quantize == "nf4" and not args.fuse:
         quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
     if args.hotswap:
         pipe.enable_lora_hotswap(target_rank=args.hotswap_target_rank)
         loras = loras[:1]  # the others are swapped in later
     for lora in loras:
-        check_lora_matches(lora.file, pipe.transformer)
         pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=lora.adapter_name)
         logger.info("LoRA %s (rank %d) loaded as %s", lora.source, lora.rank, lora.adapter_name)
     if loras and not args.hotswap:
@@ -204,6 +218,7 @@ def apply_loras(pipe, loras: list[Lora], args, device) -> None:
             logger.info("Saved the fused transformer to %s", args.save_fused)
         if args.quantize == "nf4":
             quantize_to_nf4(pipe.transformer, device)
+    return None
 
 
 def place_on_device(pipe, args, device) -> None:
@@ -227,7 +242,7 @@ def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> No
                     scaling[name] = value.to(device)
 
 
-def speed_up(pipe, args) -> None:
+def speed_up(pipe, args, swapper: FusedLoraSwap | None) -> None:
     set_attention_backend(pipe.transformer, args.attention_backend)
     if args.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -237,6 +252,8 @@ def speed_up(pipe, args) -> None:
         config = Float8DynamicActivationFloat8WeightConfig(
             granularity=PerRow() if args.fp8 == "row" else PerTensor(), set_inductor_config=False)
         quantize_(pipe.transformer, config, filter_fn=_fp8_filter)
+        if swapper is not None:
+            swapper.fp8_config = config  # later swaps re-quantize the merged weights the same way
         logger.info("Transformer linears quantized to float8 (torchao, per-%s scales)", args.fp8)
     if args.compile == "regional":
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
@@ -300,17 +317,20 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[-60:] or "base"
 
 
-def serve(pipe, loras: list[Lora], prompts: list[str], args, device) -> list[dict]:
+def serve(pipe, loras: list[Lora], prompts: list[str], args, device, swapper: FusedLoraSwap | None) -> list[dict]:
     """Generates (and with --benchmark times) each LoRA in turn: one pass, or one per hotswapped LoRA."""
     import torch._dynamo.utils as dynamo_utils
 
     rounds = loras if args.hotswap else [None]
     results = []
-    for lora in rounds:
+    for i, lora in enumerate(rounds):
         start = time.perf_counter()
-        if lora is not None and lora is not loras[0]:
-            pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
-                                   adapter_name=loras[0].adapter_name)
+        if args.hotswap and i > 0:
+            if swapper is not None:
+                swapper.swap(i)
+            else:
+                pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
+                                       adapter_name=loras[0].adapter_name)
         tag = lora.source if lora else "+".join(f"{lo.source}@{lo.scale:g}" for lo in loras) or "base"
         graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
         files = generate(pipe, prompts, args, tag, device)  # the first image of the first round warms up
@@ -330,12 +350,14 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     device = pick_device(args)
     loras = resolve_loras(args)
     pipe = pipe if pipe is not None else load_pipeline(args, device)
-    apply_loras(pipe, loras, args, device)
+    swapper = apply_loras(pipe, loras, args, device)
     if not prompts:
         return []
     place_on_device(pipe, args, device)
-    speed_up(pipe, args)
-    results = serve(pipe, loras, prompts, args, device)
+    if swapper is not None:
+        swapper.swap(0)  # merged on the GPU, and before any FP8 quantization
+    speed_up(pipe, args, swapper)
+    results = serve(pipe, loras, prompts, args, device, swapper)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"
         path.write_text(json.dumps(results, indent=2))

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE  # noqa: E402
 
 PROMPT = "a photo of a red fox sitting in a snowy forest at dawn, detailed fur, soft light"
-LORA_RANKS = (8, 16, 32)
+LORA_RANKS = (8, 32, 16)  # served in this order: the last, rank 16, is the baseline's, for the accuracy check
 
 
 def build_pipeline(tokenizer_dir: Path):
@@ -149,6 +149,8 @@ class StageTimer:
 
 def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
     """Where one image's time goes: GPU seconds per stage, and (with out_dir) a profile of one more image."""
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5,
                 generator=torch.Generator("cpu").manual_seed(0))
     timer = StageTimer({"clip": (pipe.text_encoder, "forward"), "t5": (pipe.text_encoder_2, "forward"),
@@ -158,6 +160,9 @@ def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
     pipe(**call)
     torch.cuda.synchronize()
     report = {"config": name, "wall_s": round(time.perf_counter() - start, 3), "gpu_s": timer.seconds()}
+    if out_dir is not None:  # for latent_errors()
+        latents = pipe(**{**call, "output_type": "latent", "generator": torch.Generator("cpu").manual_seed(0)}).images
+        torch.save(latents.float().cpu(), out_dir / f"{name}-latents.pt")
     if out_dir is not None:
         from torch.profiler import ProfilerActivity, profile
 
@@ -167,12 +172,22 @@ def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
         kernels_us = sum(e.device_time_total for e in prof.events()
                          if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
         report["profiled_kernel_s"] = round(kernels_us / 1e6, 3)
-        out_dir.mkdir(parents=True, exist_ok=True)
         table = prof.key_averages().table
         (out_dir / f"{name}-top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=50))
         (out_dir / f"{name}-top_cpu.txt").write_text(table(sort_by="self_cpu_time_total", row_limit=30))
     print("DIAGNOSE " + json.dumps(report), flush=True)
     return report
+
+
+def latent_errors(folder: Path, configs: list[str]) -> dict[str, float]:
+    """Relative L2 distance of each configuration's final latents (rank-16 LoRA, seed 0) from the baseline's."""
+    if not (folder / "baseline-latents.pt").exists():
+        return {}
+    reference = torch.load(folder / "baseline-latents.pt")
+    errors = {name: float((torch.load(folder / f"{name}-latents.pt") - reference).norm() / reference.norm())
+              for name in configs if (folder / f"{name}-latents.pt").exists()}
+    print("LATENT ERRORS " + json.dumps(errors), flush=True)
+    return errors
 
 
 def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None = None,
@@ -223,7 +238,8 @@ def main() -> None:
     all_loras = sum((["--lora", p] for p in loras), [])
     optimized = ["--hotswap", *all_loras, "--compile", "--fp8"]
     configs = {
-        "baseline": ["--lora", loras[1]],
+        "baseline": ["--lora", loras[-1]],
+        "fused": ["--hotswap", "fused", *all_loras, "--compile", "--fp8", "--cuda_graphs"],
         "compiled": ["--hotswap", *all_loras, "--compile"],
         "optimized": optimized,
         "optimized-graphs": [*optimized, "--cuda_graphs"],
@@ -239,6 +255,8 @@ def main() -> None:
         diagnostics.append({"sdpa_1x24x4608x128": attention_microbench()})
     for name in args.configs:
         results += run_infer(name, common + configs[name], args.workdir, args.profile_dir, diagnostics)
+    if args.profile_dir and diagnostics:
+        diagnostics.append({"latents_error_vs_baseline": latent_errors(args.profile_dir, args.configs)})
     if args.results:
         args.results.write_text(json.dumps({"runs": results, "diagnostics": diagnostics}, indent=2))
     print(f"\n{'config':<15} {'lora':<22} {'s/image':>8} {'first image s':>13} {'new graphs':>10} {'peak GiB':>8}")

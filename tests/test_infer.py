@@ -45,13 +45,17 @@ def hand_applied(model_dir, *weighted_deltas) -> torch.nn.Module:
     return transformer
 
 
-def pipeline_with(model_dir, *flags):
+def pipeline_and_swapper(model_dir, *flags, dtype: str = "fp32"):
+    """A tiny pipeline (on the CPU) with infer.py's LoRA handling; the swapper with --hotswap fused, else None."""
     from diffusers import FluxPipeline
 
-    args = infer.parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dtype", "fp32", *flags])
-    pipe = FluxPipeline.from_pretrained(model_dir, dtype=torch.float32)
-    infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
-    return pipe
+    args = infer.parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dtype", dtype, *flags])
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=infer.DTYPES[dtype])
+    return pipe, infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
+
+
+def pipeline_with(model_dir, *flags):
+    return pipeline_and_swapper(model_dir, *flags)[0]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,31 @@ def test_hotswap_into_compiled_transformer_equals_fresh_load_without_recompiling
     torch.testing.assert_close(swapped, fresh, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_hotswap_into_compiled_transformer_merges_each_lora_exactly(tiny_model, loras, tmp_path):
+    """--hotswap fused: each swap leaves the weights the original ones plus that LoRA's delta (another rank and
+    scale, other layers included), without recompiling; swapping back restores the first LoRA bit for bit."""
+    import torch._dynamo.utils as dynamo_utils
+
+    (fa, da), (fb, db) = loras["a"], loras["b"]
+    fc = tmp_path / "c"
+    dc = make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)  # scale 0.5, where a and b have 1.0
+    torch._dynamo.reset()
+    pipe, swapper = pipeline_and_swapper(tiny_model, "--hotswap", "fused", *sum((["--lora", str(f)] for f in
+                                                                                  (fa, fc, fb)), []))
+    swapper.swap(0)
+    pipe.transformer.compile(fullgraph=True, backend="eager")
+    outputs = {"a": tiny_forward(pipe.transformer)}
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    for index, name in [(1, "c"), (2, "b"), (0, "a again")]:
+        swapper.swap(index)
+        outputs[name] = tiny_forward(pipe.transformer)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    for name, deltas in [("a", da), ("c", dc), ("b", db)]:
+        expected = tiny_forward(hand_applied(tiny_model, (1.0, deltas)))
+        torch.testing.assert_close(outputs[name], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(outputs["a again"], outputs["a"])
+
+
 def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, loras, tmp_path):
     folder, _ = loras["a"]
     run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--lora", folder, "--fuse",
@@ -115,9 +144,10 @@ def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, lor
     assert benchmark[0]["s_per_image"] > 0
 
 
-def test_cli_hotswap_compiled_counts_no_new_graphs(tiny_model, loras, tmp_path):
+@pytest.mark.parametrize("mode", ["adapter", "fused"])
+def test_cli_hotswap_compiled_counts_no_new_graphs(mode, tiny_model, loras, tmp_path):
     (fa, _), (fb, _) = loras["a"], loras["b"]
-    run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--hotswap", "--lora", fa, "--lora", fb,
+    run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--hotswap", mode, "--lora", fa, "--lora", fb,
                "--compile", "--prompt", "a red circle", "--height", "32", "--width", "32",
                "--num_inference_steps", "2", "--output_dir", tmp_path / "out", "--dtype", "fp32")
     rounds = json.loads((tmp_path / "out" / "benchmark.json").read_text())
@@ -155,19 +185,57 @@ def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, 
     assert not torch.allclose(graphed["a"], graphed["c"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs a GPU of compute capability >= 8.9 (runs on the device machine)")
+def test_fused_hotswap_requantizes_fp8_in_place_under_cuda_graphs(tiny_model, loras, tmp_path, monkeypatch):
+    """Swapped a -> c after FP8 quantization and graph capture gives what c fused first, then quantized, gives."""
+    fa, _ = loras["a"]
+    fc = tmp_path / "c"
+    make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)
+    # the tiny model's layers are narrower than the 1024 that infer.py's filter asks for FP8
+    monkeypatch.setattr(infer, "_fp8_filter", lambda module, name: isinstance(module, torch.nn.Linear)
+                        and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    device = torch.device("cuda")
+
+    def served(loras: list, graphs: bool) -> tuple[list[torch.Tensor], int]:
+        flags = ["--hotswap", "fused", "--fp8", *sum((["--lora", str(f)] for f in loras), [])]
+        pipe, swapper = pipeline_and_swapper(tiny_model, *flags, dtype="bf16")
+        args = infer.parse_args(flags + (["--cuda_graphs"] if graphs else []))
+        infer.place_on_device(pipe, args, device)
+        swapper.swap(0)
+        infer.speed_up(pipe, args, swapper)
+        outputs = []
+        for index in range(len(loras)):
+            swapper.swap(index)
+            outputs.append(pipe("a red circle", height=32, width=32, num_inference_steps=5, output_type="latent",
+                                generator=torch.Generator("cpu").manual_seed(0)).images)
+        fp8_layers = sum(hasattr(m.weight, "qdata") for m in pipe.transformer.modules() if hasattr(m, "weight"))
+        return outputs, fp8_layers
+
+    (graphed_a, graphed_c), fp8_layers = served([fa, fc], graphs=True)
+    (fresh_c,), _ = served([fc], graphs=False)
+    assert fp8_layers > 10
+    torch.testing.assert_close(graphed_c, fresh_c, rtol=0, atol=1e-3)
+    assert (graphed_a - graphed_c).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("case", ["rank_above_target", "other_model", "missing", "fp8_on_cpu", "scales",
-                                  "graphs_on_cpu"])
+                                  "graphs_on_cpu", "fused_nf4", "fused_other_model"])
 def test_bad_input_gives_one_clear_line(case, tiny_model, loras, tmp_path):
     folder, _ = loras["a"]
     flags, expect = ["--lora", str(folder)], []
     if case == "rank_above_target":
         flags += ["--hotswap", "--hotswap_target_rank", "2"]
         expect = ["rank 4", "--hotswap_target_rank"]
-    elif case == "other_model":
+    elif case in ("other_model", "fused_other_model"):
         state = load_file(folder / "pytorch_lora_weights.safetensors")
         state = {k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()}
         save_file(state, tmp_path / "other.safetensors")
         flags, expect = ["--lora", str(tmp_path / "other.safetensors")], ["doesn't fit", "another model"]
+        flags += ["--hotswap", "fused"] if case == "fused_other_model" else []
+    elif case == "fused_nf4":
+        flags += ["--hotswap", "fused", "--quantize", "nf4"]
+        expect = ["--hotswap fused", "--quantize nf4"]
     elif case == "missing":
         flags, expect = ["--lora", str(tmp_path / "nope.safetensors")], ["nope.safetensors", "no such file"]
     elif case == "fp8_on_cpu":
