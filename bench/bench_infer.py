@@ -240,6 +240,7 @@ def main() -> None:
     configs = {
         "baseline": ["--lora", loras[-1]],
         "fused": ["--hotswap", "fused", *all_loras, "--compile", "--fp8", "--cuda_graphs"],
+        "fused-vae": ["--hotswap", "fused", *all_loras, "--compile", "--fp8", "--cuda_graphs", "--compile_vae"],
         "compiled": ["--hotswap", *all_loras, "--compile"],
         "optimized": optimized,
         "optimized-graphs": [*optimized, "--cuda_graphs"],

@@ -97,7 +97,8 @@ class FusedLoraSwap:
             device, original = layer.weight.device, self.originals[name]
             if name in deltas:  # merged in fp32, rounded once
                 a, b, scale = deltas[name]
-                merged = original.to(device, torch.float32, copy=True)  # a copy even on the CPU: originals stay
+                # copied over in bf16, widened on the device; a copy even on the CPU, so the originals stay
+                merged = original.to(device, non_blocking=True).to(torch.float32, copy=True)
                 weight = merged.addmm_(b.to(device, torch.float32), a.to(device, torch.float32), alpha=scale)
                 weight = weight.to(original.dtype)
             else:
