@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE  # noqa: E402
 
 PROMPT = "a photo of a red fox sitting in a snowy forest at dawn, detailed fur, soft light"
+INDUCTOR_SETTINGS = {"fused-all-mk": {"triton.multi_kernel": 1}}  # inductor settings to try, by configuration
 LORA_RANKS = (8, 32, 16)  # served in this order: the last, rank 16, is the baseline's, for the accuracy check
 
 
@@ -193,6 +194,8 @@ def latent_errors(folder: Path, configs: list[str]) -> dict[str, float]:
 def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None = None,
               diagnostics: list | None = None) -> list[dict]:
     """infer.main on a freshly built pipeline (its own LoRA, FP8 and compile code paths; only loading skipped)."""
+    import torch._inductor.config
+
     import infer
 
     torch._dynamo.reset()
@@ -205,7 +208,8 @@ def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None =
                              "--guidance_scale", "3.5", "--output_dir", str(workdir / "out" / name),
                              *map(str, flags)])
     try:
-        rounds = infer.main(args, pipe=pipe)
+        with torch._inductor.config.patch(INDUCTOR_SETTINGS.get(name, {})):
+            rounds = infer.main(args, pipe=pipe)
     except Exception as error:  # report and go on with the next configuration
         print(f"{name} FAILED: {error!r}", flush=True)
         return []
@@ -240,7 +244,8 @@ def main() -> None:
     configs = {
         "baseline": ["--lora", loras[-1]],
         "fused": ["--hotswap", "fused", *all_loras, "--compile", "--fp8", "--cuda_graphs"],
-        "fused-vae": ["--hotswap", "fused", *all_loras, "--compile", "--fp8", "--cuda_graphs", "--compile_vae"],
+        "fused-all": ["--hotswap", "fused", *all_loras, "--compile", "all", "--fp8", "--cuda_graphs"],
+        "fused-all-mk": ["--hotswap", "fused", *all_loras, "--compile", "all", "--fp8", "--cuda_graphs"],
         "compiled": ["--hotswap", *all_loras, "--compile"],
         "optimized": optimized,
         "optimized-graphs": [*optimized, "--cuda_graphs"],
