@@ -11,7 +11,7 @@ transformer without recompiling.
     # serve several LoRAs (any ranks) through one compiled FP8 transformer, timing each
     python infer.py --hotswap --lora a --lora b --lora c --compile --fp8 --benchmark 3 --prompt "..."
     # the same, fastest: each LoRA merged into the weights when swapped in, replayed from a CUDA graph
-    python infer.py --hotswap fused --lora a --lora b --compile --fp8 --cuda_graphs --prompt "..."
+    python infer.py --hotswap fused --lora a --lora b --compile all --fp8 --cuda_graphs --prompt "..."
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--cuda_graphs", action="store_true",
                       help="Replay the transformer's forward from a CUDA graph (captured on the first image's third "
                            "step), so the GPU never waits for Python between kernels; hotswaps need no new capture. "
-                           "CUDA only; with --compile regional or no --compile.")
+                           "CUDA only; with --compile regional/all or no --compile.")
     add_attention_backend_arg(fast, "PyTorch SDPA, which picks flash/cuDNN on its own")
     fast.add_argument("--benchmark", type=int, default=0,
                       help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
@@ -123,7 +123,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--fp8 and --quantize nf4 both quantize the transformer: choose one.")
     if args.cuda_graphs and (args.cpu_offload or args.compile == "full"):
         raise UserError("--cuda_graphs replays fixed weights and wraps the compiled blocks: drop --cpu_offload, and "
-                        "use --compile (regional) rather than --compile full.")
+                        "use --compile regional or all rather than --compile full.")
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be at least 1.")
 

@@ -3,7 +3,7 @@ weights, so serving a LoRA costs nothing per image (no LoRA layers run) and a sw
 no recompilation, and a captured CUDA graph stays valid. FP8 (torchao) weights are re-quantized from the merged
 bf16 weights, as fusing and then quantizing would.
 
-peft's hotswap (`enable_lora_hotswap`) keeps the LoRA layers: exact bf16 LoRA maths, but ~6% more time per
+peft's hotswap (`enable_lora_hotswap`) keeps the LoRA layers: exact bf16 LoRA maths, but ~7% more time per
 image on FLUX.1-dev at 1024x1024 (BENCHMARKS.md), and the swapped-in LoRAs must target layers the first one did.
 """
 
