@@ -89,7 +89,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       choices=["regional", "full", "all"],
                       help="torch.compile the transformer: 'regional' (default; compiles one block of each kind, "
                            "reused by all: fast warm-up), 'full' (fullgraph), or 'all': regional, plus T5's blocks "
-                           "and the VAE decoder (~0.1 s less per image on an H100, a few seconds more warm-up).")
+                           "and the VAE decoder (0.05-0.1 s less per image on an H100, ~30 s more warm-up).")
     fast.add_argument("--fp8", type=str, nargs="?", const="row", default=None, choices=["row", "tensor"],
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
                            ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
@@ -261,7 +261,7 @@ def speed_up(pipe, args, swapper: FusedLoraSwap | None) -> None:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     elif args.compile == "full":
         pipe.transformer.compile(fullgraph=True)
-    if args.compile == "all":  # eager, these spent ~50 ms each per image waiting on launches and slow group norms
+    if args.compile == "all":  # eager, T5 took 30-60 ms per image and the VAE decode 93 ms (slow group norms)
         for block in getattr(getattr(pipe.text_encoder_2, "encoder", None), "block", []):
             block.compile(dynamic=False)
         pipe.vae.decoder.compile(dynamic=False)

@@ -53,7 +53,7 @@ class CudaGraphStep:
         self.pool = graph.pool()
         self.graphs[key] = (graph, static_inputs, output)
         logger.info("Captured %s in a CUDA graph (inputs %s)", self.name, [k[0] for k in key])
-        graph.replay()  # capturing records the work without running it: this runs the current micro step
+        graph.replay()  # capturing records the work without running it: this runs the current call
         return output
 
 

@@ -66,15 +66,15 @@ class FusedLoraSwap:
     def __init__(self, transformer: nn.Module, files: list[Path]):
         self.transformer, self.files = transformer, files
         self.deltas = [read_lora_deltas(file) for file in files]
-        self.layers = {name: self._linear(name, file, delta)
+        modules = dict(transformer.named_modules())
+        self.layers = {name: self._linear(modules.get(name), name, file, delta)
                        for file, deltas in zip(files, self.deltas) for name, delta in deltas.items()}
         pin = torch.cuda.is_available()
         self.originals = {name: self._copy(layer.weight, pin) for name, layer in self.layers.items()}
         self.fp8_config = None
-        self.current: int | None = None
 
-    def _linear(self, name: str, file: Path, delta: Delta) -> nn.Linear:
-        layer = dict(self.transformer.named_modules()).get(name)
+    @staticmethod
+    def _linear(layer: nn.Module | None, name: str, file: Path, delta: Delta) -> nn.Linear:
         a, b, _ = delta
         if not isinstance(layer, nn.Linear) or (layer.out_features, layer.in_features) != (b.shape[0], a.shape[1]):
             found = "no such linear layer" if not isinstance(layer, nn.Linear) else \
@@ -104,7 +104,6 @@ class FusedLoraSwap:
             else:
                 weight = original.to(device, non_blocking=True)
             self._write(layer, weight)
-        self.current = index
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         logger.info("Fused LoRA %s into %d layers in %.2f s", self.files[index], len(deltas),
