@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Inference benchmark on a FLUX.1-dev-shaped pipeline with random weights: bf16 eager vs compile + FP8 + hotswap.
 
-    python bench/bench_infer.py --workdir /dev/shm/fi
+    python bench/bench_infer.py --workdir /dev/shm/fi --configs baseline fused-all optimized-graphs --diagnose \
+        --profile_dir /tmp/prof
 
 Builds the whole pipeline with FLUX.1-dev's shapes in GPU memory (transformer, VAE, T5-XXL- and CLIP-L-shaped
-encoders; locally built tokenizers) and three random LoRAs of ranks 8, 16 and 32 on the attention layers, then
-runs infer.py's main() on it (everything but the loading from disk): the baseline (bf16, eager, rank-16 LoRA)
-and the optimized server (all three LoRAs hotswapped into one compiled FP8 transformer), 1024x1024, 28 steps,
-guidance 3.5, VAE decode included.
+encoders; locally built tokenizers) and three random LoRAs of ranks 8, 32 and 16 on the attention layers, then
+runs infer.py's main() on it (everything but the loading from disk) for each configuration: the baseline (bf16,
+eager, rank-16 LoRA) and servers that take all three LoRAs in turn through one compiled FP8 transformer
+(`configs` in main()), 1024x1024, 28 steps, guidance 3.5, VAE decode included. --diagnose adds an SDPA backend
+comparison, GPU time per pipeline stage and, with --profile_dir, kernel tables and each configuration's distance
+from the baseline's latents.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
     if out_dir is not None:  # for latent_errors()
         latents = pipe(**{**call, "output_type": "latent", "generator": torch.Generator("cpu").manual_seed(0)}).images
         torch.save(latents.float().cpu(), out_dir / f"{name}-latents.pt")
-    if out_dir is not None:
+
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
