@@ -72,6 +72,9 @@ class FusedLoraSwap:
         pin = torch.cuda.is_available()
         self.originals = {name: self._copy(layer.weight, pin) for name, layer in self.layers.items()}
         self.fp8_config = None
+        size = sum(t.numel() * t.element_size() for t in self.originals.values()) / 2**30
+        logger.info("--hotswap fused: original weights of %d layers kept in CPU memory (%.1f GiB)", len(self.layers),
+                    size)
 
     @staticmethod
     def _linear(layer: nn.Module | None, name: str, file: Path, delta: Delta) -> nn.Linear:
