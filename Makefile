@@ -5,10 +5,11 @@ DEMO ?= demo_output
 
 .PHONY: demo test lint clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .  # flux_qlora and the scripts importable, edits live
 	touch $@
 
 test: $(VENV)/.installed

@@ -18,10 +18,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flux_qlora.cli import run_main, setup_logging
-from flux_qlora.data import Sample, UserError, add_dataset_args, check_dataset_args, load_samples
+from flux_qlora.cli import (
+    add_dataset_args,
+    add_model_args,
+    check_dataset_args,
+    dataset_kwargs,
+    hub_kwargs,
+    run_main,
+    setup_logging,
+)
+from flux_qlora.data import Sample, load_samples
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, reusable_rows
-from flux_qlora.models import add_model_args, load_text_pipeline
+from flux_qlora.errors import UserError
+from flux_qlora.models import load_text_pipeline
 
 logger = logging.getLogger("compute_embeddings")
 
@@ -39,7 +48,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="A prompt to embed for validation images during training (repeatable).")
     parser.add_argument("--batch_size", type=int, default=8, help="Captions encoded per forward pass.")
     parser.add_argument("--t5_8bit", action="store_true",
-                        help="Load T5 in 8-bit (bitsandbytes, CUDA only): ~5 GB instead of ~10 GB of GPU memory.")
+                        help="Load T5 in 8-bit (bitsandbytes, CUDA only): about half the GPU memory of bf16.")
     parser.add_argument("--device", type=str, default=None, help="Encoder device (default: cuda if available).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     return parser.parse_args(input_args)
@@ -80,7 +89,7 @@ def encode_rows(pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, arg
 
 def main(args: argparse.Namespace) -> None:
     validate_args(args)
-    samples = load_samples(args)
+    samples = load_samples(**dataset_kwargs(args))
     logger.info("%d images with captions from %s", len(samples), args.dataset_name or args.instance_data_dir)
 
     source = embedding_source(args)
@@ -90,7 +99,8 @@ def main(args: argparse.Namespace) -> None:
     logger.info("%d captions to encode (%d reused from earlier runs)", len(rows),
                 len(samples) + len(args.validation_prompt) - len(rows))
     if rows:
-        pipe = load_text_pipeline(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_text_pipeline(args.pretrained_model_name_or_path, device, args.t5_8bit, **hub_kwargs(args))
         encode_rows(pipe, rows, writer, args)
         del pipe
 

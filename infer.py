@@ -20,27 +20,19 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flux_qlora.cli import run_main, setup_logging
+from flux_qlora.cli import add_attention_backend_arg, add_model_args, hub_kwargs, run_main, setup_logging
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
-from flux_qlora.data import UserError, check_resolution
-from flux_qlora.fused_swap import FusedLoraSwap
+from flux_qlora.data import check_resolution
+from flux_qlora.errors import UserError
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
-from flux_qlora.models import (
-    add_attention_backend_arg,
-    add_model_args,
-    check_fp8_device,
-    quantize_to_nf4,
-    set_attention_backend,
-)
+from flux_qlora.models import DTYPES, check_fp8_device, fp8_eligible, quantize_to_nf4, set_attention_backend
+from flux_qlora.serving import Lora, LoraServer, make_server
 
 logger = logging.getLogger("infer")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -79,17 +71,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
     gen.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
     gen.add_argument("--output_dir", type=str, default="outputs", help="Where the PNGs go.")
-    gen.add_argument("--dtype", type=str, default="bf16", choices=list(DTYPES), help="Weight dtype of the pipeline.")
+    gen.add_argument("--dtype", type=str, default="bf16", choices=["bf16", "fp16", "fp32"],
+                     help="Weight dtype of the pipeline.")
     gen.add_argument("--device", type=str, default=None, help="Device (default: cuda if available).")
 
     fast = parser.add_argument_group("memory and speed")
     fast.add_argument("--cpu_offload", action="store_true", help="Model CPU offload: one component on the GPU at once.")
-    fast.add_argument("--quantize_t5", action="store_true", help="Load T5 in NF4 (CUDA): ~3 GB instead of ~9.5 GB.")
+    fast.add_argument("--quantize_t5", action="store_true",
+                      help="Load T5 in NF4 (CUDA): about a third of its bf16 memory.")
     fast.add_argument("--compile", type=str, nargs="?", const="regional", default=None,
                       choices=["regional", "full", "all"],
                       help="torch.compile the transformer: 'regional' (default; compiles one block of each kind, "
                            "reused by all: fast warm-up), 'full' (fullgraph), or 'all': regional, plus T5's blocks "
-                           "and the VAE decoder (0.05-0.1 s less per image on an H100, ~30 s more warm-up).")
+                           "and the VAE decoder (a little faster per image, a longer warm-up: BENCHMARKS.md).")
     fast.add_argument("--fp8", type=str, nargs="?", const="row", default=None, choices=["row", "tensor"],
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
                            ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
@@ -140,15 +134,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-@dataclass
-class Lora:
-    source: str  # as given on the command line
-    file: Path
-    rank: int
-    scale: float
-    adapter_name: str
-
-
 def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     scales = args.lora_scale or [1.0] * len(args.lora)
     loras = []
@@ -176,11 +161,11 @@ def pick_device(args) -> torch.device:
     return device
 
 
-def load_pipeline(args, device: torch.device):
+def load_pipeline(args):
     from diffusers import FluxPipeline
 
     dtype = DTYPES[args.dtype]
-    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir, "dtype": dtype}
+    common = {**hub_kwargs(args), "dtype": dtype}
     extra = {}
     if args.quantize_t5:
         from transformers import BitsAndBytesConfig, T5EncoderModel
@@ -194,23 +179,14 @@ def load_pipeline(args, device: torch.device):
     return pipe
 
 
-def apply_loras(pipe, loras: list[Lora], args, device) -> FusedLoraSwap | None:
-    """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact. With --hotswap fused,
-    returns the swapper instead, nothing merged yet (main merges the first LoRA once the weights are on the GPU)."""
+def apply_loras(pipe, loras: list[Lora], args, device) -> LoraServer:
+    """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact; returns the server of the
+    rounds to generate (with --hotswap fused nothing is merged yet: `server.start()` merges on the GPU)."""
     for lora in loras:  # all of them before any work, hotswapped ones too
         check_lora_matches(lora.file, pipe.transformer)
-    if args.hotswap == "fused":
-        return FusedLoraSwap(pipe.transformer, [lora.file for lora in loras])
     if args.quantize == "nf4" and not args.fuse:
         quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
-    if args.hotswap:
-        pipe.enable_lora_hotswap(target_rank=args.hotswap_target_rank)
-        loras = loras[:1]  # the others are swapped in later
-    for lora in loras:
-        pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=lora.adapter_name)
-        logger.info("LoRA %s (rank %d) loaded as %s", lora.source, lora.rank, lora.adapter_name)
-    if loras and not args.hotswap:
-        pipe.set_adapters([lo.adapter_name for lo in loras], adapter_weights=[lo.scale for lo in loras])
+    server = make_server(args.hotswap, pipe, loras, args.hotswap_target_rank)
     if args.fuse:
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -220,7 +196,7 @@ def apply_loras(pipe, loras: list[Lora], args, device) -> FusedLoraSwap | None:
             logger.info("Saved the fused transformer to %s", args.save_fused)
         if args.quantize == "nf4":
             quantize_to_nf4(pipe.transformer, device)
-    return None
+    return server
 
 
 def place_on_device(pipe, args, device) -> None:
@@ -228,23 +204,10 @@ def place_on_device(pipe, args, device) -> None:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-        move_lora_scalings(pipe.transformer, device)
     pipe.set_progress_bar_config(disable=True)
 
 
-def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> None:
-    """Hotswap keeps each LoRA scale in a tensor (swaps then fill it in place, no recompiling) made where the
-    weights were at load time, and `.to()` does not move it: left on the CPU, a CUDA graph would bake in the first
-    LoRA's scale."""
-    for module in transformer.modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict):
-            for name, value in scaling.items():
-                if isinstance(value, torch.Tensor):
-                    scaling[name] = value.to(device)
-
-
-def speed_up(pipe, args, swapper: FusedLoraSwap | None) -> None:
+def speed_up(pipe, args, server: LoraServer) -> None:
     set_attention_backend(pipe.transformer, args.attention_backend)
     if args.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -253,9 +216,8 @@ def speed_up(pipe, args, swapper: FusedLoraSwap | None) -> None:
         # process-wide, which took the compile warm-up from seconds to ~5 minutes (BENCHMARKS.md).
         config = Float8DynamicActivationFloat8WeightConfig(
             granularity=PerRow() if args.fp8 == "row" else PerTensor(), set_inductor_config=False)
-        quantize_(pipe.transformer, config, filter_fn=_fp8_filter)
-        if swapper is not None:
-            swapper.fp8_config = config  # later swaps re-quantize the merged weights the same way
+        quantize_(pipe.transformer, config, filter_fn=fp8_eligible)
+        server.use_fp8(config)
         logger.info("Transformer linears quantized to float8 (torchao, per-%s scales)", args.fp8)
     if args.compile in ("regional", "all"):
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
@@ -269,13 +231,7 @@ def speed_up(pipe, args, swapper: FusedLoraSwap | None) -> None:
         replay_forward_from_cuda_graphs(pipe.transformer)
 
 
-def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
-    """FP8 only pays on big linears whose sizes the FP8 GEMMs take (multiples of 16); LoRA factors stay bf16."""
-    return (isinstance(module, torch.nn.Linear) and "lora_" not in name and module.in_features >= 1024
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-
-def generate(pipe, prompts: list[str], args, lora_tag: str, device) -> list[Path]:
+def generate(pipe, prompts: list[str], args, lora_tag: str) -> list[Path]:
     from PIL.PngImagePlugin import PngInfo
 
     output_dir = Path(args.output_dir)
@@ -323,23 +279,16 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[-60:] or "base"
 
 
-def serve(pipe, loras: list[Lora], prompts: list[str], args, device, swapper: FusedLoraSwap | None) -> list[dict]:
-    """Generates (and with --benchmark times) each LoRA in turn: one pass, or one per hotswapped LoRA."""
+def serve(pipe, server: LoraServer, prompts: list[str], args, device) -> list[dict]:
+    """Generates (and with --benchmark times) each of the server's rounds: one, or one per hotswapped LoRA."""
     import torch._dynamo.utils as dynamo_utils
 
-    rounds = loras if args.hotswap else [None]
     results = []
-    for i, lora in enumerate(rounds):
+    for i, tag in enumerate(server.rounds):
         start = time.perf_counter()
-        if args.hotswap and i > 0:
-            if swapper is not None:
-                swapper.swap(i)
-            else:
-                pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
-                                       adapter_name=loras[0].adapter_name)
-        tag = lora.source if lora else "+".join(f"{lo.source}@{lo.scale:g}" for lo in loras) or "base"
+        server.swap(i)
         graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
-        files = generate(pipe, prompts, args, tag, device)  # the first image of the first round warms up
+        files = generate(pipe, prompts, args, tag)  # the first image of the first round warms up
         result = {"lora": tag, "files": [str(f) for f in files], "first_image_s": time.perf_counter() - start}
         if args.benchmark:
             result.update(time_generations(pipe, prompts[0], args, device))
@@ -355,15 +304,14 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     prompts = read_prompts(args)
     device = pick_device(args)
     loras = resolve_loras(args)
-    pipe = pipe if pipe is not None else load_pipeline(args, device)
-    swapper = apply_loras(pipe, loras, args, device)
+    pipe = pipe if pipe is not None else load_pipeline(args)
+    server = apply_loras(pipe, loras, args, device)
     if not prompts:
         return []
     place_on_device(pipe, args, device)
-    if swapper is not None:
-        swapper.swap(0)  # merged on the GPU, and before any FP8 quantization
-    speed_up(pipe, args, swapper)
-    results = serve(pipe, loras, prompts, args, device, swapper)
+    server.start()
+    speed_up(pipe, args, server)
+    results = serve(pipe, server, prompts, args, device)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"
         path.write_text(json.dumps(results, indent=2))

@@ -19,17 +19,13 @@ import argparse
 import gc
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_train import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE  # bench/ is the script's folder
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_train import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE  # noqa: E402
+from flux_qlora.reports import kernel_seconds, write_profile_tables
 
 PROMPT = "a photo of a red fox sitting in a snowy forest at dawn, detailed fur, soft light"
 INDUCTOR_SETTINGS = {"fused-all-mk": {"triton.multi_kernel": 1}}  # inductor settings to try, by configuration
@@ -173,12 +169,8 @@ def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             pipe(**call)
             torch.cuda.synchronize()
-        kernels_us = sum(e.device_time_total for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
-        report["profiled_kernel_s"] = round(kernels_us / 1e6, 3)
-        table = prof.key_averages().table
-        (out_dir / f"{name}-top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=50))
-        (out_dir / f"{name}-top_cpu.txt").write_text(table(sort_by="self_cpu_time_total", row_limit=30))
+        report["profiled_kernel_s"] = round(kernel_seconds(prof), 3)
+        write_profile_tables(prof, out_dir, prefix=f"{name}-", rows=50)
     print("DIAGNOSE " + json.dumps(report), flush=True)
     return report
 

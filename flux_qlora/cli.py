@@ -1,10 +1,17 @@
-"""What every entry script shares: logging set-up and turning bad input into one clear line."""
+"""What the entry scripts share: logging, turning bad input into one clear line, and the flag groups used by more
+than one script, with the adapters from their flags to the library's explicit parameters.
+
+The library modules never see an `argparse.Namespace`: only the scripts and this module do.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+
+from flux_qlora.errors import UserError
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -12,13 +19,11 @@ def setup_logging(debug: bool = False) -> None:
                         level=logging.DEBUG if debug else logging.INFO)
 
 
-def run_main(main: Callable, args) -> None:
+def run_main(main: Callable, args: argparse.Namespace) -> None:
     """Runs `main(args)`; a `UserError` becomes one `error: ...` line on stderr and exit code 2.
 
     With `--debug` the full traceback is shown instead.
     """
-    from flux_qlora.data import UserError
-
     try:
         main(args)
     except UserError as error:
@@ -26,3 +31,53 @@ def run_main(main: Callable, args) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", type=str, default="black-forest-labs/FLUX.1-dev",
+                       help="A Flux pipeline: Hub id or local folder (model_index.json + subfolders).")
+    group.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit).")
+    group.add_argument("--variant", type=str, default=None, help="Weight file variant, e.g. fp16.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where Hub downloads are cached.")
+
+
+def hub_kwargs(args: argparse.Namespace) -> dict:
+    """The model flags every `from_pretrained` call takes."""
+    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+
+
+def add_attention_backend_arg(group, default: str) -> None:
+    group.add_argument("--attention_backend", type=str, default=None,
+                       help=f"diffusers attention backend, e.g. _native_flash, _native_cudnn, flash, _flash_3 "
+                            f"(default: {default}).")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """The dataset flags shared by compute_embeddings.py and train_qlora_flux.py."""
+    group = parser.add_argument_group("dataset (a Hub dataset or a local folder)")
+    group.add_argument("--dataset_name", type=str, default=None,
+                       help="A dataset on the Hub (or a local dataset path `datasets.load_dataset` reads).")
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    group.add_argument("--dataset_split", type=str, default="train", help="The split to use.")
+    group.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    group.add_argument("--caption_column", type=str, default="text",
+                       help="The dataset column (or metadata.jsonl key) holding the captions.")
+    group.add_argument("--instance_data_dir", type=str, default=None,
+                       help="A folder of images, captioned by a .txt beside each image or by a metadata.jsonl "
+                            "(`file_name` + caption column).")
+    group.add_argument("--instance_prompt", type=str, default=None,
+                       help="Caption for images that have none (e.g. 'a photo of sks dog').")
+
+
+def check_dataset_args(args: argparse.Namespace) -> None:
+    if bool(args.dataset_name) == bool(args.instance_data_dir):
+        raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")
+
+
+def dataset_kwargs(args: argparse.Namespace) -> dict:
+    """The dataset flags as `data.load_samples` takes them."""
+    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "dataset_split": args.dataset_split, "image_column": args.image_column,
+            "caption_column": args.caption_column, "instance_data_dir": args.instance_data_dir,
+            "instance_prompt": args.instance_prompt, "cache_dir": args.cache_dir}

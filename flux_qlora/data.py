@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flux_qlora.errors import UserError
+
+__all__ = ["UserError"]  # documented as flux_qlora.data.UserError: kept importable from here
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-class UserError(Exception):
-    """Bad input the user can fix: the scripts print its message as one line and exit with code 2."""
 
 
 def image_hash(image: Image.Image) -> str:
@@ -112,15 +112,13 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
 def load_hub_samples(
     dataset_name: str, image_column: str, caption_column: str, instance_prompt: str | None,
     dataset_config_name: str | None = None, split: str = "train", cache_dir: str | None = None,
-    revision: str | None = None,
 ) -> list[Sample]:
     """Rows of a `datasets` dataset (a Hub id or anything `load_dataset` accepts)."""
     try:
         import datasets
     except ImportError:
         raise UserError("--dataset_name needs the datasets library: `pip install datasets`.") from None
-    dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir,
-                                    revision=revision)
+    dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
     for column in (image_column,) + ((caption_column,) if instance_prompt is None else ()):
         if column not in dataset.column_names:
             raise UserError(
@@ -141,13 +139,15 @@ def load_hub_samples(
     return samples
 
 
-def load_samples(args) -> list[Sample]:
-    """The samples named by the shared dataset flags (see `add_dataset_args`), duplicates dropped."""
-    if args.dataset_name:
-        samples = load_hub_samples(args.dataset_name, args.image_column, args.caption_column, args.instance_prompt,
-                                   args.dataset_config_name, args.dataset_split, args.cache_dir)
+def load_samples(*, dataset_name: str | None, instance_data_dir: str | None, caption_column: str,
+                 instance_prompt: str | None, image_column: str = "image", dataset_config_name: str | None = None,
+                 dataset_split: str = "train", cache_dir: str | None = None) -> list[Sample]:
+    """The samples of a Hub dataset (`dataset_name`) or a local folder, duplicates dropped."""
+    if dataset_name:
+        samples = load_hub_samples(dataset_name, image_column, caption_column, instance_prompt,
+                                   dataset_config_name, dataset_split, cache_dir)
     else:
-        samples = load_local_samples(args.instance_data_dir, args.caption_column, args.instance_prompt)
+        samples = load_local_samples(instance_data_dir, caption_column, instance_prompt)
     return drop_duplicates(samples)
 
 
@@ -164,28 +164,6 @@ def drop_duplicates(samples: list[Sample]) -> list[Sample]:
     return list(seen.values())
 
 
-def add_dataset_args(parser) -> None:
-    """The dataset flags shared by compute_embeddings.py and train_qlora_flux.py."""
-    group = parser.add_argument_group("dataset (a Hub dataset or a local folder)")
-    group.add_argument("--dataset_name", type=str, default=None,
-                       help="A dataset on the Hub (or a local dataset path `datasets.load_dataset` reads).")
-    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
-    group.add_argument("--dataset_split", type=str, default="train", help="The split to use.")
-    group.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    group.add_argument("--caption_column", type=str, default="text",
-                       help="The dataset column (or metadata.jsonl key) holding the captions.")
-    group.add_argument("--instance_data_dir", type=str, default=None,
-                       help="A folder of images, captioned by a .txt beside each image or by a metadata.jsonl "
-                            "(`file_name` + caption column).")
-    group.add_argument("--instance_prompt", type=str, default=None,
-                       help="Caption for images that have none (e.g. 'a photo of sks dog').")
-
-
-def check_dataset_args(args) -> None:
-    if bool(args.dataset_name) == bool(args.instance_data_dir):
-        raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")
-
-
 def check_resolution(width: int, height: int) -> None:
     for name, value in (("--width", width), ("--height", height)):
         if value <= 0 or value % 16:
@@ -193,15 +171,13 @@ def check_resolution(width: int, height: int) -> None:
                             f"Flux packs 2x2 latents); try {max(16, round(value / 16) * 16)}.")
 
 
-def resize_and_crop(image: Image.Image, width: int, height: int, crop: str = "center") -> torch.Tensor:
-    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then cropped."""
+def resize_and_crop(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then center-cropped."""
     image = ImageOps.exif_transpose(image).convert("RGB")
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    if crop == "random":
-        left, top = np.random.randint(0, size[0] - width + 1), np.random.randint(0, size[1] - height + 1)
     image = image.crop((left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 

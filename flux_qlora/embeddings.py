@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flux_qlora.data import UserError
+from flux_qlora.data import Sample
+from flux_qlora.errors import UserError
 
 MANIFEST_KEY = b"flux_qlora"
 LAYOUT_VERSION = 1
@@ -212,4 +213,25 @@ def read_embeddings(path: str | Path) -> TextEmbeddings:
         keys=table["image_hash"].to_pylist(), captions=captions,
         prompt_embeds=tensors["prompt_embeds"], pooled_prompt_embeds=tensors["pooled_prompt_embeds"],
         text_ids=tensors["text_ids"][0], manifest=manifest or {"shapes": shapes},
+    )
+
+
+def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_path: str) -> TextEmbeddings:
+    """The embeddings of exactly these samples, in their order; refuses images the parquet doesn't know."""
+    index = embeddings.index()
+    missing = [s for s in samples if s.image_hash not in index]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(samples)} images have no embeddings in {data_df_path} (e.g. {missing[0].source}): "
+            "the images or captions changed since it was made; re-run compute_embeddings.py with the same data flags."
+        )
+    rows = torch.tensor([index[s.image_hash] for s in samples])
+    stale = [s.source for s, r in zip(samples, rows.tolist()) if embeddings.captions[r] not in ("", s.caption)]
+    if stale:
+        raise UserError(f"{len(stale)} caption(s) changed since {data_df_path} was made (e.g. {stale[0]}); "
+                        "re-run compute_embeddings.py to update it.")
+    return TextEmbeddings(
+        keys=[s.image_hash for s in samples], captions=[s.caption for s in samples],
+        prompt_embeds=embeddings.prompt_embeds[rows], pooled_prompt_embeds=embeddings.pooled_prompt_embeds[rows],
+        text_ids=embeddings.text_ids, manifest=embeddings.manifest,
     )

@@ -2,13 +2,19 @@
 
 x_t = (1 - sigma) * x_0 + sigma * noise; the transformer predicts the velocity noise - x_0 from packed 2x2
 latent patches; sigma is drawn from a density over 1000 discrete training timesteps and optionally shifted.
+The trainer decides when a step runs; `draw_noise_and_sigmas` and `flow_matching_step` are what one step computes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from flux_qlora.batches import Batch
 
 NUM_TRAIN_TIMESTEPS = 1000
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
@@ -82,3 +88,46 @@ def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: t
     weights = loss_weighting(scheme, sigmas).view(-1, *[1] * (latents.dim() - 1))
     per_sample = (weights * (model_pred.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1)
     return per_sample.mean()
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """Where on the noise schedule samples are trained: the density (`WEIGHTING_SCHEMES`) and the sigma shift."""
+
+    scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | None = 1.0  # None: FLUX.1-dev's resolution-dependent shift
+
+
+def draw_noise_and_sigmas(sampling: TimestepSampling, generator: torch.Generator, global_batch: int, part: slice,
+                          latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, sigmas) for `part` of a global batch, both drawn for the whole batch from `generator`, so a process
+    of a data-parallel run gets exactly the rows a single process would."""
+    noise = torch.randn((global_batch, *latent_shape), generator=generator)[part]
+    u = sample_density(sampling.scheme, global_batch, generator, sampling.logit_mean, sampling.logit_std,
+                       sampling.mode_scale)[part]
+    sigmas = sigmas_from_density(u)
+    h, w = latent_shape[-2:]
+    shift = resolution_shift(h * w // 4) if sampling.shift is None else sampling.shift
+    return noise, shift_sigmas(sigmas, shift) if shift != 1.0 else sigmas
+
+
+def flow_matching_step(transformer: torch.nn.Module, batch: Batch, noise: torch.Tensor, sigmas: torch.Tensor,
+                       text_ids: torch.Tensor, image_ids: torch.Tensor, guidance: float | None,
+                       scheme: str) -> torch.Tensor:
+    """One forward pass and its loss: noise the latents to sigma, predict the velocity (noise - latents).
+    `guidance`: the guidance vector's value, None for a transformer without guidance embeddings."""
+    latents = batch.latents
+    sig = sigmas.view(-1, 1, 1, 1).to(latents.device)
+    noise = noise.to(latents.device, latents.dtype)
+    noisy = ((1 - sig) * latents.float() + sig * noise.float()).to(latents.dtype)
+    model_pred = transformer(
+        hidden_states=pack_latents(noisy), timestep=sig.flatten().to(latents.dtype),
+        guidance=None if guidance is None else torch.full((latents.shape[0],), guidance, device=latents.device),
+        pooled_projections=batch.pooled_prompt_embeds, encoder_hidden_states=batch.prompt_embeds,
+        txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+    )[0]
+    model_pred = unpack_latents(model_pred, *latents.shape[-2:])
+    return flow_matching_loss(model_pred, noise, latents, sig.flatten(), scheme)

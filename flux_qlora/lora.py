@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flux_qlora.data import UserError
-from flux_qlora.models import LORA_TARGET_PRESETS, looks_like_hub_id
-
-logger = logging.getLogger(__name__)
+from flux_qlora.errors import UserError
+from flux_qlora.models import looks_like_hub_id
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
+LORA_TARGET_PRESETS = {
+    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
+    "attention+context": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "all-linear": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
+                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+                   "norm1.linear", "norm1_context.linear", "norm.linear"],
+}
 
 
 def target_modules(lora_layers: str) -> list[str]:
@@ -134,83 +137,25 @@ def lora_rank(file: Path) -> int:
 
 
 def check_lora_matches(file: Path, transformer: nn.Module) -> None:
-    """Refuses a diffusers-format LoRA made for another model (layers missing or of other sizes)."""
+    """Refuses a diffusers-format LoRA made for another model (layers missing or of other sizes); other formats
+    (kohya, BFL) are converted and checked by diffusers itself."""
     state = _lora_tensors(file)
     modules = dict(transformer.named_modules())
-    for key, tensor in state.items():
-        if not key.startswith("transformer.") or ".lora_A." not in key:
-            continue  # other formats (kohya, BFL) are converted and checked by diffusers itself
-        name = key.removeprefix("transformer.").split(".lora_A.")[0]
-        module = modules.get(name) or modules.get(f"{name}.base_layer")
-        in_features = getattr(module, "in_features", None)
-        if module is None or in_features != tensor.shape[1]:
-            found = "missing" if module is None else f"{in_features} inputs"
-            raise UserError(f"LoRA {file} doesn't fit this transformer: layer {name} has {tensor.shape[1]} inputs "
-                            f"in the LoRA, {found} in the model. Is it a LoRA for another model?")
+    for key, a in state.items():
+        if not key.startswith("transformer.") or not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        b = state.get(f"transformer.{name}.lora_B.weight")
+        check_layer_fits(file, name, modules.get(name) or modules.get(f"{name}.base_layer"), a.shape[1],
+                         None if b is None else b.shape[0])
 
 
-class FlatLora:
-    """All LoRA weights in one flat fp32 buffer, `master`: the optimizer's only parameter, so the optimizer step and
-    gradient clipping run a handful of kernels instead of kernels for each of the ~760 small LoRA tensors of Flux.
-
-    With `compute_dtype` bf16/fp16 (mixed precision, one process) the model's LoRA weights are views of a flat copy
-    in that dtype, refreshed after each optimizer step by one copy: the compiled blocks then take them as they are
-    instead of casting each weight in every graph (~1,100 tiny cast kernels per Flux step). The values the model
-    computes with are the same as autocast's casts; gradients are added into `master.grad` in fp32 every micro
-    step. Otherwise (fp32, or DDP, which reduces the weights' own gradients) the weights are views of `master`.
-    """
-
-    def __init__(self, params: list[nn.Parameter], compute_dtype: torch.dtype = torch.float32):
-        self.params = params
-        self.master = nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in params]))
-        self.compute = self.master.detach().to(compute_dtype) if compute_dtype != torch.float32 else None
-        if self.compute is not None:  # allocated once and zeroed in place: a CUDA graph adds into this address
-            self.master.grad = torch.zeros_like(self.master)
-        self._view_params(self.compute if self.compute is not None else self.master.data)
-
-    @property
-    def gathers_each_micro_step(self) -> bool:
-        """With a compute copy, each micro step's gradients go into master.grad at once (and can be captured)."""
-        return self.compute is not None
-
-    def _view_params(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.data = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-    def gather_grads(self) -> None:
-        """master.grad (+)= the LoRA weights' gradients in fp32; the weights' own are cleared when they are copies."""
-        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
-        if self.compute is None:
-            self.master.grad = grads
-            return
-        self.master.grad.add_(grads)
-        for p in self.params:
-            p.grad = None
-
-    def zero_grad(self) -> None:
-        if self.compute is not None:
-            self.master.grad.zero_()
-            return
-        self.master.grad = None
-        for p in self.params:
-            p.grad = None
-
-    def sync(self) -> None:
-        """After an optimizer step (or loading): the compute copy takes the master weights."""
-        if self.compute is not None:
-            self.compute.copy_(self.master.detach())
-
-    @contextmanager
-    def master_weights(self):
-        """The model's LoRA weights as views of the fp32 master while inside: to save or load them exactly."""
-        if self.compute is None:
-            yield
-            return
-        self._view_params(self.master.data)
-        try:
-            yield
-        finally:
-            self._view_params(self.compute)
-            self.sync()
+def check_layer_fits(file: Path, name: str, layer: nn.Module | None, in_features: int,
+                     out_features: int | None) -> nn.Linear:
+    """The one "this LoRA doesn't fit this transformer" rule: `name` is a linear layer of these sizes."""
+    sizes = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+    if sizes[0] is None or sizes[0] != in_features or out_features not in (None, sizes[1]):
+        found = "no such linear layer" if sizes[0] is None else f"{sizes[0]} -> {sizes[1]}"
+        raise UserError(f"LoRA {file} doesn't fit this transformer: layer {name} is {in_features} -> "
+                        f"{out_features or '?'} in the LoRA, {found} in the model. Is it a LoRA for another model?")
+    return layer

@@ -16,30 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flux_qlora.data import UserError
+from flux_qlora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The one dtype table: infer.py's --dtype names, and accelerate's --mixed_precision ("no" computes in fp32).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
+# FP8 GEMMs pay (and keep accuracy) only where both sides of the weight are wide: the output layer (3072 -> 64,
+# the velocity itself) would spend more on quantizing its input than its tiny GEMM saves.
+FP8_MIN_FEATURES = 1024
 # Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
 # in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
 QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-LORA_TARGET_PRESETS = {
-    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
-    "attention+context": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
-    "all-linear": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
-                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
-                   "norm1.linear", "norm1_context.linear", "norm.linear"],
-}
-
-
-def add_model_args(parser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--pretrained_model_name_or_path", type=str, default="black-forest-labs/FLUX.1-dev",
-                       help="A Flux pipeline: Hub id or local folder (model_index.json + subfolders).")
-    group.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit).")
-    group.add_argument("--variant", type=str, default=None, help="Weight file variant, e.g. fp16.")
-    group.add_argument("--cache_dir", type=str, default=None, help="Where Hub downloads are cached.")
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -58,25 +46,24 @@ def _check_model_source(name_or_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_text_pipeline(args, device: str | None = None):
-    """A FluxPipeline holding only the tokenizers and text encoders, on `device`."""
+def load_text_pipeline(name_or_path: str, device: str, t5_8bit: bool = False, revision: str | None = None,
+                       variant: str | None = None, cache_dir: str | None = None):
+    """A FluxPipeline holding only the tokenizers and text encoders, on `device` (bf16 on a GPU, else fp32)."""
     from diffusers import FluxPipeline
 
-    _check_model_source(args.pretrained_model_name_or_path)
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_model_source(name_or_path)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    common = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    common = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
     extra = {}
-    if args.t5_8bit:
+    if t5_8bit:
         if not device.startswith("cuda"):
             raise UserError("--t5_8bit needs a CUDA GPU (bitsandbytes 8-bit inference); drop the flag on the CPU.")
         from transformers import BitsAndBytesConfig, T5EncoderModel
 
         extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder_2", dtype=dtype,
+            name_or_path, subfolder="text_encoder_2", dtype=dtype,
             quantization_config=BitsAndBytesConfig(load_in_8bit=True), **common)
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=None, vae=None,
-                                        dtype=dtype, **common, **extra)
+    pipe = FluxPipeline.from_pretrained(name_or_path, transformer=None, vae=None, dtype=dtype, **common, **extra)
     for name in ("text_encoder", "text_encoder_2"):
         module = getattr(pipe, name)
         if not getattr(module, "is_loaded_in_8bit", False):
@@ -237,8 +224,19 @@ def load_transformer(name_or_path: str, device: str | torch.device, weight_dtype
     return model
 
 
-def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """Re-quantizes an in-memory transformer's block linears to NF4 (e.g. after fusing a LoRA)."""
+def load_vae(name_or_path: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+             variant: str | None = None, cache_dir: str | None = None):
+    """The pipeline's VAE, frozen, on `device`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", revision=revision, variant=variant,
+                                        cache_dir=cache_dir, dtype=dtype)
+    return vae.requires_grad_(False).to(device)
+
+
+def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> None:
+    """Re-quantizes an in-memory transformer's block linears to NF4 in place (e.g. after fusing a LoRA) and moves
+    it to `device`."""
     device = torch.device(device)
     for name in _block_linears(model):
         parent_name, child = name.rsplit(".", 1)
@@ -249,7 +247,7 @@ def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> nn.Module:
         if linear.bias is not None:
             nf4.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
         setattr(parent, child, nf4)
-    return model.to(device)
+    model.to(device)
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -313,10 +311,10 @@ def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, com
     transformer.enable_gradient_checkpointing(checkpoint_every_nth)
 
 
-def compile_blocks(transformer: nn.Module) -> int:
+def compile_blocks(transformer: nn.Module) -> None:
     """Regional compilation: each block through `torch.compile` (blocks of a kind share one graph). NF4 layers
     first become `CompilableLinear4bit`, so the blocks compile to fused kernels instead of calls into
-    bitsandbytes' Python layer. Returns the number of NF4 layers switched."""
+    bitsandbytes' Python layer (which needs AOTAutograd's CSE off: see train_qlora_flux.py)."""
     from flux_qlora.nf4 import make_nf4_compilable
 
     switched = make_nf4_compilable(transformer)
@@ -324,13 +322,6 @@ def compile_blocks(transformer: nn.Module) -> int:
     for block in blocks:
         block.compile(dynamic=False)
     logger.info("Compiling %d blocks (%d NF4 layers as fused torch ops)", len(blocks), switched)
-    return switched
-
-
-def add_attention_backend_arg(group, default: str) -> None:
-    group.add_argument("--attention_backend", type=str, default=None,
-                       help=f"diffusers attention backend, e.g. _native_flash, _native_cudnn, flash, _flash_3 "
-                            f"(default: {default}).")
 
 
 def set_attention_backend(transformer: nn.Module, backend: str | None) -> None:
@@ -344,6 +335,20 @@ def set_attention_backend(transformer: nn.Module, backend: str | None) -> None:
         raise UserError(f"--attention_backend {backend}: {error}") from None
 
 
+def training_attention_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The backend the trainer uses: `requested`, else _native_flash on a GPU in bf16/fp16, else PyTorch SDPA's own
+    choice (flash attention has no fp32 kernel: "No available kernel")."""
+    if requested is None and device.type == "cuda" and dtype != torch.float32:
+        # The cuDNN attention PyTorch picks on the H100 broke in the backward once the projections fed it bf16
+        # directly (bf16 base: "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA
+        # gradients); its flash kernel trains correctly (BENCHMARKS.md).
+        return "_native_flash"
+    if requested and "cudnn" in requested and device.type == "cuda":
+        logger.warning("--attention_backend %s: on the H100 its backward failed or gave zero LoRA gradients in "
+                       "our tests (BENCHMARKS.md); check that the loss falls.", requested)
+    return requested
+
+
 def check_fp8_device(device: torch.device, flag: str) -> None:
     """FP8 matrix units arrived with compute capability 8.9 (Ada); refuses anything older, and the CPU."""
     if device.type != "cuda":
@@ -355,27 +360,28 @@ def check_fp8_device(device: torch.device, flag: str) -> None:
                         f"{torch.cuda.get_device_name(device)} has {major}.{minor}. Drop the flag.")
 
 
-def enable_fp8_training(transformer: nn.Module, device: torch.device) -> int:
-    """torchao float8 training for the frozen base's big linear layers (a bf16 base on an FP8-capable GPU).
+def fp8_eligible(module: nn.Module, name: str) -> bool:
+    """The one FP8 layer rule (training and inference): a plain linear, not a LoRA factor, at least
+    `FP8_MIN_FEATURES` wide on both sides, with sizes the FP8 GEMMs take (multiples of 16)."""
+    return (isinstance(module, nn.Linear) and "lora_" not in name
+            and min(module.in_features, module.out_features) >= FP8_MIN_FEATURES
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
-    Only layers whose sizes the FP8 GEMMs take (multiples of 16, at least 1024 wide) are swapped; the LoRA
-    factors, the small embedders and NF4 layers stay as they are. Returns the number of layers swapped.
-    """
-    check_fp8_device(device, "--do_fp8_training")
+
+def enable_fp8_training(transformer: nn.Module) -> None:
+    """torchao float8 training for the frozen base's big linear layers (a bf16 base on an FP8-capable GPU, checked
+    by the caller with `check_fp8_device`): the layers `fp8_eligible` picks; NF4 layers are not nn.Linear."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     swapped = []
 
-    def big_plain_linear(module: nn.Module, fqn: str) -> bool:
-        ok = (type(module) is nn.Linear and ".lora_" not in fqn and min(module.in_features, module.out_features) >= 1024
-              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-        if ok:
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        if type(module) is nn.Linear and fp8_eligible(module, fqn):
             swapped.append(fqn)
-        return ok
+            return True
+        return False
 
     # pad_inner_dim: token counts such as 77 text + 1536 image tokens are not multiples of 16, which the FP8
     # GEMMs of the backward need.
-    convert_to_float8_training(transformer, module_filter_fn=big_plain_linear,
-                               config=Float8LinearConfig(pad_inner_dim=True))
+    convert_to_float8_training(transformer, module_filter_fn=eligible, config=Float8LinearConfig(pad_inner_dim=True))
     logger.info("FP8 training (torchao) on %d linear layers", len(swapped))
-    return len(swapped)

@@ -91,10 +91,11 @@ def compilable(layer: nn.Module) -> bool:
 
 def make_nf4_compilable(model: nn.Module) -> int:
     """Switches the model's NF4 layers to `CompilableLinear4bit` in place (after loading and moving to the device;
-    LoRA wrappers keep working: they only call the layer). Returns the number of layers switched."""
-    # AOTAutograd's common-subexpression elimination would merge the backward's dequantization with the
-    # forward's and then keep every block's bf16 weights for the backward (+21 GiB on FLUX.1-dev, measured).
-    torch._functorch.config.cse = False
+    LoRA wrappers keep working: they only call the layer). Returns the number of layers switched.
+
+    Compile them with AOTAutograd's common-subexpression elimination off (`torch._functorch.config.cse = False`):
+    it would merge the backward's dequantization with the forward's and keep every bf16 weight for the backward.
+    """
     count = 0
     for layer in model.modules():
         if compilable(layer):

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ["HF_HUB_OFFLINE"] = "1"
+from flux_qlora.tiny import build_tiny_images, build_tiny_pipeline
 
-from flux_qlora.tiny import build_tiny_images, build_tiny_pipeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(ROOT / "accelerate.yaml")]
+VALIDATION = "a red circle on a green background"  # embedded by the tiny_embeddings fixture
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +40,15 @@ def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("embeddings") / "embeddings.parquet"
     run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
                "--instance_data_dir", tiny_images_master, "--output_path", output,
-               "--validation_prompt", "a red circle on a green background", "--max_sequence_length", "16")
+               "--validation_prompt", VALIDATION, "--max_sequence_length", "16")
     return output
+
+
+def train_args(model, images, embeddings, output_dir, *extra) -> list:
+    """train_qlora_flux.py's flags for a run on the tiny model: NF4, 8-bit AdamW, checkpointing, cached latents."""
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--data_df_path", embeddings,
+            "--output_dir", output_dir, "--width", "64", "--height", "48", "--cache_latents", "--use_8bit_adam",
+            "--gradient_checkpointing", "--report_to", "none", "--logging_steps", "1", *extra]
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:

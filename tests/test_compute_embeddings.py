@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -114,29 +115,31 @@ def test_metadata_jsonl_and_instance_prompt_captions(tiny_images):
     assert load_local_samples(str(tiny_images), "text", None)[0].caption == "from jsonl"
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "no_images", "no_caption", "zero_length", "unreadable",
-                                  "two_sources", "t5_8bit_on_cpu"])
-def test_bad_input_gives_one_clear_line(case, tiny_model, tiny_images, tmp_path):
-    data, extra, expect = tiny_images, [], []
-    if case == "missing_folder":
-        data, expect = tmp_path / "nope", ["is not a folder"]
-    elif case == "no_images":
-        data, expect = tmp_path, ["holds no images"]
-    elif case == "no_caption":
-        (tiny_images / "002.txt").unlink()
-        expect = ["002.png", "--instance_prompt"]
-    elif case == "zero_length":
-        extra, expect = ["--max_sequence_length", "0"], ["--max_sequence_length 0"]
-    elif case == "two_sources":
-        extra, expect = ["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"]
-    elif case == "t5_8bit_on_cpu":
-        extra, expect = ["--t5_8bit", "--device", "cpu"], ["--t5_8bit", "CUDA"]
-    elif case == "unreadable":
-        (tiny_images / "bad.png").write_bytes(b"not a png")
-        (tiny_images / "bad.txt").write_text("a caption")
-        expect = ["bad.png", "unreadable"]
+def _remove_a_caption(images: Path, tmp_path: Path) -> None:
+    (images / "002.txt").unlink()
+
+
+def _add_an_unreadable_image(images: Path, tmp_path: Path) -> None:
+    (images / "bad.png").write_bytes(b"not a png")
+    (images / "bad.txt").write_text("a caption")
+
+
+@pytest.mark.parametrize("data, flags, expect, setup", [
+    pytest.param("{tmp}/nope", [], ["is not a folder"], None, id="missing_folder"),
+    pytest.param("{tmp}", [], ["holds no images"], None, id="no_images"),
+    pytest.param(None, [], ["002.png", "--instance_prompt"], _remove_a_caption, id="no_caption"),
+    pytest.param(None, ["--max_sequence_length", "0"], ["--max_sequence_length 0"], None, id="zero_length"),
+    pytest.param(None, [], ["bad.png", "unreadable"], _add_an_unreadable_image, id="unreadable"),
+    pytest.param(None, ["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"],
+                 None, id="two_sources"),
+    pytest.param(None, ["--t5_8bit", "--device", "cpu"], ["--t5_8bit", "CUDA"], None, id="t5_8bit_on_cpu"),
+])
+def test_bad_input_gives_one_clear_line(data, flags, expect, setup, tiny_model, tiny_images, tmp_path):
+    if setup:
+        setup(tiny_images, tmp_path)
+    data = tiny_images if data is None else data.format(tmp=tmp_path)
     result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
-                        "--instance_data_dir", data, "--output_path", tmp_path / "out.parquet", *extra, check=False)
+                        "--instance_data_dir", data, "--output_path", tmp_path / "out.parquet", *flags, check=False)
     assert_one_line_error(result, *expect)
     assert not (tmp_path / "out.parquet").exists()
 

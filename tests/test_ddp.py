@@ -8,9 +8,8 @@ import socket
 import sys
 
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, train_args
 from safetensors.torch import load_file
-from test_train import train_args
 
 
 # The documented multi-GPU config; ACCELERATE_USE_CPU makes accelerate run its processes on the CPU over gloo.

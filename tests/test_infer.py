@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer
+from flux_qlora import models
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.lora import add_lora, save_lora
 
@@ -45,17 +46,17 @@ def hand_applied(model_dir, *weighted_deltas) -> torch.nn.Module:
     return transformer
 
 
-def pipeline_and_swapper(model_dir, *flags, dtype: str = "fp32"):
-    """A tiny pipeline (on the CPU) with infer.py's LoRA handling; the swapper with --hotswap fused, else None."""
+def pipeline_and_server(model_dir, *flags, dtype: str = "fp32"):
+    """A tiny pipeline (on the CPU) with infer.py's LoRA handling, and its LoRA server."""
     from diffusers import FluxPipeline
 
     args = infer.parse_args(["--pretrained_model_name_or_path", str(model_dir), "--dtype", dtype, *flags])
-    pipe = FluxPipeline.from_pretrained(model_dir, dtype=infer.DTYPES[dtype])
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=models.DTYPES[dtype])
     return pipe, infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
 
 
 def pipeline_with(model_dir, *flags):
-    return pipeline_and_swapper(model_dir, *flags)[0]
+    return pipeline_and_server(model_dir, *flags)[0]
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,13 @@ def test_hotswap_into_compiled_transformer_equals_fresh_load_without_recompiling
 
     (fa, _), (fb, _) = loras["a"], loras["b"]  # rank 4, then rank 8
     torch._dynamo.reset()
-    pipe = pipeline_with(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb))
+    pipe, server = pipeline_and_server(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb))
+    assert server.rounds == [str(fa), str(fb)]
+    server.start()
     pipe.transformer.compile(fullgraph=True, backend="eager")  # dynamo's guards and graphs, no code generation
     tiny_forward(pipe.transformer)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    pipe.load_lora_weights(str(fb), hotswap=True, adapter_name="lora_0")
+    server.swap(1)
     swapped = tiny_forward(pipe.transformer)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
     fresh = tiny_forward(pipeline_with(tiny_model, "--lora", str(fb)).transformer)
@@ -113,14 +116,14 @@ def test_fused_hotswap_into_compiled_transformer_merges_each_lora_exactly(tiny_m
     fc = tmp_path / "c"
     dc = make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)  # scale 0.5, where a and b have 1.0
     torch._dynamo.reset()
-    pipe, swapper = pipeline_and_swapper(tiny_model, "--hotswap", "fused", *sum((["--lora", str(f)] for f in
-                                                                                  (fa, fc, fb)), []))
-    swapper.swap(0)
+    pipe, server = pipeline_and_server(tiny_model, "--hotswap", "fused", *sum((["--lora", str(f)] for f in
+                                                                                (fa, fc, fb)), []))
+    server.start()
     pipe.transformer.compile(fullgraph=True, backend="eager")
     outputs = {"a": tiny_forward(pipe.transformer)}
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     for index, name in [(1, "c"), (2, "b"), (0, "a again")]:
-        swapper.swap(index)
+        server.swap(index)
         outputs[name] = tiny_forward(pipe.transformer)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
     for name, deltas in [("a", da), ("c", dc), ("b", db)]:
@@ -168,16 +171,19 @@ def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, 
                     generator=torch.Generator("cpu").manual_seed(0)).images
 
     def eager(folder) -> torch.Tensor:
-        pipe = pipeline_with(tiny_model, "--lora", str(folder))
+        pipe, server = pipeline_and_server(tiny_model, "--lora", str(folder))
         infer.place_on_device(pipe, infer.parse_args([]), device)
+        server.start()
         return latents(pipe)
 
-    pipe = pipeline_with(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb), "--lora", str(fc))
+    pipe, server = pipeline_and_server(tiny_model, "--hotswap", "--lora", str(fa), "--lora", str(fb), "--lora",
+                                       str(fc))
     infer.place_on_device(pipe, infer.parse_args([]), device)
+    server.start()  # the hotswap scales move to the GPU with the weights, or the graph would bake in a's
     replay_forward_from_cuda_graphs(pipe.transformer)
     graphed = {"a": latents(pipe)}
-    for name, folder in [("c", fc), ("b", fb)]:
-        pipe.load_lora_weights(str(folder), hotswap=True, adapter_name="lora_0")
+    for name, index in [("c", 2), ("b", 1)]:
+        server.swap(index)
         graphed[name] = latents(pipe)
     assert [len(step.graphs) for step in pipe.transformer.forward.steps.values()] == [1]  # captured once
     for name, folder in [("a", fa), ("c", fc), ("b", fb)]:
@@ -192,21 +198,19 @@ def test_fused_hotswap_requantizes_fp8_in_place_under_cuda_graphs(tiny_model, lo
     fa, _ = loras["a"]
     fc = tmp_path / "c"
     make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)
-    # the tiny model's layers are narrower than the 1024 that infer.py's filter asks for FP8
-    monkeypatch.setattr(infer, "_fp8_filter", lambda module, name: isinstance(module, torch.nn.Linear)
-                        and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    monkeypatch.setattr(models, "FP8_MIN_FEATURES", 16)  # the tiny model's layers are narrower than FLUX.1-dev's
     device = torch.device("cuda")
 
     def served(loras: list, graphs: bool) -> tuple[list[torch.Tensor], int]:
         flags = ["--hotswap", "fused", "--fp8", *sum((["--lora", str(f)] for f in loras), [])]
-        pipe, swapper = pipeline_and_swapper(tiny_model, *flags, dtype="bf16")
+        pipe, server = pipeline_and_server(tiny_model, *flags, dtype="bf16")
         args = infer.parse_args(flags + (["--cuda_graphs"] if graphs else []))
         infer.place_on_device(pipe, args, device)
-        swapper.swap(0)
-        infer.speed_up(pipe, args, swapper)
+        server.start()
+        infer.speed_up(pipe, args, server)
         outputs = []
         for index in range(len(loras)):
-            swapper.swap(index)
+            server.swap(index)
             outputs.append(pipe("a red circle", height=32, width=32, num_inference_steps=5, output_type="latent",
                                 generator=torch.Generator("cpu").manual_seed(0)).images)
         fp8_layers = sum(hasattr(m.weight, "qdata") for m in pipe.transformer.modules() if hasattr(m, "weight"))
@@ -219,34 +223,34 @@ def test_fused_hotswap_requantizes_fp8_in_place_under_cuda_graphs(tiny_model, lo
     assert (graphed_a - graphed_c).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("case", ["rank_above_target", "other_model", "missing", "fp8_on_cpu", "scales",
-                                  "graphs_on_cpu", "fused_nf4", "fused_other_model"])
-def test_bad_input_gives_one_clear_line(case, tiny_model, loras, tmp_path):
+def _lora_for_another_model(folder, tmp_path) -> str:
+    """The LoRA with its down projections 96 wide, which no layer of the tiny model is."""
+    state = load_file(folder / "pytorch_lora_weights.safetensors")
+    save_file({k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()},
+              tmp_path / "other.safetensors")
+    return str(tmp_path / "other.safetensors")
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+@pytest.mark.parametrize("flags, expect", [
+    pytest.param(["--hotswap", "--hotswap_target_rank", "2"], ["rank 4", "--hotswap_target_rank"],
+                 id="rank_above_target"),
+    pytest.param(["--lora", "{other}"], ["doesn't fit", "another model"], id="other_model"),
+    pytest.param(["--lora", "{other}", "--hotswap", "fused"], ["doesn't fit", "another model"], id="fused_other_model"),
+    pytest.param(["--lora", "{tmp}/nope.safetensors"], ["nope.safetensors", "no such file"], id="missing"),
+    pytest.param(["--fp8"], ["--fp8", "8.9"], id="fp8_on_cpu", marks=NO_GPU),
+    pytest.param(["--lora_scale", "0.5", "--lora_scale", "0.5"], ["--lora_scale"], id="scales"),
+    pytest.param(["--cuda_graphs", "--device", "cpu"], ["--cuda_graphs", "NVIDIA GPU"], id="graphs_on_cpu"),
+    pytest.param(["--hotswap", "fused", "--quantize", "nf4"], ["--hotswap fused", "--quantize nf4"], id="fused_nf4"),
+])
+def test_bad_input_gives_one_clear_line(flags, expect, tiny_model, loras, tmp_path):
+    """Each case adds its flags to a run with LoRA a (a case that names its own --lora runs that one alone)."""
     folder, _ = loras["a"]
-    flags, expect = ["--lora", str(folder)], []
-    if case == "rank_above_target":
-        flags += ["--hotswap", "--hotswap_target_rank", "2"]
-        expect = ["rank 4", "--hotswap_target_rank"]
-    elif case in ("other_model", "fused_other_model"):
-        state = load_file(folder / "pytorch_lora_weights.safetensors")
-        state = {k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()}
-        save_file(state, tmp_path / "other.safetensors")
-        flags, expect = ["--lora", str(tmp_path / "other.safetensors")], ["doesn't fit", "another model"]
-        flags += ["--hotswap", "fused"] if case == "fused_other_model" else []
-    elif case == "fused_nf4":
-        flags += ["--hotswap", "fused", "--quantize", "nf4"]
-        expect = ["--hotswap fused", "--quantize nf4"]
-    elif case == "missing":
-        flags, expect = ["--lora", str(tmp_path / "nope.safetensors")], ["nope.safetensors", "no such file"]
-    elif case == "fp8_on_cpu":
-        flags += ["--fp8"]
-        expect = ["--fp8", "8.9"]
-    elif case == "graphs_on_cpu":
-        flags += ["--cuda_graphs", "--device", "cpu"]
-        expect = ["--cuda_graphs", "NVIDIA GPU"]
-    elif case == "scales":
-        flags += ["--lora_scale", "0.5", "--lora_scale", "0.5"]
-        expect = ["--lora_scale"]
+    other = _lora_for_another_model(folder, tmp_path) if "{other}" in flags else ""
+    flags = [f.format(tmp=tmp_path, other=other) for f in flags]
+    lora = [] if "--lora" in flags else ["--lora", str(folder)]
     result = run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--prompt", "x", "--height", "32",
-                        "--width", "32", "--output_dir", tmp_path / "out", *flags, check=False)
+                        "--width", "32", "--output_dir", tmp_path / "out", *lora, *flags, check=False)
     assert_one_line_error(result, *expect)

@@ -1,0 +1,5 @@
+"""The one exception the scripts turn into a clear line: the ground floor of the package (imports nothing)."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix: the scripts print its message as one `error: ...` line and exit with code 2."""

@@ -1,0 +1,213 @@
+"""What a run leaves behind for people: the step profile, peak memory, the loss plot, the run summary, the model
+card and the upload to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def peak_memory_gib(device: torch.device, reserved: bool = False) -> float:
+    """Peak GPU memory held by tensors (allocated) or by PyTorch's caching allocator (reserved); 0 on the CPU."""
+    if device.type != "cuda":
+        return 0.0
+    return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30
+
+
+def kernel_seconds(prof) -> float:
+    """GPU kernel time of a torch.profiler run, in seconds. Kernels only: operator rows and user annotations
+    (e.g. "Optimizer.step") repeat their kernels' time."""
+    return sum(e.device_time_total for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+
+
+def write_profile_tables(prof, folder: Path, prefix: str = "", rows: int = 40) -> None:
+    """The top kernels and the top CPU operators of a torch.profiler run, as text tables."""
+    table = prof.key_averages().table
+    (folder / f"{prefix}top_kernels.txt").write_text(table(sort_by="self_cuda_time_total", row_limit=rows))
+    (folder / f"{prefix}top_cpu.txt").write_text(table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+class StepProfiler:
+    """Profiles optimizer steps 5-7 (after warm-up and compilation): a Chrome trace, kernel and CPU tables, a CUDA
+    memory snapshot, and the GPU's kernel time per step, which the run summary divides by the median (unprofiled)
+    step time to say how busy the GPU was. With no folder (no --profile_dir) it does nothing."""
+
+    first, last = 5, 7
+
+    def __init__(self, folder: str | None, device: torch.device):
+        self.folder, self.device, self.kernel_s_per_step = folder and Path(folder), device, None
+        self.profile = None
+
+    def profiling(self, step: int) -> bool:
+        return self.folder is not None and self.first <= step <= self.last
+
+    def after_step(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.folder is None:
+            return
+        if step == self.first - 1:
+            self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profile.__enter__()
+            if self.device.type == "cuda":  # every allocation with its stack, for pytorch.org/memory_viz
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        elif step == self.last and self.profile is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.profile.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.device.type == "cuda":
+                torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
+                torch.cuda.memory._record_memory_history(enabled=None)
+            self.kernel_s_per_step = kernel_seconds(self.profile) / (self.last - self.first + 1)
+            self.profile.export_chrome_trace(str(self.folder / "trace.json"))
+            write_profile_tables(self.profile, self.folder)
+            logger.info("Profiled steps %d-%d: %.3f s of GPU kernels per step (trace in %s)", self.first, self.last,
+                        self.kernel_s_per_step, self.folder)
+
+
+class StepClock:
+    """Seconds per optimizer step; steps the profiler is recording stay out (its overhead is not the step's)."""
+
+    def __init__(self):
+        self.tick, self.last = time.perf_counter(), 0.0
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        self.last, self.tick = now - self.tick, now
+        return self.last
+
+
+@dataclass
+class RunStats:
+    """What a training run measured: every optimizer step's loss (from the start of the run, resumed ones too),
+    the step times, the GPU kernel time per step (with --profile_dir) and the GPU memory the model took."""
+
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    kernel_s_per_step: float | None = None
+    model_gib: float = 0.0
+
+    def median_s_per_step(self) -> float | None:
+        times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
+        return times[len(times) // 2] if times else None
+
+    def summary(self, device: torch.device) -> dict:
+        median, kernel_s, losses = self.median_s_per_step(), self.kernel_s_per_step, self.losses
+        return {
+            "resumed_from_step": self.start_step, "median_s_per_step": median,
+            "peak_gpu_memory_gib": round(peak_memory_gib(device), 3),
+            "peak_reserved_gpu_memory_gib": round(peak_memory_gib(device, reserved=True), 3),
+            "model_gpu_memory_gib": round(self.model_gib, 3), "gpu_kernel_s_per_step": kernel_s,
+            "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "first_loss": losses[0] if losses else None,
+        }
+
+
+def plot_loss(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if len(losses) >= 2 * window > 1:
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        ax.plot(range(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    ax.set(xlabel="optimizer step", ylabel="flow-matching loss", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def log_image(trackers, prompt: str, image, step: int, index: int) -> None:
+    """A sample image to each of accelerate's trackers (tensorboard, wandb)."""
+    import numpy as np
+
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({f"samples/{index}": wandb.Image(image, caption=prompt)}, step=step)
+
+
+@dataclass
+class ModelCard:
+    """What the Hub model card says about a trained LoRA."""
+
+    base_model: str
+    repo_id: str  # where users load it from: the Hub repo, or the output folder
+    title: str
+    rank: int
+    alpha: int
+    layers: str
+    steps: int
+    width: int
+    height: int
+    instance_prompt: str | None = None
+    validation_prompts: list[str] = field(default_factory=list)
+    sample_files: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        widgets = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}"
+                            for p, f in zip(self.validation_prompts, self.sample_files))
+        trigger = f"\nTrigger / instance prompt: `{self.instance_prompt}`\n" if self.instance_prompt else ""
+        example = (self.validation_prompts or [self.instance_prompt or "a photo"])[0]
+        return f"""---
+base_model: {self.base_model}
+library_name: diffusers
+license: other
+tags:
+- flux
+- lora
+- qlora
+- flux-qlora
+- text-to-image
+{"widget:" + chr(10) + widgets if widgets else ""}
+---
+
+# {self.title}
+
+A LoRA for [{self.base_model}](https://huggingface.co/{self.base_model}),
+trained with flux-qlora (NF4 base, rank {self.rank}, alpha {self.alpha},
+layers `{self.layers}`, {self.steps} steps at {self.width}x{self.height}).
+{trigger}
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("{self.base_model}", dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{self.repo_id}")
+image = pipe("{example}", num_inference_steps=28).images[0]
+```
+"""
+
+
+def push_to_hub(output_dir: str, repo_name: str, token: str | None) -> str:
+    """Uploads the output folder (no checkpoints, no logs) to the Hub repo `repo_name`; returns its id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_name, exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message="flux-qlora LoRA",
+                  ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"])
+    logger.info("Pushed to https://huggingface.co/%s", repo_id)
+    return repo_id
