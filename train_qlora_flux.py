@@ -61,6 +61,7 @@ from flux_qlora.reports import (
     RunStats,
     StepClock,
     StepProfiler,
+    allocated_gib,
     log_image,
     peak_memory_gib,
     plot_loss,
@@ -496,7 +497,7 @@ def main(args: argparse.Namespace) -> dict:
                                          / args.gradient_accumulation_steps)
 
     transformer = load_transformer_with_lora(args, accelerator.device, weight_dtype)
-    model_gib = torch.cuda.memory_allocated(accelerator.device) / 2**30 if torch.cuda.is_available() else 0.0
+    model_gib = allocated_gib(accelerator.device)
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
     # DDP reduces the weights' own (fp32) gradients, so the low-precision compute copy is for one process only.

@@ -21,6 +21,11 @@ def peak_memory_gib(device: torch.device, reserved: bool = False) -> float:
     return (torch.cuda.max_memory_reserved(device) if reserved else torch.cuda.max_memory_allocated(device)) / 2**30
 
 
+def allocated_gib(device: torch.device) -> float:
+    """GPU memory held by tensors now; 0 on the CPU (also a CPU run on a machine with a GPU)."""
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def kernel_seconds(prof) -> float:
     """GPU kernel time of a torch.profiler run, in seconds. Kernels only: operator rows and user annotations
     (e.g. "Optimizer.step") repeat their kernels' time."""
@@ -58,7 +63,9 @@ class StepProfiler:
             self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.profile.__enter__()
             if self.device.type == "cuda":  # every allocation with its stack, for pytorch.org/memory_viz
-                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                # Python frames only: unwinding the C++ stack at each allocation crashed eager NF4 steps
+                # (bitsandbytes' kernels called through ctypes) on the H200.
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
         elif step == self.last and self.profile is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

@@ -40,7 +40,8 @@ def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("embeddings") / "embeddings.parquet"
     run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
                "--instance_data_dir", tiny_images_master, "--output_path", output,
-               "--validation_prompt", VALIDATION, "--max_sequence_length", "16")
+               "--validation_prompt", VALIDATION, "--max_sequence_length", "16",
+               "--device", "cpu")  # the same fp32 embeddings on every machine: the training tests' inputs
     return output
 
 

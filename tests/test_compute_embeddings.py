@@ -14,13 +14,17 @@ from compute_embeddings import parse_args
 from flux_qlora.data import image_hash
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, read_embeddings
 
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compute_embeddings.py's without --device
 
-def _direct_embeddings(model_dir, captions, max_sequence_length):
+
+def _direct_embeddings(model_dir, captions, max_sequence_length, device: str = DEFAULT_DEVICE):
+    """The encoders' own output, on `device` in the dtype compute_embeddings.py uses there (bf16 on a GPU)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype).to(device)
     with torch.no_grad():
-        return pipe.encode_prompt(captions, max_sequence_length=max_sequence_length)
+        return [t.cpu() for t in pipe.encode_prompt(captions, max_sequence_length=max_sequence_length)]
 
 
 def test_embeddings_match_images_and_encoders(tiny_model, tiny_images_master, tiny_embeddings):
@@ -35,7 +39,7 @@ def test_embeddings_match_images_and_encoders(tiny_model, tiny_images_master, ti
     captions = [p.with_suffix(".txt").read_text() for p in images]
     rows = [index[image_hash(Image.open(p))] for p in images]
     assert [table.captions[i] for i in rows] == captions
-    prompt_embeds, pooled, _ = _direct_embeddings(tiny_model, captions + [validation], 16)
+    prompt_embeds, pooled, _ = _direct_embeddings(tiny_model, captions + [validation], 16, device="cpu")  # conftest
     torch.testing.assert_close(table.prompt_embeds[rows], prompt_embeds[:-1])
     torch.testing.assert_close(table.pooled_prompt_embeds[rows], pooled[:-1])
     stored_prompt, stored_pooled = table.prompt(validation)
@@ -77,7 +81,7 @@ def test_rerun_encodes_only_changed_captions_and_drops_removed_images(tiny_model
     row = table.index()[image_hash(Image.open(images[0]))]
     assert table.captions[row] == "a new caption"
     prompt_embeds, _, _ = _direct_embeddings(tiny_model, ["a new caption"], 8)
-    torch.testing.assert_close(table.prompt_embeds[row : row + 1], prompt_embeds)
+    torch.testing.assert_close(table.prompt_embeds[row : row + 1].to(prompt_embeds.dtype), prompt_embeds)
 
 
 def test_interrupted_run_resumes_from_parts(tmp_path):
@@ -154,6 +158,8 @@ def test_parse_args_defaults():
 def test_dataset_name_path_reads_a_datasets_folder_with_the_same_keys(tiny_model, tiny_images, tmp_path):
     """--dataset_name through `datasets.load_dataset` (a local imagefolder here; a Hub id for users)."""
     import json
+
+    pytest.importorskip("datasets", reason="--dataset_name needs the datasets library (not on the GPU machine)")
 
     lines = [json.dumps({"file_name": p.name, "text": p.with_suffix(".txt").read_text()})
              for p in sorted(tiny_images.glob("*.png"))]
