@@ -171,8 +171,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
     out.add_argument("--profile_dir", type=str, default=None,
                      help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
-                          "a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time the GPU was "
-                          "busy in train_summary.json.")
+                          "with --compile a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time "
+                          "the GPU was busy in train_summary.json.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
@@ -351,7 +351,9 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
     device, rank = accelerator.device, accelerator.process_index
     micro_step = make_micro_step(args, run)
     sampling = timestep_sampling(args)
-    profiler = StepProfiler(args.profile_dir, device)
+    # The memory snapshot only with --compile: recording the allocations crashed the eager NF4 steps (bitsandbytes'
+    # own layers; fp32 and bf16, segfault or "SystemError: error return without exception set" on the H200).
+    profiler = StepProfiler(args.profile_dir, device, record_memory=args.compile)
     progress = tqdm(total=args.max_train_steps, initial=stats.start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     step, clock, pending = stats.start_step, StepClock(), []

@@ -42,13 +42,14 @@ def write_profile_tables(prof, folder: Path, prefix: str = "", rows: int = 40) -
 
 class StepProfiler:
     """Profiles optimizer steps 5-7 (after warm-up and compilation): a Chrome trace, kernel and CPU tables, a CUDA
-    memory snapshot, and the GPU's kernel time per step, which the run summary divides by the median (unprofiled)
-    step time to say how busy the GPU was. With no folder (no --profile_dir) it does nothing."""
+    memory snapshot (with `record_memory`), and the GPU's kernel time per step, which the run summary divides by the
+    median (unprofiled) step time to say how busy the GPU was. With no folder (no --profile_dir) it does nothing."""
 
     first, last = 5, 7
 
-    def __init__(self, folder: str | None, device: torch.device):
+    def __init__(self, folder: str | None, device: torch.device, record_memory: bool = True):
         self.folder, self.device, self.kernel_s_per_step = folder and Path(folder), device, None
+        self.record_memory = record_memory and device.type == "cuda"
         self.profile = None
 
     def profiling(self, step: int) -> bool:
@@ -62,16 +63,14 @@ class StepProfiler:
         if step == self.first - 1:
             self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             self.profile.__enter__()
-            if self.device.type == "cuda":  # every allocation with its stack, for pytorch.org/memory_viz
-                # Python frames only: unwinding the C++ stack at each allocation crashed eager NF4 steps
-                # (bitsandbytes' kernels called through ctypes) on the H200.
-                torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+            if self.record_memory:  # every allocation with its stack, for pytorch.org/memory_viz
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         elif step == self.last and self.profile is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.profile.__exit__(None, None, None)
             self.folder.mkdir(parents=True, exist_ok=True)
-            if self.device.type == "cuda":
+            if self.record_memory:
                 torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
                 torch.cuda.memory._record_memory_history(enabled=None)
             self.kernel_s_per_step = kernel_seconds(self.profile) / (self.last - self.first + 1)

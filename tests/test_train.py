@@ -271,9 +271,9 @@ def test_profile_dir_writes_trace_and_tables(tiny_model, tiny_images_master, tin
     assert "aten::" in (tmp_path / "profile" / "top_cpu.txt").read_text()  # the CPU side of steps 5-7
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["median_s_per_step"] > 0
-    if torch.cuda.is_available():  # the GPU machine: kernels timed, a busy share, a memory snapshot
+    if torch.cuda.is_available():  # the GPU machine: kernels timed, a busy share; a memory snapshot needs --compile
         assert summary["gpu_kernel_s_per_step"] > 0 and summary["gpu_busy_percent"] > 0
-        assert (tmp_path / "profile" / "memory_snapshot.pickle").exists()
+        assert not (tmp_path / "profile" / "memory_snapshot.pickle").exists()
         assert summary["peak_reserved_gpu_memory_gib"] >= summary["peak_gpu_memory_gib"] > 0
     else:  # no GPU: no kernels, and no busy share claimed
         assert summary["gpu_kernel_s_per_step"] == 0 and summary["gpu_busy_percent"] is None
