@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_output
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-gpu lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The whole suite on a machine with an NVIDIA GPU, where every end-to-end test runs through the CUDA path (a GPU
+# changes defaults: attention backend, dtype). GPU_PY: a Python with CUDA torch and these requirements (default:
+# the venv's; on the device machine: GPU_PY=python3 with PYTHONPATH=$$PWD:$$PWD/.gpu-site).
+GPU_PY ?= $(PY)
+test-gpu:
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n 6 -p no:cacheprovider -rs tests/
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -28,8 +28,9 @@ from flux_qlora.cli import add_attention_backend_arg, add_model_args, hub_kwargs
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
+from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
-from flux_qlora.models import DTYPES, check_fp8_device, fp8_eligible, quantize_to_nf4, set_attention_backend
+from flux_qlora.models import DTYPES, fp8_eligible, quantize_to_nf4, set_attention_backend
 from flux_qlora.serving import Lora, LoraServer, make_server
 
 logger = logging.getLogger("infer")
@@ -151,9 +152,13 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
 
 
 def pick_device(args) -> torch.device:
+    """The device, with what it can't run refused before anything loads."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hardware = Device.of(device)
+    check_bf16("--dtype", args.dtype, hardware)
+    pick_attention_backend(args.attention_backend, hardware, DTYPES[args.dtype], training=False)
     if args.fp8:
-        check_fp8_device(device, "--fp8")
+        check_fp8_device(hardware, "--fp8")
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs an NVIDIA GPU (this run is on the CPU): drop the flag.")
     if args.quantize_t5 and device.type != "cuda":

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,20 +42,21 @@ from flux_qlora.cli import (
     setup_logging,
 )
 from flux_qlora.data import check_resolution, load_samples
-from flux_qlora.embeddings import match_embeddings, read_embeddings
+from flux_qlora.embeddings import match_embeddings, parquet_rows, read_embeddings, text_tokens
 from flux_qlora.errors import UserError
+from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, add_lora, lora_parameters, save_lora, target_modules
+from flux_qlora.memory import MemoryPlan, TrainingShape, plan_training, plans_that_fit
 from flux_qlora.models import (
     DTYPES,
-    check_fp8_device,
     compile_blocks,
     count_nf4_layers,
     enable_fp8_training,
     enable_gradient_checkpointing,
     load_transformer,
     load_vae,
+    read_transformer_config,
     set_attention_backend,
-    training_attention_backend,
 )
 from flux_qlora.reports import (
     ModelCard,
@@ -176,6 +178,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
+    out.add_argument("--dry_run", action="store_true",
+                     help="Print the memory plan (predicted GPU peak and system RAM) and exit, loading nothing.")
     out.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     return parser.parse_args(input_args)
 
@@ -221,11 +225,49 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to, project_config=project,
     )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        logger.warning("fp16 on a GPU that supports bf16: bf16 is safer (fp16 overflows give NaN losses).")
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.mixed_precision == "fp16" and Device.of(accelerator.device).has_bf16:
+        logger.warning("fp16 on a GPU that supports bf16: bf16 is safer (fp16 overflows skip steps).")
     return accelerator
+
+
+def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype,
+                   config: dict) -> str | None:
+    """What this device can't run is refused here, before anything loads; returns the attention backend."""
+    device = Device.of(accelerator.device)
+    if args.do_fp8_training:
+        check_fp8_device(device, "--do_fp8_training")
+    if args.cuda_graphs:
+        check_cuda_graphs(accelerator.device, accelerator.num_processes, compute_dtype(accelerator, weight_dtype))
+    return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"])
+
+
+def compute_dtype(accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.dtype:
+    """The LoRA's compute copy: DDP reduces the weights' own (fp32) gradients, so a low-precision copy is for one
+    process only."""
+    return weight_dtype if accelerator.num_processes == 1 else torch.float32
+
+
+def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype,
+                config: dict) -> MemoryPlan:
+    """Predicts the run's peak GPU memory and system RAM; stops with the flags that would fit if the GPU is too
+    small."""
+    shape = TrainingShape(
+        width=args.width, height=args.height, text_tokens=text_tokens(args.data_df_path),
+        batch_size=args.train_batch_size, nf4=args.base_precision == "nf4", compute_bytes=weight_dtype.itemsize,
+        rank=args.rank, targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
+        num_images=parquet_rows(args.data_df_path), cache_latents=args.cache_latents)
+    plan = plan_training(config, shape)
+    device = Device.of(accelerator.device)
+    logger.info("Memory plan: %s, on %s%s", plan.describe(), device.describe(),
+                f" ({device.memory_gib:.1f} GiB)" if device.memory_gib else "")
+    if device.memory_gib and plan.peak_gib > device.memory_gib:
+        fits = plans_that_fit(config, shape, device.memory_gib)
+        raise UserError(f"this run needs ~{plan.peak_gib:.1f} GiB of GPU memory, {device.describe()} has "
+                        f"{device.memory_gib:.1f} GiB: " + (f"add {' or '.join(fits)}." if fits else
+                                                            "no smaller setting fits either; use a bigger GPU."))
+    return plan
 
 
 def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype):
@@ -255,7 +297,8 @@ def make_sample_order(args: argparse.Namespace, accelerator: Accelerator, num_im
     return order
 
 
-def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype):
+def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype,
+                               attention_backend: str | None):
     transformer = load_transformer(args.pretrained_transformer_model_name_or_path or args.pretrained_model_name_or_path,
                                    device, weight_dtype, nf4=args.base_precision == "nf4", **hub_kwargs(args))
     # Like peft's prepare_model_for_kbit_training, minus its up-cast of every non-quantized weight to fp32
@@ -264,7 +307,7 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.do_fp8_training:
         enable_fp8_training(transformer)
-    set_attention_backend(transformer, training_attention_backend(args.attention_backend, device, weight_dtype))
+    set_attention_backend(transformer, attention_backend)
     if args.compile:
         # A process-wide switch, set here where --compile is handled: AOTAutograd's common-subexpression
         # elimination merged the backward's NF4 dequantization with the forward's and then kept every block's bf16
@@ -328,8 +371,9 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     return in_cuda_graph(micro_step, args.cuda_graphs)
 
 
-def optimizer_step(run: Run, max_grad_norm: float) -> None:
-    """One step of the fp32 master weights (clipped), then the compute copy follows and the LR moves on."""
+def optimizer_step(run: Run, max_grad_norm: float) -> bool:
+    """One step of the fp32 master weights (clipped), then the compute copy follows and the LR moves on. Returns
+    whether fp16 loss scaling skipped the step (inf/NaN gradients: the scale is lowered and the weights kept)."""
     run.flat_lora.before_optimizer_step()
     if max_grad_norm > 0:
         run.accelerator.clip_grad_norm_([run.flat_lora.master], max_grad_norm)
@@ -337,6 +381,7 @@ def optimizer_step(run: Run, max_grad_norm: float) -> None:
     run.flat_lora.sync()
     run.flat_lora.zero_grad()
     run.lr_scheduler.step()
+    return run.optimizer.step_was_skipped
 
 
 def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
@@ -365,7 +410,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
             loss = micro_step(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds,
                               noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True))
             if accelerator.sync_gradients:
-                optimizer_step(run, args.max_grad_norm)
+                stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
         pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay
         if not accelerator.sync_gradients:
             continue
@@ -395,6 +440,10 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
             generate_samples(args, run, step)
     progress.close()
     stats.kernel_s_per_step = profiler.kernel_s_per_step
+    if stats.skipped_steps:
+        logger.warning("%d optimizer step(s) skipped: fp16 gradients overflowed (inf/NaN) and the loss scale was "
+                       "lowered. Many skips: use bf16 if the GPU has it, or lower --learning_rate.",
+                       stats.skipped_steps)
 
 
 @torch.no_grad()
@@ -488,25 +537,31 @@ def log_run_start(args: argparse.Namespace, run: Run, start_step: int) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
+    check_bf16("--mixed_precision", args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+               Device.for_launch())
     accelerator = make_accelerator(args)
-    if args.do_fp8_training:
-        check_fp8_device(accelerator.device, "--do_fp8_training")  # before anything loads
     weight_dtype = DTYPES[accelerator.mixed_precision]
+    config = read_transformer_config(args.pretrained_transformer_model_name_or_path
+                                     or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    attention_backend = check_hardware(args, accelerator, weight_dtype, config)
+    plan = plan_memory(args, accelerator, weight_dtype, config)
+    if args.dry_run:
+        print(f"Memory plan: {plan.describe()}")
+        return {"memory_plan": asdict(plan) | {"peak_gib": plan.peak_gib}}
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
     data, vae = load_train_data(args, accelerator, weight_dtype)
     order = make_sample_order(args, accelerator, len(data))
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch
                                          / args.gradient_accumulation_steps)
 
-    transformer = load_transformer_with_lora(args, accelerator.device, weight_dtype)
+    transformer = load_transformer_with_lora(args, accelerator.device, weight_dtype, attention_backend)
     model_gib = allocated_gib(accelerator.device)
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
-    # DDP reduces the weights' own (fp32) gradients, so the low-precision compute copy is for one process only.
-    compute_dtype = weight_dtype if accelerator.num_processes == 1 else torch.float32
-    if args.cuda_graphs:
-        check_cuda_graphs(accelerator.device, accelerator.num_processes, compute_dtype)
-    flat_lora = FlatLora(lora_parameters(transformer), compute_dtype)
+    flat_lora = FlatLora(lora_parameters(transformer), compute_dtype(accelerator, weight_dtype))
     optimizer = accelerator.prepare(make_optimizer(args, [flat_lora.master]))
     from diffusers.optimization import get_scheduler
 
@@ -517,7 +572,8 @@ def main(args: argparse.Namespace) -> dict:
     run = Run(accelerator, transformer, flat_lora, optimizer, lr_scheduler, data, order, vae)
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
-    stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib)
+    stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,
+                     predicted_peak_gib=plan.peak_gib)
     log_run_start(args, run, stats.start_step)
     samples_before = generate_samples(args, run, 0) if stats.start_step == 0 else []
     train(args, run, stats)

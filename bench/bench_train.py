@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora.models import FLUX_DEV_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+FLUX_DEV_TRANSFORMER = FLUX_DEV_CONFIG
 FLUX_DEV_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
@@ -97,12 +95,23 @@ def build_data(folder: Path, count: int = 8) -> Path:
     return parquet
 
 
-def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
+def launcher(gpu_profile: str | None) -> list[str]:
+    """accelerate launch with accelerate.yaml (one GPU, bf16), or one process on an emulated smaller GPU
+    (bench/emulate_gpu.py; run_config adds the profile's precision: fp16 on the T4, which has no bf16)."""
+    if gpu_profile is None:
+        return [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+                str(ROOT / "accelerate.yaml")]
+    return [sys.executable, str(ROOT / "bench" / "emulate_gpu.py"), gpu_profile]
+
+
+def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None) -> dict:
     width, height, flags = CONFIGS[name]
-    tag = "".join(f.strip("-")[:3] for f in extra if f.startswith("--"))
+    if gpu_profile:
+        extra = [*extra, "--mixed_precision", "fp16" if gpu_profile == "t4" else "bf16"]
+    tag = "".join(f.strip("-")[:3] for f in extra if f.startswith("--")) + (f"-{gpu_profile}" if gpu_profile else "")
     output = workdir / "runs" / f"{name}{'-' + tag if tag else ''}"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(ROOT / "accelerate.yaml"),
+        *launcher(gpu_profile),
         str(ROOT / "train_qlora_flux.py"), "--pretrained_model_name_or_path", str(workdir / "model"),
         "--instance_data_dir", str(workdir / "data" / "images"), "--data_df_path",
         str(workdir / "data" / "embeddings.parquet"), "--output_dir", str(output), "--width", str(width),
@@ -118,6 +127,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str]) -> dict:
     summary = json.loads((output / "train_summary.json").read_text())
     tokens = (width // 16) * (height // 16) + 77
     return {"config": name, "resolution": f"{width}x{height}", "s_per_step": summary["median_s_per_step"],
+            "gpu_profile": gpu_profile, "predicted_gib": summary["predicted_peak_gpu_memory_gib"],
+            "skipped_steps": summary["skipped_steps"],
             "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
             "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
@@ -151,6 +162,9 @@ def main() -> None:
     parser.add_argument("--skip_reference", action="store_true",
                         help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--gpu_profile", type=str, default=None, choices=["t4", "24gb", "12gb", "8gb"],
+                        help="Run the trainer on an emulated smaller GPU (bench/emulate_gpu.py: memory cap; the T4's "
+                             "compute capability 7.5 and fp16).")
     args = parser.parse_args()
 
     if "matrix" in args.configs:
@@ -165,7 +179,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     for extra in ([] if args.skip_plain else [""]) + args.extra:
         for name in args.configs:
-            results.append(run_config(name, args.workdir, args.steps, extra.split()))
+            results.append(run_config(name, args.workdir, args.steps, extra.split(), args.gpu_profile))
             base = reference.get(results[-1].get("resolution"), {})
             if "s_per_step" in base and "s_per_step" in results[-1]:
                 results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
@@ -177,7 +191,7 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'reserved':>8} "
-          f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7}")
+          f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7} {'predicted':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<22} {r.get('resolution', '')} ERROR: {r['error'][-300:]}")
@@ -186,7 +200,7 @@ def print_table(results: list[dict]) -> None:
         tokens = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
         print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
               f"{r['peak_gib']:>8.2f} {r.get('reserved_gib', 0):>8.2f} {r['model_gib']:>9.2f} "
-              f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7}")
+              f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7} {r.get('predicted_gib') or 0:>9.2f}")
 
 if __name__ == "__main__":
     main()

@@ -196,9 +196,7 @@ def _stack(column: pa.ChunkedArray, shape: list[int], name: str, path: Path) -> 
 
 def read_embeddings(path: str | Path) -> TextEmbeddings:
     """Reads our parquet or diffusers' research-project parquet into stacked tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"embeddings file {path} does not exist: run compute_embeddings.py --output_path {path} first.")
+    path = _existing(path)
     table = pq.read_table(path)
     missing = [c for c in ("image_hash", *TENSOR_COLUMNS) if c not in table.column_names]
     if missing:
@@ -235,3 +233,29 @@ def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_
         prompt_embeds=embeddings.prompt_embeds[rows], pooled_prompt_embeds=embeddings.pooled_prompt_embeds[rows],
         text_ids=embeddings.text_ids, manifest=embeddings.manifest,
     )
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"embeddings file {path} does not exist: run compute_embeddings.py --output_path {path} first.")
+    try:
+        pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise UserError(f"{path} is not a readable parquet file ({error}): re-run compute_embeddings.py.") from None
+    return path
+
+
+def text_tokens(path: str | Path) -> int:
+    """The T5 tokens per caption of an embeddings file, from its manifest or its first row (no tensors loaded)."""
+    path = _existing(path)
+    shapes = read_manifest(path).get("shapes")
+    if shapes:
+        return shapes["prompt_embeds"][0]
+    first = pq.ParquetFile(path).read_row_group(0, columns=["text_ids"])
+    return len(first["text_ids"][0].values) // 3
+
+
+def parquet_rows(path: str | Path) -> int:
+    """Rows of an embeddings file (images and validation prompts), from its footer."""
+    return pq.ParquetFile(_existing(path)).metadata.num_rows

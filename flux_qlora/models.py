@@ -25,6 +25,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # FP8 GEMMs pay (and keep accuracy) only where both sides of the weight are wide: the output layer (3072 -> 64,
 # the velocity itself) would spend more on quantizing its input than its tiny GEMM saves.
 FP8_MIN_FEATURES = 1024
+# FLUX.1-dev's transformer config (its config.json), for the memory plan's tests and the benchmarks' random model.
+FLUX_DEV_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 # Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
 # in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
 QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
@@ -118,6 +124,28 @@ def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_di
     if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
         raise UserError(f"{folder} holds a {config['_class_name']}, not a FluxTransformer2DModel.")
     return config, _weight_index(folder, variant)
+
+
+def read_transformer_config(name_or_path: str, revision=None, cache_dir=None) -> dict:
+    """Just the transformer's config.json (a pipeline's `transformer/` or a transformer folder or repo): what the
+    memory plan and the attention check need before any weight is downloaded or loaded."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        for file in (path / "transformer" / "config.json", path / "config.json"):
+            if file.exists():
+                return json.loads(file.read_text())
+        raise UserError(f"{path} has no transformer/config.json or config.json: point --pretrained_model_name_or_path "
+                        "at a Flux pipeline folder (with transformer/) or a transformer folder.")
+    _check_model_source(name_or_path)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        file = hf_hub_download(name_or_path, "config.json", subfolder="transformer", revision=revision,
+                               cache_dir=cache_dir)
+    except EntryNotFoundError:
+        file = hf_hub_download(name_or_path, "config.json", revision=revision, cache_dir=cache_dir)
+    return json.loads(Path(file).read_text())
 
 
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
@@ -333,31 +361,6 @@ def set_attention_backend(transformer: nn.Module, backend: str | None) -> None:
         transformer.set_attention_backend(backend)
     except (ValueError, RuntimeError, ImportError) as error:
         raise UserError(f"--attention_backend {backend}: {error}") from None
-
-
-def training_attention_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
-    """The backend the trainer uses: `requested`, else _native_flash on a GPU in bf16/fp16, else PyTorch SDPA's own
-    choice (flash attention has no fp32 kernel: "No available kernel")."""
-    if requested is None and device.type == "cuda" and dtype != torch.float32:
-        # The cuDNN attention PyTorch picks on the H100 broke in the backward once the projections fed it bf16
-        # directly (bf16 base: "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA
-        # gradients); its flash kernel trains correctly (BENCHMARKS.md).
-        return "_native_flash"
-    if requested and "cudnn" in requested and device.type == "cuda":
-        logger.warning("--attention_backend %s: on the H100 its backward failed or gave zero LoRA gradients in "
-                       "our tests (BENCHMARKS.md); check that the loss falls.", requested)
-    return requested
-
-
-def check_fp8_device(device: torch.device, flag: str) -> None:
-    """FP8 matrix units arrived with compute capability 8.9 (Ada); refuses anything older, and the CPU."""
-    if device.type != "cuda":
-        raise UserError(f"{flag} needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
-                        "this run is on the CPU. Drop the flag.")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise UserError(f"{flag} needs compute capability >= 8.9 (Ada, Hopper, Blackwell); "
-                        f"{torch.cuda.get_device_name(device)} has {major}.{minor}. Drop the flag.")
 
 
 def fp8_eligible(module: nn.Module, name: str) -> bool:

@@ -102,6 +102,8 @@ class RunStats:
     step_times: list[float] = field(default_factory=list)
     kernel_s_per_step: float | None = None
     model_gib: float = 0.0
+    predicted_peak_gib: float | None = None  # the memory plan's
+    skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
 
     def median_s_per_step(self) -> float | None:
         times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
@@ -113,7 +115,9 @@ class RunStats:
             "resumed_from_step": self.start_step, "median_s_per_step": median,
             "peak_gpu_memory_gib": round(peak_memory_gib(device), 3),
             "peak_reserved_gpu_memory_gib": round(peak_memory_gib(device, reserved=True), 3),
+            "predicted_peak_gpu_memory_gib": self.predicted_peak_gib and round(self.predicted_peak_gib, 3),
             "model_gpu_memory_gib": round(self.model_gib, 3), "gpu_kernel_s_per_step": kernel_s,
+            "skipped_steps": self.skipped_steps,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None,

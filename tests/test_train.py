@@ -27,6 +27,7 @@ def trained(tiny_model, tiny_images_master, tiny_embeddings, tmp_path_factory) -
 def test_run_writes_lora_checkpoints_and_reports(trained):
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["steps"] == 6 and len(summary["losses"]) == 6
+    assert summary["predicted_peak_gpu_memory_gib"] > 0 and summary["skipped_steps"] == 0  # the memory plan's
     assert summary["nf4_layers"] == 2 * 14 + 2 * 6  # every linear of the 2 double + 2 single blocks was NF4
     # --checkpoints_total_limit 2 at steps 2, 4 (no checkpoint at the last step: the LoRA is written instead)
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -178,6 +179,7 @@ def _edit_caption(images: Path, tmp_path: Path) -> None:
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
 
 
 @pytest.mark.parametrize("flags, expect, setup", [
@@ -194,6 +196,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     pytest.param(["--cuda_graphs"], ["--cuda_graphs", "NVIDIA GPU"], None, id="graphs_on_cpu", marks=NO_GPU),
     pytest.param(["--cuda_graphs", "--offload_activations"], ["--cuda_graphs", "--offload_activations"], None,
                  id="graphs_with_offload"),
+    pytest.param(["--cuda_graphs", "--mixed_precision", "fp16"], ["--cuda_graphs", "--mixed_precision bf16"], None,
+                 id="graphs_with_fp16", marks=GPU),
 ])
 def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_images, tiny_embeddings, tmp_path):
     if setup:
@@ -307,6 +311,16 @@ def test_prequantized_nf4_checkpoint_loads_without_requantizing(tiny_model, tmp_
     reloaded = load_transformer(str(folder), "cpu", torch.float32)
     assert count_nf4_layers(reloaded) == 40
     torch.testing.assert_close(tiny_forward(reloaded), tiny_forward(quantized))
+
+
+def test_fp16_trains_and_counts_skipped_steps(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    """fp16 (T4, V100): NF4 computing in fp16, 8-bit AdamW; on a GPU through accelerate's loss scaler."""
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
+                                                  "--max_train_steps", "3", "--mixed_precision", "fp16"))
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert len(summary["losses"]) == 3 and all(0 < loss < 10 for loss in summary["losses"])
+    assert summary["skipped_steps"] <= 1  # the scaler's first scale (65536) may overflow once on a GPU
+    assert all(v.isfinite().all() for v in load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors").values())
 
 
 def test_bf16_base_trains_without_nf4_layers(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):

@@ -1,0 +1,121 @@
+"""What the device can run: attention kernels, bf16, FP8. Pure rules over (device, compute capability, dtype), so
+they are tested on the CPU for every GPU our users have, from Colab's T4 (7.5: fp16 only) to an H100 (9.0).
+
+The kernels' own requirements (PyTorch 2.x SDPA): flash attention needs compute capability >= 8.0 and fp16/bf16 on
+a GPU (on the CPU it runs in any dtype); cuDNN attention >= 8.0 and fp16/bf16; the memory-efficient kernel runs on
+every CUDA GPU in fp32 and fp16 (bf16 from 8.0), not on the CPU; the math kernel runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from flux_qlora.errors import UserError
+
+# diffusers attention backends by the kernel family they run; any other name is left to diffusers to judge.
+NATIVE_ANYWHERE = {"native", "_native_math"}
+NEEDS_AMPERE_HALF = {"_native_flash", "_native_cudnn", "flash", "flash_hub", "flash_varlen", "flash_varlen_hub"}
+NEEDS_HOPPER_HALF = {"_flash_3", "_flash_varlen_3", "_flash_3_hub", "_flash_3_varlen_hub"}
+CPU_KERNELS = {"native", "_native_math", "_native_flash"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device a run computes on, as the rules need it: a GPU's compute capability and name, or the CPU."""
+
+    type: str  # "cuda" or "cpu"
+    capability: tuple[int, int] | None = None
+    name: str = "CPU"
+    memory_gib: float | None = None  # what this process may allocate on the GPU
+
+    @classmethod
+    def of(cls, device: torch.device) -> Device:
+        if device.type != "cuda":
+            return cls(device.type)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # A per-process cap (torch.cuda.set_per_process_memory_fraction, as the emulated consumer GPUs use) counts.
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+        memory = torch.cuda.get_device_properties(index).total_memory * fraction / 2**30
+        return cls("cuda", torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index), memory)
+
+    @property
+    def has_bf16(self) -> bool:
+        return self.type != "cuda" or self.capability >= (8, 0)
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.type == "cuda" and self.capability >= (8, 9)
+
+    @classmethod
+    def for_launch(cls) -> Device:
+        """The device accelerate will give this process (before the Accelerator exists): the CPU when there is no
+        GPU or ACCELERATE_USE_CPU is set, else the process's local GPU."""
+        if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            return cls("cpu")
+        return cls.of(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+
+    def describe(self) -> str:
+        if self.capability is None:
+            return self.name
+        return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
+
+
+def backend_problem(backend: str, device: Device, dtype: torch.dtype, head_dim: int = 128) -> str | None:
+    """Why `backend` has no kernel for this device, dtype and head size; None when it has one."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type != "cuda":
+        return None if backend in CPU_KERNELS else "it needs a CUDA GPU"
+    if dtype == torch.bfloat16 and not device.has_bf16:
+        return "this GPU has no bf16"
+    if backend in NEEDS_AMPERE_HALF | NEEDS_HOPPER_HALF:
+        needed = (9, 0) if backend in NEEDS_HOPPER_HALF else (8, 0)
+        if device.capability < needed:
+            return f"it needs compute capability >= {needed[0]}.{needed[1]}"
+        if not half:
+            return "it has no fp32 kernel (train with --mixed_precision bf16 or fp16)"
+        if head_dim > 256 or head_dim % 8:
+            return f"it takes heads of at most 256 (a multiple of 8), not {head_dim}"
+    return None
+
+
+def pick_attention_backend(requested: str | None, device: Device, dtype: torch.dtype, head_dim: int = 128,
+                           training: bool = True) -> str | None:
+    """The attention backend to use: `requested` if it can run here (else one line saying why and what would), or
+    the default. Training defaults to PyTorch's flash kernel on GPUs that have it in this dtype and to the
+    memory-efficient kernel on the others (T4, V100, fp32), which always has one; inference and the CPU keep
+    PyTorch SDPA's own choice (None)."""
+    if requested:
+        problem = backend_problem(requested, device, dtype, head_dim)
+        if problem:
+            fallback = pick_attention_backend(None, device, dtype, head_dim, training) or "native"
+            raise UserError(f"--attention_backend {requested} can't run on {device.describe()} in "
+                            f"{str(dtype).removeprefix('torch.')}: {problem}. Use --attention_backend {fallback} "
+                            "or leave the flag out.")
+        return requested
+    if device.type != "cuda" or not training:
+        return None
+    # The cuDNN kernel PyTorch would pick on the H100 broke in the backward with bf16 inputs (bf16 base:
+    # "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA gradients): flash trains
+    # correctly (BENCHMARKS.md).
+    return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"
+
+
+def check_bf16(flag: str, value: str, device: Device) -> None:
+    """bf16 asked for (`flag value`) on a GPU without it (T4, V100) stops here with the fix, before a library's
+    less helpful error; fp16 is the precision those GPUs have."""
+    if value == "bf16" and not device.has_bf16:
+        raise UserError(f"{flag} bf16: {device.describe()} has no bf16. Use {flag} fp16"
+                        + (" (loss scaling is automatic) or no (fp32)." if flag == "--mixed_precision" else "."))
+
+
+def check_fp8_device(device: Device, flag: str) -> None:
+    """FP8 matrix units arrived with compute capability 8.9 (Ada); refuses anything older, and the CPU."""
+    if device.type != "cuda":
+        raise UserError(f"{flag} needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                        "this run is on the CPU. Drop the flag.")
+    if not device.has_fp8:
+        raise UserError(f"{flag} needs compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                        f"{device.describe()} has less. Drop the flag.")

@@ -1,0 +1,136 @@
+"""The memory plan: a training run's peak GPU memory and system RAM, predicted before anything loads.
+
+Weights and LoRA state are counted exactly from the transformer's config (a skeleton on the meta device). The
+activations are a model in the token count, calibrated on FLUX.1-dev-shaped runs (bf16 compute, `--compile
+--cuda_graphs`, BENCHMARKS.md): with checkpointing the peak holds each checkpointed block's input plus one block's
+recomputed activations, without it every block's activations:
+
+    activations = WORKSPACE + tokens x batch x (checkpointed blocks x CKPT_INPUT + other blocks x BLOCK + BLOCK)
+
+Fitted to three measurements (512x768 and 1024x1024 with checkpointing: 6.85 / 8.02 GiB; 512x768 without: 13.73
+GiB); per hidden unit, so other widths scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+GIB = 2**30
+CKPT_INPUT_BYTES = 2.29  # per token and hidden unit, per checkpointed block (bf16 input, rotary, modulation)
+BLOCK_BYTES = 28.95  # per token and hidden unit: one block's activations kept for its backward, in bf16
+WORKSPACE_GIB = 0.18  # cuBLAS/attention workspaces, the batch's latents and embeddings, allocator slack
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # two codes per byte + 8-bit block scales + fp32 second-level scales
+PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA context and libraries in system RAM (estimate)
+
+
+@dataclass
+class MemoryPlan:
+    weights_gib: float
+    lora_gib: float  # LoRA weights, gradients and optimizer state
+    activations_gib: float
+    ram_gib: float  # system RAM: the process plus the data held in memory
+
+    @property
+    def peak_gib(self) -> float:
+        return self.weights_gib + self.lora_gib + self.activations_gib
+
+    def describe(self) -> str:
+        return (f"GPU peak ~{self.peak_gib:.1f} GiB (weights {self.weights_gib:.2f}, LoRA + optimizer "
+                f"{self.lora_gib:.2f}, activations {self.activations_gib:.2f}); system RAM ~{self.ram_gib:.1f} GiB")
+
+
+@dataclass
+class TrainingShape:
+    """What the plan depends on, in the trainer's flags' terms."""
+
+    width: int
+    height: int
+    text_tokens: int
+    batch_size: int = 1
+    nf4: bool = True
+    compute_bytes: int = 2  # bf16/fp16 compute; 4 for fp32
+    rank: int = 4
+    targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    eight_bit_adam: bool = True
+    gradient_checkpointing: bool = True
+    checkpointing_interval: int = 1
+    offload_activations: bool = False
+    num_images: int = 0
+    cache_latents: bool = True
+
+
+def _skeleton(config: dict) -> nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        return FluxTransformer2DModel.from_config(config)
+
+
+def _is_target(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
+    """The predicted peak of a training run on a transformer of `config` (FluxTransformer2DModel's config.json)."""
+    from flux_qlora.models import QUANTIZED_PREFIXES, repeated_blocks
+
+    model = _skeleton(config)
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    quantized = sum(m.weight.numel() for n, m in linears.items() if shape.nf4 and n.startswith(QUANTIZED_PREFIXES))
+    total = sum(p.numel() for p in model.parameters())
+    weights = quantized * NF4_BYTES + (total - quantized) * shape.compute_bytes
+
+    lora_params = sum(shape.rank * (m.in_features + m.out_features) for n, m in linears.items()
+                      if _is_target(n, shape.targets))
+    # fp32 master and gradient, AdamW's two moments (1 byte each in 8 bits, else 4), a compute copy and its gradient
+    lora = lora_params * (4 + 4 + (2 if shape.eight_bit_adam else 8) + 2 * shape.compute_bytes)
+
+    blocks = len(repeated_blocks(model))
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = (shape.width // 16) * (shape.height // 16) + shape.text_tokens
+    per_token = hidden * shape.compute_bytes / 2  # the calibration ran in 2-byte compute
+    if not shape.gradient_checkpointing:
+        kept = blocks * BLOCK_BYTES
+    else:
+        checkpointed = math.ceil(blocks / shape.checkpointing_interval)
+        inputs = 2 if shape.offload_activations else checkpointed  # offloaded: the current and the prefetched
+        kept = inputs * CKPT_INPUT_BYTES + (blocks - checkpointed) * BLOCK_BYTES + BLOCK_BYTES
+    activations = WORKSPACE_GIB * GIB + tokens * shape.batch_size * per_token * kept
+
+    offloaded = 0
+    if shape.gradient_checkpointing and shape.offload_activations:
+        offloaded = tokens * shape.batch_size * per_token * math.ceil(blocks / shape.checkpointing_interval) * \
+            CKPT_INPUT_BYTES
+    latent_bytes = 16 * (shape.width // 8) * (shape.height // 8) * shape.compute_bytes
+    pixel_bytes = 3 * shape.width * shape.height
+    embedding_bytes = (shape.text_tokens * config["joint_attention_dim"] + config["pooled_projection_dim"]) * \
+        shape.compute_bytes
+    data = shape.num_images * (embedding_bytes + (latent_bytes if shape.cache_latents else pixel_bytes))
+    ram = PROCESS_RAM_GIB * GIB + data + offloaded
+    return MemoryPlan(weights / GIB, lora / GIB, activations / GIB, ram / GIB)
+
+
+def plans_that_fit(config: dict, shape: TrainingShape, capacity_gib: float) -> list[str]:
+    """The changes of flags (most effective first) whose plan fits in `capacity_gib`, for the refusal message."""
+    from dataclasses import replace
+
+    options = [
+        ("--gradient_checkpointing", replace(shape, gradient_checkpointing=True, checkpointing_interval=1)),
+        ("--train_batch_size 1", replace(shape, batch_size=1)),
+        ("--offload_activations", replace(shape, gradient_checkpointing=True, offload_activations=True,
+                                          checkpointing_interval=1)),
+        ("--width 512 --height 512", replace(shape, width=512, height=512)),
+    ]
+    current = (shape.gradient_checkpointing, shape.checkpointing_interval, shape.batch_size,
+               shape.offload_activations, shape.width, shape.height)
+    fits = []
+    for flags, option in options:
+        changed = (option.gradient_checkpointing, option.checkpointing_interval, option.batch_size,
+                   option.offload_activations, option.width, option.height) != current
+        if changed and plan_training(config, option).peak_gib <= capacity_gib:
+            fits.append(flags)
+    return fits

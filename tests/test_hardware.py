@@ -1,0 +1,108 @@
+"""What each GPU can run, and the memory plan: pure rules, checked on the CPU for every GPU our users have."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_script, train_args
+
+from flux_qlora.errors import UserError
+from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
+from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
+from flux_qlora.models import FLUX_DEV_CONFIG
+
+CPU = Device("cpu")
+T4 = Device("cuda", (7, 5), "Tesla T4", 15.0)
+V100 = Device("cuda", (7, 0), "Tesla V100", 16.0)
+RTX3090 = Device("cuda", (8, 6), "RTX 3090", 24.0)
+RTX4090 = Device("cuda", (8, 9), "RTX 4090", 24.0)
+H100 = Device("cuda", (9, 0), "H100", 80.0)
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    pytest.param(H100, BF16, "_native_flash", id="h100-bf16"),
+    pytest.param(RTX3090, FP16, "_native_flash", id="3090-fp16"),
+    pytest.param(H100, FP32, "_native_efficient", id="h100-fp32-no-flash-kernel"),
+    pytest.param(T4, FP16, "_native_efficient", id="t4-fp16-no-flash-before-ampere"),
+    pytest.param(V100, FP32, "_native_efficient", id="v100-fp32"),
+    pytest.param(CPU, FP32, None, id="cpu-sdpa-choice"),
+])
+def test_training_attention_default_always_has_a_kernel(device, dtype, expected):
+    assert pick_attention_backend(None, device, dtype) == expected
+
+
+@pytest.mark.parametrize("backend, device, dtype, expect", [
+    pytest.param("_native_flash", T4, FP16, ["compute capability >= 8.0", "_native_efficient"], id="flash-on-t4"),
+    pytest.param("_native_flash", H100, FP32, ["no fp32 kernel", "--mixed_precision"], id="flash-fp32"),
+    pytest.param("_flash_3", RTX4090, BF16, [">= 9.0"], id="fa3-before-hopper"),
+    pytest.param("_native_cudnn", CPU, FP32, ["needs a CUDA GPU", "--attention_backend native"], id="cudnn-on-cpu"),
+    pytest.param("_native_flash", H100, BF16, [], id="flash-on-h100-runs"),
+    pytest.param("_native_flash", CPU, FP32, [], id="flash-on-cpu-runs"),
+    pytest.param("_native_efficient", T4, FP16, [], id="efficient-on-t4-runs"),
+])
+def test_explicit_attention_backend_is_refused_where_it_has_no_kernel(backend, device, dtype, expect):
+    if not expect:
+        assert pick_attention_backend(backend, device, dtype) == backend
+        return
+    with pytest.raises(UserError) as error:
+        pick_attention_backend(backend, device, dtype)
+    assert f"--attention_backend {backend}" in str(error.value)
+    for fragment in expect:
+        assert fragment in str(error.value)
+
+
+def test_bf16_and_fp8_checks_name_the_fix():
+    with pytest.raises(UserError, match="Tesla T4 .compute capability 7.5. has no bf16. Use --mixed_precision fp16"):
+        check_bf16("--mixed_precision", "bf16", T4)
+    with pytest.raises(UserError, match="--dtype bf16: .* Use --dtype fp16"):
+        check_bf16("--dtype", "bf16", V100)
+    check_bf16("--mixed_precision", "bf16", RTX3090)
+    check_bf16("--mixed_precision", "fp16", T4)
+    with pytest.raises(UserError, match="--fp8 needs compute capability >= 8.9"):
+        check_fp8_device(RTX3090, "--fp8")
+    with pytest.raises(UserError, match="on the CPU"):
+        check_fp8_device(CPU, "--fp8")
+    check_fp8_device(RTX4090, "--fp8")
+
+
+# GPU peaks measured on FLUX.1-dev-shaped runs (BENCHMARKS.md; rank 4 attention, 8-bit AdamW, bf16, batch 1).
+MEASURED = [
+    pytest.param(TrainingShape(512, 768, 77), 6.85, id="nf4-ckpt-512x768"),
+    pytest.param(TrainingShape(1024, 1024, 77), 8.02, id="nf4-ckpt-1024x1024"),
+    pytest.param(TrainingShape(512, 768, 77, gradient_checkpointing=False), 13.73, id="nf4-512x768"),
+    pytest.param(TrainingShape(512, 768, 77, nf4=False), 23.14, id="bf16-ckpt-512x768"),
+]
+
+
+@pytest.mark.parametrize("shape, measured_gib", MEASURED)
+def test_memory_plan_predicts_the_measured_peaks(shape, measured_gib):
+    assert plan_training(FLUX_DEV_CONFIG, shape).peak_gib == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_memory_plan_grows_with_what_costs_memory():
+    base = TrainingShape(512, 768, 77, num_images=10)
+    peak = plan_training(FLUX_DEV_CONFIG, base)
+    assert plan_training(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, batch_size=2)).activations_gib > \
+        1.8 * peak.activations_gib - 0.2
+    assert plan_training(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, rank=64)).lora_gib > 10 * peak.lora_gib
+    assert plan_training(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, checkpointing_interval=2)).peak_gib > \
+        peak.peak_gib
+    offloaded = plan_training(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, offload_activations=True, num_images=10))
+    assert offloaded.activations_gib < peak.activations_gib and offloaded.ram_gib > peak.ram_gib
+
+
+def test_a_gpu_too_small_gets_the_flags_that_fit():
+    # 512x768 without checkpointing needs ~13.7 GiB: on an 8 GB card, checkpointing or offloading would fit
+    fits = plans_that_fit(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, gradient_checkpointing=False), 7.5)
+    assert fits == ["--gradient_checkpointing", "--offload_activations"]
+    assert plans_that_fit(FLUX_DEV_CONFIG, TrainingShape(1024, 1024, 77), 4.0) == []  # the weights alone don't fit
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                           tmp_path / "out", "--dry_run"))
+    assert result.stdout.startswith("Memory plan: GPU peak ~") and len(result.stdout.splitlines()) == 1
+    assert "system RAM ~" in result.stdout
+    assert not (tmp_path / "out").exists()  # nothing written, no model loaded
+    assert "Transformer loaded" not in result.stderr
