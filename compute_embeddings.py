@@ -95,19 +95,21 @@ def main(args: argparse.Namespace) -> None:
     source = embedding_source(args)
     writer = EmbeddingsWriter(args.output_path, source)
     reusable = reusable_rows(args.output_path, source)
-    rows = rows_to_compute(samples, args.validation_prompt, {**reusable, **writer.done_rows()})
+    # The empty caption too: what the trainer's --caption_dropout trains on.
+    prompts = list(dict.fromkeys([*args.validation_prompt, ""]))
+    rows = rows_to_compute(samples, prompts, {**reusable, **writer.done_rows()})
     logger.info("%d captions to encode (%d reused from earlier runs)", len(rows),
-                len(samples) + len(args.validation_prompt) - len(rows))
+                len(samples) + len(prompts) - len(rows))
     if rows:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_text_pipeline(args.pretrained_model_name_or_path, device, args.t5_8bit, **hub_kwargs(args))
         encode_rows(pipe, rows, writer, args)
         del pipe
 
-    keep = list(dict.fromkeys([s.image_hash for s in samples] + [prompt_key(p) for p in args.validation_prompt]))
+    keep = list(dict.fromkeys([s.image_hash for s in samples] + [prompt_key(p) for p in prompts]))
     count = writer.finish(keep, reuse=Path(args.output_path) if reusable else None)
-    logger.info("Wrote %d rows (%d images, %d validation prompts) to %s", count, len(samples),
-                len(args.validation_prompt), args.output_path)
+    logger.info("Wrote %d rows (%d images, %d validation prompts, the empty caption) to %s", count, len(samples),
+                len(prompts) - 1, args.output_path)
 
 
 if __name__ == "__main__":

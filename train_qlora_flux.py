@@ -29,11 +29,13 @@ from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flux_qlora import flow
-from flux_qlora.batches import Batch, SampleOrder, TrainData, get_batch, load_pixels
+from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, get_batch, load_buckets
+from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
 from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_checkpoint
 from flux_qlora.cli import (
     add_attention_backend_arg,
     add_dataset_args,
+    add_image_args,
     add_model_args,
     check_dataset_args,
     dataset_kwargs,
@@ -41,12 +43,12 @@ from flux_qlora.cli import (
     run_main,
     setup_logging,
 )
-from flux_qlora.data import check_resolution, load_samples
+from flux_qlora.data import load_samples
 from flux_qlora.embeddings import match_embeddings, parquet_rows, read_embeddings, text_tokens
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, add_lora, lora_parameters, save_lora, target_modules
-from flux_qlora.memory import MemoryPlan, TrainingShape, plan_training, plans_that_fit
+from flux_qlora.memory import MemoryPlan, TrainingShape, check_fits, plan_training
 from flux_qlora.models import (
     DTYPES,
     compile_blocks,
@@ -64,13 +66,13 @@ from flux_qlora.reports import (
     StepClock,
     StepProfiler,
     allocated_gib,
-    log_image,
     peak_memory_gib,
     plot_loss,
     push_to_hub,
     write_summary,
 )
 from flux_qlora.step import FlatLora, check_cuda_graphs, in_cuda_graph, offload_activations
+from flux_qlora.validation import SampleSettings, sample_images
 
 logger = get_logger("train_qlora_flux")
 
@@ -84,11 +86,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     parser.add_argument("--data_df_path", type=str, required=True, help="The parquet of compute_embeddings.py.")
     parser.add_argument("--output_dir", type=str, default="flux-qlora-output", help="LoRA, checkpoints, samples, logs.")
-    parser.add_argument("--width", type=int, default=512, help="Training width in pixels (a multiple of 16).")
-    parser.add_argument("--height", type=int, default=512, help="Training height in pixels (a multiple of 16).")
-    parser.add_argument("--cache_latents", action="store_true",
-                        help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
-    parser.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
+    add_image_args(parser)
 
     parser.add_argument("--base_precision", type=str, default="nf4", choices=["nf4", "bf16"],
                         help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
@@ -187,7 +185,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Every cross-flag check, before anything heavy loads."""
     check_dataset_args(args)
-    check_resolution(args.width, args.height)
+    # Resolved here: the size of the validation images (with buckets: square, at the first resolution).
+    args.width, args.height = check_size_flags(args.resolution, args.bucket_step, args.width, args.height)
+    if not 0 <= args.caption_dropout < 1:
+        raise UserError(f"--caption_dropout {args.caption_dropout} must be at least 0 and below 1 (e.g. 0.1).")
     for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
                  "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval"):
         if getattr(args, name) < 1:
@@ -225,7 +226,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to, project_config=project,
     )
-    if accelerator.mixed_precision == "fp16" and Device.of(accelerator.device).has_bf16:
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cuda" and \
+            Device.of(accelerator.device).has_bf16:
         logger.warning("fp16 on a GPU that supports bf16: bf16 is safer (fp16 overflows skip steps).")
     return accelerator
 
@@ -251,8 +253,9 @@ def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype
                 config: dict) -> MemoryPlan:
     """Predicts the run's peak GPU memory and system RAM; stops with the flags that would fit if the GPU is too
     small."""
+    largest = max((size for sizes in training_sizes(args) for size in sizes), key=lambda s: s[0] * s[1])
     shape = TrainingShape(
-        width=args.width, height=args.height, text_tokens=text_tokens(args.data_df_path),
+        width=largest[0], height=largest[1], text_tokens=text_tokens(args.data_df_path),
         batch_size=args.train_batch_size, nf4=args.base_precision == "nf4", compute_bytes=weight_dtype.itemsize,
         rank=args.rank, targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -262,11 +265,7 @@ def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype
     device = Device.of(accelerator.device)
     logger.info("Memory plan: %s, on %s%s", plan.describe(), device.describe(),
                 f" ({device.memory_gib:.1f} GiB)" if device.memory_gib else "")
-    if device.memory_gib and plan.peak_gib > device.memory_gib:
-        fits = plans_that_fit(config, shape, device.memory_gib)
-        raise UserError(f"this run needs ~{plan.peak_gib:.1f} GiB of GPU memory, {device.describe()} has "
-                        f"{device.memory_gib:.1f} GiB: " + (f"add {' or '.join(fits)}." if fits else
-                                                            "no smaller setting fits either; use a bigger GPU."))
+    check_fits(config, shape, plan, device)
     return plan
 
 
@@ -277,23 +276,36 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     table = read_embeddings(args.data_df_path)
     embeddings = match_embeddings(samples, table, args.data_df_path)
     validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
-    data = TrainData.build(embeddings, load_pixels(samples, args.width, args.height), validation, weight_dtype)
+    buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution))
+    empty_caption = table.prompt("") if args.caption_dropout else None
+    augment = Augment(args.crop, args.random_flip, args.seed)
+    data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
     vae = load_vae(args.pretrained_model_name_or_path, accelerator.device, weight_dtype, **hub_kwargs(args))
     if args.cache_latents:
         data.cache_latents(vae, show_progress=accelerator.is_local_main_process)
         vae.to("cpu")  # only needed again to decode sample images
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    logger.info("%d images at %dx%d, embeddings of %d tokens%s", len(data), args.width, args.height,
+    logger.info("%d images, %d items in %d bucket(s): %s; embeddings of %d tokens%s", len(data), data.num_items,
+                len(buckets), histogram([b.size for b in buckets for _ in range(len(b))]),
                 data.prompt_embeds.shape[1], ", latents cached" if args.cache_latents else "")
     return data, vae
 
 
-def make_sample_order(args: argparse.Namespace, accelerator: Accelerator, num_images: int) -> SampleOrder:
-    order = SampleOrder(num_images, args.repeats, args.train_batch_size, accelerator.num_processes, args.seed)
+def training_sizes(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
+    return bucket_lists(args.resolution, args.bucket_step, args.width, args.height)
+
+
+def make_sample_order(args: argparse.Namespace, accelerator: Accelerator, data: TrainData) -> SampleOrder:
+    order = SampleOrder([len(b) for b in data.buckets], args.repeats, args.train_batch_size,
+                        accelerator.num_processes, args.seed)
     if order.micro_steps_per_epoch == 0:
-        raise UserError(f"{num_images} images x {args.repeats} repeats is less than one global batch "
-                        f"({order.global_batch}); lower --train_batch_size or raise --repeats.")
+        raise UserError(f"{data.num_items} images x {args.repeats} repeats is less than one global batch "
+                        f"({order.global_batch}) in every bucket; lower --train_batch_size or raise --repeats.")
+    small = [f"{w}x{h}" for b in data.buckets if len(b) * args.repeats < order.global_batch for w, h in [b.size]]
+    if small:
+        logger.warning("bucket(s) %s hold fewer items than one batch of %d: their images are left out; lower "
+                       "--train_batch_size or raise --repeats.", ", ".join(small), order.global_batch)
     return order
 
 
@@ -313,6 +325,10 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
         # elimination merged the backward's NF4 dequantization with the forward's and then kept every block's bf16
         # weights for the backward (+21 GiB on FLUX.1-dev at 512x768, measured).
         torch._functorch.config.cse = False
+        # Also process-wide: each bucket size is a graph of its own (dynamic=False); past dynamo's limit of 8 per
+        # block a block would silently run eagerly.
+        sizes = sum(len(s) for s in training_sizes(args))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * sizes)
         compile_blocks(transformer)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval, compiled=args.compile)
@@ -352,7 +368,7 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     it is captured once and replayed."""
     accelerator, transformer = run.accelerator, run.transformer
     device, dtype = accelerator.device, run.data.prompt_embeds.dtype
-    image_ids = flow.latent_image_ids(args.height // 8, args.width // 8, device=device, dtype=dtype)
+    image_ids = {}  # per latent size (one per bucket): made eagerly, so a CUDA graph keeps its address
     text_ids = run.data.text_ids.to(device)
     guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds  # DDP hides .config
     guidance = args.guidance_scale if guidance_embeds else None
@@ -361,9 +377,12 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     autocast = AutocastKwargs(cache_enabled=False) if args.cuda_graphs else None
 
     def micro_step(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas) -> torch.Tensor:
+        size = tuple(latents.shape[-2:])
+        if size not in image_ids:
+            image_ids[size] = flow.latent_image_ids(*size, device=device, dtype=dtype)
         with accelerator.autocast(autocast), offload:
             loss = flow.flow_matching_step(transformer, Batch(latents, prompt_embeds, pooled_prompt_embeds), noise,
-                                           sigmas, text_ids, image_ids, guidance, args.weighting_scheme)
+                                           sigmas, text_ids, image_ids[size], guidance, args.weighting_scheme)
         accelerator.backward(loss)
         run.flat_lora.after_backward()
         return loss.detach()
@@ -403,7 +422,9 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                     disable=not accelerator.is_local_main_process)
     step, clock, pending = stats.start_step, StepClock(), []
     for micro_index in range(stats.start_step * accumulation, args.max_train_steps * accumulation):
-        batch = get_batch(run.data, order.rows(micro_index, rank), run.vae, device)
+        bucket, positions = order.batch(micro_index, rank)
+        batch = get_batch(run.data, bucket, positions, order.epoch(micro_index), run.vae, device,
+                          order.dropped(micro_index, rank, args.caption_dropout))
         noise, sigmas = flow.draw_noise_and_sigmas(sampling, order.generator(micro_index), order.global_batch,
                                                    order.rank_slice(rank), tuple(batch.latents.shape[1:]))
         with accelerator.accumulate(run.transformer):
@@ -448,40 +469,17 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
 
 @torch.no_grad()
 def generate_samples(args: argparse.Namespace, run: Run, step: int) -> list[str]:
-    """Validation images from the training transformer (no second copy), VAE on the GPU only to decode."""
-    accelerator, vae = run.accelerator, run.vae
-    if not args.validation_prompt or not accelerator.is_main_process:
+    """Validation images of --validation_prompt (none without, and none on the other processes)."""
+    if not args.validation_prompt or not run.accelerator.is_main_process:
         return []
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    model = accelerator.unwrap_model(run.transformer)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
-    vae.to(accelerator.device)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None)
-    pipe.set_progress_bar_config(disable=True)
-    folder = Path(args.output_dir) / "samples"
-    folder.mkdir(exist_ok=True)
-    was_training = model.training
-    model.eval()
-    files = []
-    with accelerator.autocast():
-        for i, prompt in enumerate(args.validation_prompt):
-            prompt_embeds, pooled = run.data.validation[prompt]
-            image = pipe(prompt_embeds=prompt_embeds.to(accelerator.device, vae.dtype),
-                         pooled_prompt_embeds=pooled.to(accelerator.device, vae.dtype),
-                         width=args.width, height=args.height, num_inference_steps=args.validation_inference_steps,
-                         guidance_scale=args.validation_guidance_scale,
-                         generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
-            files.append(f"samples/step-{step:06d}-{i}.png")
-            image.save(Path(args.output_dir) / files[-1])
-            log_image(accelerator.trackers, prompt, image, step, i)
-    model.train(was_training)
-    if args.cache_latents:
-        vae.to("cpu")
-    logger.info("Sample images for step %d in %s", step, folder)
-    return files
+    settings = SampleSettings(run.data.validation, args.width, args.height, args.validation_inference_steps,
+                              args.validation_guidance_scale, args.seed)
+    return sample_images(run.accelerator, run.transformer, run.vae, scheduler, settings, Path(args.output_dir), step,
+                         vae_home="cpu" if args.cache_latents else run.accelerator.device)
 
 
 def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: list[str]) -> dict:
@@ -552,7 +550,7 @@ def main(args: argparse.Namespace) -> dict:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     data, vae = load_train_data(args, accelerator, weight_dtype)
-    order = make_sample_order(args, accelerator, len(data))
+    order = make_sample_order(args, accelerator, data)
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch
                                          / args.gradient_accumulation_steps)

@@ -1,8 +1,12 @@
 """The training data in memory and the order it is visited in.
 
-One row per unique image: its text embeddings, and its pixels or (with --cache_latents) its VAE latents, in the
-same order. The sample order and the noise are pure functions of (seed, micro step), so a resumed run repeats the
-uninterrupted run exactly, and every process of a data-parallel run draws its part of one global batch.
+Every image trains at one size per resolution: its aspect-ratio bucket (`flux_qlora/buckets.py`), or the one
+--width x --height. The items of a bucket (an image at that bucket's size) are kept scaled to cover the bucket and
+cropped when a batch is made, or (with --cache_latents) encoded by the VAE once. Every batch comes from one bucket.
+
+The sample order, the crops and flips, and the noise are pure functions of (seed, micro step / image, epoch), so a
+resumed run repeats the uninterrupted run exactly, and every process of a data-parallel run draws its part of one
+global batch.
 """
 
 from __future__ import annotations
@@ -13,42 +17,126 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from flux_qlora.data import Sample, resize_and_crop
+from flux_qlora.buckets import check_not_too_small, nearest_bucket
+from flux_qlora.data import Sample, crop, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
 
 logger = logging.getLogger(__name__)
 
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+@dataclass
+class Augment:
+    """Per-item crops and flips: `crop` "center" or "random", `random_flip` mirrors half the items each epoch."""
+
+    crop: str = "center"
+    random_flip: bool = False
+    seed: int = 0
+
+    def draw(self, item: int, epoch: int, extra_w: int, extra_h: int) -> tuple[int, int, bool]:
+        """(left, top, flip) of item `item` in `epoch`, for a cover image `extra_w` x `extra_h` larger than its size."""
+        if self.crop == "center" and not self.random_flip:
+            return extra_w // 2, extra_h // 2, False
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + item) * 1_000_003 + epoch)
+        flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
+        if self.crop == "center":
+            return extra_w // 2, extra_h // 2, flip
+        left, top = (int(torch.randint(0, extra + 1, (), generator=generator)) for extra in (extra_w, extra_h))
+        return left, top, flip
+
+
+@dataclass
+class Bucket:
+    """The items of one training size: their embedding rows, their cover images (until the latents are cached) and
+    their latents (with --random_flip the mirrored items' latents follow, at position + len(rows))."""
+
+    size: Size
+    rows: torch.Tensor  # (n,) rows of the embeddings
+    first_item: int  # global index of its first item, for the per-item randomness
+    covers: list[torch.Tensor] | None  # (3, H, W) uint8, each covering `size`
+    latents: torch.Tensor | None = None  # (n or 2n, C, h, w) scaled latents
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pixels(self, positions: torch.Tensor, epoch: int, augment: Augment) -> torch.Tensor:
+        """uint8 (B, 3, height, width): the items at `positions`, cropped (and flipped) as in `epoch`."""
+        width, height = self.size
+        crops = []
+        for position in positions.tolist():
+            cover = self.covers[position]
+            left, top, flip = augment.draw(self.first_item + position, epoch, cover.shape[2] - width,
+                                           cover.shape[1] - height)
+            crops.append(crop(cover, width, height, left, top, flip))
+        return torch.stack(crops)
+
+    def cache_latents(self, vae, augment: Augment, show_progress: bool) -> None:
+        """Encodes every item once, cropped as in epoch 0 (the VAE doesn't run again, so a random crop stays the one
+        drawn for the item); with --random_flip the mirrored items too. The cover images are dropped."""
+        everything = torch.arange(len(self))
+        pixels = self.pixels(everything, 0, Augment(augment.crop, False, augment.seed))
+        if augment.random_flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        self.latents = encode_latents(vae, pixels, show_progress=show_progress).cpu()
+        self.covers = None
+
 
 @dataclass
 class TrainData:
-    keys: list[str]  # image hashes
+    keys: list[str]  # image hashes, one per embeddings row
     prompt_embeds: torch.Tensor  # (N, seq, dim)
     pooled_prompt_embeds: torch.Tensor  # (N, pooled_dim)
     text_ids: torch.Tensor  # (seq, 3)
-    pixels: torch.Tensor | None  # (N, 3, H, W) uint8; dropped once the latents are cached
-    latents: torch.Tensor | None = None  # (N, C, h, w) scaled latents, with --cache_latents
+    buckets: list[Bucket]
+    augment: Augment = field(default_factory=Augment)
     validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # prompt -> embeddings
+    empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None  # what --caption_dropout trains on
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def num_items(self) -> int:
+        return sum(len(b) for b in self.buckets)
+
     @classmethod
-    def build(cls, embeddings: TextEmbeddings, pixels: torch.Tensor,
-              validation: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> TrainData:
-        """`embeddings` row i belongs to `pixels[i]` (see `embeddings.match_embeddings`)."""
+    def build(cls, embeddings: TextEmbeddings, buckets: list[Bucket], validation: dict, dtype: torch.dtype,
+              augment: Augment, empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None) -> TrainData:
+        """`embeddings` row i belongs to `samples[i]` (see `embeddings.match_embeddings`)."""
+        empty = None if empty_caption is None else tuple(t.to(dtype) for t in empty_caption)
         return cls(keys=embeddings.keys, prompt_embeds=embeddings.prompt_embeds.to(dtype),
                    pooled_prompt_embeds=embeddings.pooled_prompt_embeds.to(dtype),
-                   text_ids=embeddings.text_ids.to(dtype), pixels=pixels, validation=validation)
+                   text_ids=embeddings.text_ids.to(dtype), buckets=buckets, augment=augment, validation=validation,
+                   empty_caption=empty)
 
     def cache_latents(self, vae, show_progress: bool = True) -> None:
-        """Encodes every image once (kept on the CPU); the pixels are dropped."""
-        self.latents = encode_latents(vae, self.pixels, show_progress=show_progress).cpu()
-        self.pixels = None
+        for bucket in self.buckets:
+            bucket.cache_latents(vae, self.augment, show_progress)
+
+    @property
+    def latents_cached(self) -> bool:
+        return all(b.latents is not None for b in self.buckets)
 
 
-def load_pixels(samples: list[Sample], width: int, height: int) -> torch.Tensor:
-    pixels = [resize_and_crop(s.open_image(), width, height) for s in tqdm(samples, desc="Loading images", leave=False)]
-    return torch.stack(pixels)
+def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool) -> list[Bucket]:
+    """Each image at the nearest size of each list of `sizes` (one list per resolution; one size for --width x
+    --height), scaled to cover it; the items grouped by size, in a fixed order. `check_size`: refuse images that
+    would be upscaled more than 2x (buckets)."""
+    by_size: dict[Size, list[tuple[int, torch.Tensor]]] = {}
+    for row, sample in enumerate(tqdm(samples, desc="Loading images", leave=False)):
+        image = sample.open_image()
+        for options in sizes:
+            size = nearest_bucket(image.width, image.height, options)
+            if check_size:
+                check_not_too_small(image.width, image.height, size, sample.source)
+            by_size.setdefault(size, []).append((row, resize_to_cover(image, *size)))
+    buckets, first = [], 0
+    for size in sorted(by_size, key=lambda s: (s[0] / s[1], s[0])):
+        rows, covers = zip(*by_size[size])
+        buckets.append(Bucket(size, torch.tensor(rows), first, list(covers)))
+        first += len(rows)
+    return buckets
 
 
 def to_model_input(pixels: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -74,27 +162,37 @@ class Batch:
     pooled_prompt_embeds: torch.Tensor
 
 
-def get_batch(data: TrainData, rows: torch.Tensor, vae, device: torch.device) -> Batch:
-    """The rows' latents (cached, or encoded now) and embeddings on `device`."""
-    if data.latents is not None:
-        latents = data.latents[rows].to(device, data.prompt_embeds.dtype)
+def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch: int, vae, device: torch.device,
+              dropped: torch.Tensor | None = None) -> Batch:
+    """The items' latents (cached, or encoded now from this epoch's crops) and embeddings on `device`; the
+    `dropped` ones get the empty caption's embeddings (--caption_dropout)."""
+    bucket = data.buckets[bucket_index]
+    if bucket.latents is not None:
+        if data.augment.random_flip:
+            flips = [data.augment.draw(bucket.first_item + p, epoch, 0, 0)[2] for p in positions.tolist()]
+            positions = positions + len(bucket) * torch.tensor(flips, dtype=positions.dtype)
+        latents = bucket.latents[positions].to(device, data.prompt_embeds.dtype)
     else:
-        latents = encode_latents(vae, data.pixels[rows], show_progress=False)
-    return Batch(latents, data.prompt_embeds[rows].to(device, non_blocking=True),
-                 data.pooled_prompt_embeds[rows].to(device, non_blocking=True))
+        latents = encode_latents(vae, bucket.pixels(positions, epoch, data.augment), show_progress=False)
+    rows = bucket.rows[positions % len(bucket)]
+    prompt_embeds, pooled = data.prompt_embeds[rows], data.pooled_prompt_embeds[rows]
+    if dropped is not None and bool(dropped.any()):
+        prompt_embeds[dropped], pooled[dropped] = data.empty_caption  # copies (advanced indexing): data unchanged
+    return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True))
 
 
 @dataclass
 class SampleOrder:
-    """Which images each process trains on at each micro step: a fresh permutation of the repeated images every
-    epoch, split into global batches, each split by rank."""
+    """Which items each process trains on at each micro step. Every epoch each bucket's items (repeated) are
+    permuted and cut into global batches (a remainder smaller than a batch is left out that epoch), the batches
+    of all buckets are shuffled together, and each is split by rank: every batch comes from one bucket."""
 
-    num_images: int
+    bucket_sizes: list[int]  # items per bucket
     repeats: int
     batch_size: int  # per process
     num_processes: int
     seed: int
-    _perms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _epochs: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -102,19 +200,37 @@ class SampleOrder:
 
     @property
     def micro_steps_per_epoch(self) -> int:
-        return (self.num_images * self.repeats) // self.global_batch
+        return sum((n * self.repeats) // self.global_batch for n in self.bucket_sizes)
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms = {epoch: torch.randperm(self.num_images * self.repeats, generator=generator)}
-        return self._perms[epoch]
+    def _batches(self, epoch: int) -> list[tuple[int, torch.Tensor]]:
+        if epoch not in self._epochs:
+            batches = []
+            for b, n in enumerate(self.bucket_sizes):
+                generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003 * b)
+                perm = torch.randperm(n * self.repeats, generator=generator)
+                batches += [(b, perm[i * self.global_batch : (i + 1) * self.global_batch] % n)
+                            for i in range(len(perm) // self.global_batch)]
+            if len(self.bucket_sizes) > 1:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            self._epochs = {epoch: batches}
+        return self._epochs[epoch]
 
-    def rows(self, micro_step: int, rank: int) -> torch.Tensor:
-        """Image rows of this process's part of the global batch: no image twice per epoch, none dropped by rank."""
+    def epoch(self, micro_step: int) -> int:
+        return micro_step // self.micro_steps_per_epoch
+
+    def batch(self, micro_step: int, rank: int) -> tuple[int, torch.Tensor]:
+        """(bucket, item positions in it) of this process's part of the global batch: no item twice per epoch,
+        none dropped by rank."""
         epoch, i = divmod(micro_step, self.micro_steps_per_epoch)
-        batch = self._perm(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
-        return batch[rank * self.batch_size : (rank + 1) * self.batch_size] % self.num_images
+        bucket, positions = self._batches(epoch)[i]
+        return bucket, positions[self.rank_slice(rank)]
+
+    def dropped(self, micro_step: int, rank: int, probability: float) -> torch.Tensor:
+        """Which of this process's items train on the empty caption (--caption_dropout), drawn for the global batch
+        from a generator of its own, so the noise and timesteps stay as they are without dropout."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step + 1 + 2**40)
+        return (torch.rand(self.global_batch, generator=generator) < probability)[self.rank_slice(rank)]
 
     def generator(self, micro_step: int) -> torch.Generator:
         """The micro step's own generator, for its noise and timesteps."""

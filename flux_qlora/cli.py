@@ -70,6 +70,33 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                        help="Caption for images that have none (e.g. 'a photo of sks dog').")
 
 
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flags for what it makes of each image: one size or aspect-ratio buckets, crops, flips, repeats,
+    caption dropout, cached latents."""
+    group = parser.add_argument_group("images: sizes, buckets, augmentation")
+    group.add_argument("--width", type=int, default=None,
+                       help="Train every image at this width (a multiple of 16; default 512), center-cropped; or use "
+                            "--resolution.")
+    group.add_argument("--height", type=int, default=None, help="With --width: the height (default 512).")
+    group.add_argument("--resolution", type=str, default=None,
+                       help="Aspect-ratio buckets of about NxN pixels (e.g. 1024; several train each image at each: "
+                            "512,768,1024): each image trains at the size of its nearest aspect ratio (1:2.5 to "
+                            "2.5:1).")
+    group.add_argument("--bucket_step", type=int, default=64,
+                       help="Bucket sides are multiples of this (a multiple of 16): fewer, coarser shapes compile "
+                            "and capture fewer graphs.")
+    group.add_argument("--crop", type=str, default="center", choices=["center", "random"],
+                       help="Where an image scaled to cover its size is cropped: centered, or at a random place "
+                            "each epoch (with --cache_latents: one random place per image).")
+    group.add_argument("--random_flip", action="store_true",
+                       help="Mirror half of the images each epoch (with --cache_latents both are encoded once).")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
+    group.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
+    group.add_argument("--caption_dropout", type=float, default=0.0,
+                       help="Share of samples trained on the empty caption instead of theirs (e.g. 0.1).")
+
+
 def check_dataset_args(args: argparse.Namespace) -> None:
     if bool(args.dataset_name) == bool(args.instance_data_dir):
         raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")

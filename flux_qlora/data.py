@@ -171,15 +171,27 @@ def check_resolution(width: int, height: int) -> None:
                             f"Flux packs 2x2 latents); try {max(16, round(value / 16) * 16)}.")
 
 
-def resize_and_crop(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then center-cropped."""
+def resize_to_cover(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 tensor (3, H, W), scaled so that it covers width x height (H >= height, W >= width), uncropped."""
     image = ImageOps.exif_transpose(image).convert("RGB")
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    image = image.crop((left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def crop(pixels: torch.Tensor, width: int, height: int, left: int | None = None, top: int | None = None,
+         flip: bool = False) -> torch.Tensor:
+    """A width x height window of (3, H, W) pixels at (left, top) (default: centered), mirrored with `flip`."""
+    left = (pixels.shape[2] - width) // 2 if left is None else left
+    top = (pixels.shape[1] - height) // 2 if top is None else top
+    window = pixels[:, top : top + height, left : left + width]
+    return window.flip(-1) if flip else window
+
+
+def resize_and_crop(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then center-cropped."""
+    return crop(resize_to_cover(image, width, height), width, height).contiguous()
 
 
 def _first(items: list[str], n: int = 5) -> str:

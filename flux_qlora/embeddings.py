@@ -51,6 +51,9 @@ class TextEmbeddings:
     def prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds (1, seq, dim), pooled (1, pooled_dim)) of a validation prompt stored in the file."""
         i = self.index().get(prompt_key(prompt))
+        if i is None and not prompt:
+            raise UserError("the embeddings file has no row for the empty caption (--caption_dropout trains on it): "
+                            "re-run compute_embeddings.py, which adds it.")
         if i is None:
             raise UserError(f"validation prompt {prompt!r} is not in the embeddings file; re-run compute_embeddings.py "
                             "with --validation_prompt.")

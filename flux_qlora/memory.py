@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flux_qlora.errors import UserError
+from flux_qlora.hardware import Device
+
 GIB = 2**30
 CKPT_INPUT_BYTES = 2.29  # per token and hidden unit, per checkpointed block (bf16 input, rotary, modulation)
 BLOCK_BYTES = 28.95  # per token and hidden unit: one block's activations kept for its backward, in bf16
@@ -134,3 +137,13 @@ def plans_that_fit(config: dict, shape: TrainingShape, capacity_gib: float) -> l
         if changed and plan_training(config, option).peak_gib <= capacity_gib:
             fits.append(flags)
     return fits
+
+
+def check_fits(config: dict, shape: TrainingShape, plan: MemoryPlan, device: Device) -> None:
+    """Stops a run whose predicted peak exceeds the GPU, naming the flags whose plan would fit."""
+    if not device.memory_gib or plan.peak_gib <= device.memory_gib:
+        return
+    fits = plans_that_fit(config, shape, device.memory_gib)
+    raise UserError(f"this run needs ~{plan.peak_gib:.1f} GiB of GPU memory, {device.describe()} has "
+                    f"{device.memory_gib:.1f} GiB: " + (f"add {' or '.join(fits)}." if fits else
+                                                        "no smaller setting fits either; use a bigger GPU."))

@@ -45,11 +45,29 @@ def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
     return output
 
 
-def train_args(model, images, embeddings, output_dir, *extra) -> list:
+def train_args(model, images, embeddings, output_dir, *extra, size=("--width", "64", "--height", "48"),
+               cache_latents: bool = True) -> list:
     """train_qlora_flux.py's flags for a run on the tiny model: NF4, 8-bit AdamW, checkpointing, cached latents."""
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--data_df_path", embeddings,
-            "--output_dir", output_dir, "--width", "64", "--height", "48", "--cache_latents", "--use_8bit_adam",
+            "--output_dir", output_dir, *size, *(["--cache_latents"] if cache_latents else []), "--use_8bit_adam",
             "--gradient_checkpointing", "--report_to", "none", "--logging_steps", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def mixed_aspect_data(tiny_model, tiny_images_master, tmp_path_factory) -> tuple[Path, Path]:
+    """(images, embeddings): the tiny images as landscapes, portraits and squares, for the aspect-ratio buckets."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("mixed") / "images"
+    folder.mkdir()
+    sizes = [(128, 64), (120, 60), (64, 128), (60, 120), (96, 96), (132, 66)]
+    for (width, height), png in zip(sizes, sorted(tiny_images_master.glob("*.png"))):
+        Image.open(png).convert("RGB").resize((width, height)).save(folder / png.name)
+        shutil.copy(png.with_suffix(".txt"), folder)
+    output = folder.parent / "embeddings.parquet"
+    run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", folder,
+               "--output_path", output, "--max_sequence_length", "16", "--device", "cpu")
+    return folder, output
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:

@@ -31,9 +31,9 @@ def test_embeddings_match_images_and_encoders(tiny_model, tiny_images_master, ti
     table = read_embeddings(tiny_embeddings)
     images = sorted(tiny_images_master.glob("*.png"))
     validation = "a red circle on a green background"
-    assert len(table.keys) == len(images) + 1
-    assert table.prompt_embeds.shape == (len(images) + 1, 16, 32)
-    assert table.pooled_prompt_embeds.shape == (len(images) + 1, 32)
+    assert len(table.keys) == len(images) + 2  # and the validation prompt and the empty caption
+    assert table.prompt_embeds.shape == (len(images) + 2, 16, 32)
+    assert table.pooled_prompt_embeds.shape == (len(images) + 2, 32)
     assert table.text_ids.shape == (16, 3)
     index = table.index()
     captions = [p.with_suffix(".txt").read_text() for p in images]
@@ -77,7 +77,7 @@ def test_rerun_encodes_only_changed_captions_and_drops_removed_images(tiny_model
     result = run_script("compute_embeddings.py", *common)
     assert "1 captions to encode" in result.stderr
     table = read_embeddings(output)
-    assert len(table.keys) == len(images) - 1
+    assert len(table.keys) == len(images) - 1 + 1  # one image fewer, and the empty caption
     row = table.index()[image_hash(Image.open(images[0]))]
     assert table.captions[row] == "a new caption"
     prompt_embeds, _, _ = _direct_embeddings(tiny_model, ["a new caption"], 8)
@@ -107,7 +107,7 @@ def test_duplicate_images_are_reported_and_embedded_once(tiny_model, tiny_images
     result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
                         "--instance_data_dir", tiny_images, "--output_path", output, "--max_sequence_length", "8")
     assert "1 duplicate image(s) skipped" in result.stderr and "copy.png" in result.stderr
-    assert len(read_embeddings(output).keys) == 6
+    assert len(read_embeddings(output).keys) == 6 + 1  # the empty caption's row too
 
 
 def test_metadata_jsonl_and_instance_prompt_captions(tiny_images):
@@ -172,6 +172,6 @@ def test_dataset_name_path_reads_a_datasets_folder_with_the_same_keys(tiny_model
                "--cache_dir", tmp_path / "cache")
     run_script("compute_embeddings.py", *common, "--instance_data_dir", tiny_images, "--output_path", local)
     from_hub, from_folder = read_embeddings(hub), read_embeddings(local)
-    assert sorted(from_hub.keys) == sorted(from_folder.keys) and len(from_hub.keys) == 6
+    assert sorted(from_hub.keys) == sorted(from_folder.keys) and len(from_hub.keys) == 6 + 1
     torch.testing.assert_close(from_hub.prompt_embeds[[from_hub.index()[k] for k in from_folder.keys]],
                                from_folder.prompt_embeds)

@@ -165,13 +165,13 @@ def test_flat_lora_computes_in_bf16_and_keeps_fp32_master_weights():
 
 
 def test_sample_order_shards_each_epoch_without_repeats():
-    order = SampleOrder(num_images=5, repeats=2, batch_size=2, num_processes=2, seed=1)
+    order = SampleOrder(bucket_sizes=[5], repeats=2, batch_size=2, num_processes=2, seed=1)
     assert order.micro_steps_per_epoch == 2  # 10 positions // global batch 4
-    seen = [order.rows(step, rank) for step in range(2) for rank in range(2)]
-    positions = torch.cat(seen)
+    seen = [order.batch(step, rank) for step in range(2) for rank in range(2)]
+    positions = torch.cat([p for _, p in seen])
     assert len(positions) == 8 and torch.bincount(positions, minlength=5).max() <= 2
-    single = SampleOrder(num_images=5, repeats=2, batch_size=4, num_processes=1, seed=1)
-    assert torch.equal(single.rows(1, 0), torch.cat([order.rows(1, 0), order.rows(1, 1)]))
+    single = SampleOrder(bucket_sizes=[5], repeats=2, batch_size=4, num_processes=1, seed=1)
+    assert torch.equal(single.batch(1, 0)[1], torch.cat([order.batch(1, 0)[1], order.batch(1, 1)[1]]))
 
 
 def _edit_caption(images: Path, tmp_path: Path) -> None:

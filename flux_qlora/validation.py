@@ -1,0 +1,56 @@
+"""Validation images during training: drawn by the training transformer itself (no second copy of the model), with
+the cached prompt embeddings, the VAE on the GPU only to decode."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux_qlora.reports import log_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleSettings:
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]]  # prompt -> (prompt_embeds, pooled_prompt_embeds)
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+@torch.no_grad()
+def sample_images(accelerator, transformer, vae, scheduler, settings: SampleSettings, output_dir: Path, step: int,
+                  vae_home: str | torch.device) -> list[str]:
+    """Writes `samples/step-<step>-<i>.png` for each prompt (also to the trackers) and returns their paths relative
+    to `output_dir`. The VAE goes back to `vae_home` afterwards (the CPU when latents are cached)."""
+    from diffusers import FluxPipeline
+
+    model = accelerator.unwrap_model(transformer)
+    vae.to(accelerator.device)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    (output_dir / "samples").mkdir(exist_ok=True)
+    was_training = model.training
+    model.eval()
+    files = []
+    with accelerator.autocast():
+        for i, (prompt, (prompt_embeds, pooled)) in enumerate(settings.prompts.items()):
+            image = pipe(prompt_embeds=prompt_embeds.to(accelerator.device, vae.dtype),
+                         pooled_prompt_embeds=pooled.to(accelerator.device, vae.dtype),
+                         width=settings.width, height=settings.height, num_inference_steps=settings.steps,
+                         guidance_scale=settings.guidance_scale,
+                         generator=torch.Generator("cpu").manual_seed(settings.seed)).images[0]
+            files.append(f"samples/step-{step:06d}-{i}.png")
+            image.save(output_dir / files[-1])
+            log_image(accelerator.trackers, prompt, image, step, i)
+    model.train(was_training)
+    vae.to(vae_home)
+    logger.info("Sample images for step %d in %s", step, output_dir / "samples")
+    return files
