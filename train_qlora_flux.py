@@ -276,7 +276,8 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     table = read_embeddings(args.data_df_path)
     embeddings = match_embeddings(samples, table, args.data_df_path)
     validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
-    buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution))
+    buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution),
+                           alpha_mask=args.alpha_mask)
     empty_caption = table.prompt("") if args.caption_dropout else None
     augment = Augment(args.crop, args.random_flip, args.seed)
     data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
@@ -376,13 +377,13 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     # Inside a CUDA graph autocast must not cache casts across calls (the cache would outlive the capture).
     autocast = AutocastKwargs(cache_enabled=False) if args.cuda_graphs else None
 
-    def micro_step(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas) -> torch.Tensor:
+    def micro_step(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas, mask=None) -> torch.Tensor:
         size = tuple(latents.shape[-2:])
         if size not in image_ids:
             image_ids[size] = flow.latent_image_ids(*size, device=device, dtype=dtype)
         with accelerator.autocast(autocast), offload:
-            loss = flow.flow_matching_step(transformer, Batch(latents, prompt_embeds, pooled_prompt_embeds), noise,
-                                           sigmas, text_ids, image_ids[size], guidance, args.weighting_scheme)
+            loss = flow.flow_matching_step(transformer, Batch(latents, prompt_embeds, pooled_prompt_embeds, mask),
+                                           noise, sigmas, text_ids, image_ids[size], guidance, args.weighting_scheme)
         accelerator.backward(loss)
         run.flat_lora.after_backward()
         return loss.detach()
@@ -429,7 +430,8 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                                                    order.rank_slice(rank), tuple(batch.latents.shape[1:]))
         with accelerator.accumulate(run.transformer):
             loss = micro_step(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds,
-                              noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True))
+                              noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True),
+                              *([] if batch.mask is None else [batch.mask]))
             if accelerator.sync_gradients:
                 stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
         pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flux_qlora.buckets import check_not_too_small, nearest_bucket
-from flux_qlora.data import Sample, crop, resize_to_cover
+from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -56,30 +56,44 @@ class Bucket:
     first_item: int  # global index of its first item, for the per-item randomness
     covers: list[torch.Tensor] | None  # (3, H, W) uint8, each covering `size`
     latents: torch.Tensor | None = None  # (n or 2n, C, h, w) scaled latents
+    mask_covers: list[torch.Tensor | None] | None = None  # with loss masks: (1, H, W) uint8 each, None = no mask
+    latent_masks: torch.Tensor | None = None  # (n or 2n, 1, h, w) in [0, 1], beside cached latents
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def pixels(self, positions: torch.Tensor, epoch: int, augment: Augment) -> torch.Tensor:
-        """uint8 (B, 3, height, width): the items at `positions`, cropped (and flipped) as in `epoch`."""
+    def crops(self, positions: torch.Tensor, epoch: int, augment: Augment) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, 3, height, width) pixels of the items at `positions`, cropped (and flipped) as in `epoch`, and
+        their masks (B, 1, height, width) cropped alike (None without loss masks)."""
         width, height = self.size
-        crops = []
+        pixels, masks = [], []
         for position in positions.tolist():
             cover = self.covers[position]
             left, top, flip = augment.draw(self.first_item + position, epoch, cover.shape[2] - width,
                                            cover.shape[1] - height)
-            crops.append(crop(cover, width, height, left, top, flip))
-        return torch.stack(crops)
+            pixels.append(crop(cover, width, height, left, top, flip))
+            if self.mask_covers is not None:
+                mask = self.mask_covers[position]
+                whole = torch.full((1, height, width), 255, dtype=torch.uint8)
+                masks.append(whole if mask is None else crop(mask, width, height, left, top, flip))
+        return torch.stack(pixels), torch.stack(masks) if masks else None
 
     def cache_latents(self, vae, augment: Augment, show_progress: bool) -> None:
         """Encodes every item once, cropped as in epoch 0 (the VAE doesn't run again, so a random crop stays the one
         drawn for the item); with --random_flip the mirrored items too. The cover images are dropped."""
-        everything = torch.arange(len(self))
-        pixels = self.pixels(everything, 0, Augment(augment.crop, False, augment.seed))
+        pixels, masks = self.crops(torch.arange(len(self)), 0, Augment(augment.crop, False, augment.seed))
         if augment.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
+            masks = None if masks is None else torch.cat([masks, masks.flip(-1)])
         self.latents = encode_latents(vae, pixels, show_progress=show_progress).cpu()
-        self.covers = None
+        self.latent_masks = None if masks is None else on_latent_grid(masks, self.latents)
+        self.covers = self.mask_covers = None
+
+
+def on_latent_grid(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """uint8 masks (B, 1, H, W) -> the share of each latent pixel's patch that counts, (B, 1, h, w) in [0, 1]."""
+    factor = masks.shape[-1] // latents.shape[-1]  # the VAE's downsampling: 8
+    return torch.nn.functional.avg_pool2d(masks.float() / 255, factor).to(latents.device, latents.dtype)
 
 
 @dataclass
@@ -119,22 +133,29 @@ class TrainData:
         return all(b.latents is not None for b in self.buckets)
 
 
-def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool) -> list[Bucket]:
+def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool,
+                 alpha_mask: bool = False) -> list[Bucket]:
     """Each image at the nearest size of each list of `sizes` (one list per resolution; one size for --width x
-    --height), scaled to cover it; the items grouped by size, in a fixed order. `check_size`: refuse images that
-    would be upscaled more than 2x (buckets)."""
-    by_size: dict[Size, list[tuple[int, torch.Tensor]]] = {}
+    --height), scaled to cover it, with its loss mask (NAME_mask.png, or with `alpha_mask` its alpha channel) if
+    any image has one; the items grouped by size, in a fixed order. `check_size`: refuse images that would be
+    upscaled more than 2x (buckets)."""
+    by_size: dict[Size, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
+    any_mask = False
     for row, sample in enumerate(tqdm(samples, desc="Loading images", leave=False)):
         image = sample.open_image()
+        mask = open_mask(sample, image, alpha_mask)
+        any_mask |= mask is not None
         for options in sizes:
             size = nearest_bucket(image.width, image.height, options)
             if check_size:
                 check_not_too_small(image.width, image.height, size, sample.source)
-            by_size.setdefault(size, []).append((row, resize_to_cover(image, *size)))
+            mask_cover = None if mask is None else resize_to_cover(mask, *size, mode="L")
+            by_size.setdefault(size, []).append((row, resize_to_cover(image, *size), mask_cover))
     buckets, first = [], 0
     for size in sorted(by_size, key=lambda s: (s[0] / s[1], s[0])):
-        rows, covers = zip(*by_size[size])
-        buckets.append(Bucket(size, torch.tensor(rows), first, list(covers)))
+        rows, covers, masks = zip(*by_size[size])
+        buckets.append(Bucket(size, torch.tensor(rows), first, list(covers), mask_covers=list(masks) if any_mask
+                              else None))
         first += len(rows)
     return buckets
 
@@ -160,6 +181,7 @@ class Batch:
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
+    mask: torch.Tensor | None = None  # (B, 1, h, w) loss weights on the latent grid
 
 
 def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch: int, vae, device: torch.device,
@@ -172,13 +194,16 @@ def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch
             flips = [data.augment.draw(bucket.first_item + p, epoch, 0, 0)[2] for p in positions.tolist()]
             positions = positions + len(bucket) * torch.tensor(flips, dtype=positions.dtype)
         latents = bucket.latents[positions].to(device, data.prompt_embeds.dtype)
+        mask = None if bucket.latent_masks is None else bucket.latent_masks[positions].to(device, latents.dtype)
     else:
-        latents = encode_latents(vae, bucket.pixels(positions, epoch, data.augment), show_progress=False)
+        pixels, masks = bucket.crops(positions, epoch, data.augment)
+        latents = encode_latents(vae, pixels, show_progress=False)
+        mask = None if masks is None else on_latent_grid(masks, latents)
     rows = bucket.rows[positions % len(bucket)]
     prompt_embeds, pooled = data.prompt_embeds[rows], data.pooled_prompt_embeds[rows]
     if dropped is not None and bool(dropped.any()):
         prompt_embeds[dropped], pooled[dropped] = data.empty_caption  # copies (advanced indexing): data unchanged
-    return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True))
+    return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True), mask)
 
 
 @dataclass

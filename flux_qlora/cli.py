@@ -93,6 +93,9 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache_latents", action="store_true",
                        help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
     group.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
+    group.add_argument("--alpha_mask", action="store_true",
+                       help="Use each image's alpha channel as its loss mask (where it is transparent the loss "
+                            "doesn't count); a NAME_mask.png beside an image is its mask without this flag.")
     group.add_argument("--caption_dropout", type=float, default=0.0,
                        help="Share of samples trained on the empty caption instead of theirs (e.g. 0.1).")
 

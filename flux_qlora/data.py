@@ -25,6 +25,7 @@ __all__ = ["UserError"]  # documented as flux_qlora.data.UserError: kept importa
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MASK_SUFFIX = "_mask"  # NAME_mask.png beside NAME.jpg: where the loss counts (white) and where not (black)
 
 
 def image_hash(image: Image.Image) -> str:
@@ -38,6 +39,7 @@ class Sample:
     caption: str
     source: str  # a file path or "dataset[index]", for messages
     open_image: Callable[[], Image.Image] = field(repr=False)
+    open_mask: Callable[[], Image.Image] | None = field(default=None, repr=False)
 
 
 def _open_file(path: Path) -> Callable[[], Image.Image]:
@@ -81,7 +83,8 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
     folder = Path(instance_data_dir)
     if not folder.is_dir():
         raise UserError(f"--instance_data_dir {folder} is not a folder: give the folder that holds your images.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith(MASK_SUFFIX))
     if not paths:
         raise UserError(
             f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
@@ -98,7 +101,9 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
         except (UnidentifiedImageError, OSError) as error:
             unreadable.append(f"{path.name} ({error.__class__.__name__})")
             continue
-        samples.append(Sample(image_hash(image), caption, str(path), _open_file(path)))
+        mask = path.with_name(f"{path.stem}{MASK_SUFFIX}.png")
+        samples.append(Sample(image_hash(image), caption, str(path), _open_file(path),
+                              _open_file(mask) if mask.exists() else None))
     if unreadable:
         raise UserError(f"{len(unreadable)} unreadable image(s) in {folder}: {_first(unreadable)}; fix or remove them.")
     if uncaptioned:
@@ -171,13 +176,29 @@ def check_resolution(width: int, height: int) -> None:
                             f"Flux packs 2x2 latents); try {max(16, round(value / 16) * 16)}.")
 
 
-def resize_to_cover(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 tensor (3, H, W), scaled so that it covers width x height (H >= height, W >= width), uncropped."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+def resize_to_cover(image: Image.Image, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
+    """uint8 tensor (channels, H, W) of the image in `mode` (RGB; L for masks), scaled so that it covers
+    width x height (H >= height, W >= width), uncropped."""
+    image = ImageOps.exif_transpose(image).convert(mode)
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(image).copy()).reshape(size[1], size[0], -1).permute(2, 0, 1)
+
+
+def open_mask(sample: Sample, image: Image.Image, alpha: bool) -> Image.Image | None:
+    """The sample's loss mask: its NAME_mask.png, or with `alpha` the image's alpha channel; None when it has
+    neither (the whole image counts). A mask must be the size of its image."""
+    if sample.open_mask is not None:
+        mask = sample.open_mask()
+    elif alpha and "A" in image.getbands():
+        mask = image.getchannel("A")
+    else:
+        return None
+    if mask.size != image.size:
+        raise UserError(f"the mask of {sample.source} is {mask.width}x{mask.height}, the image "
+                        f"{image.width}x{image.height}: make the mask the size of its image.")
+    return mask
 
 
 def crop(pixels: torch.Tensor, width: int, height: int, left: int | None = None, top: int | None = None,

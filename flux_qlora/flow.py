@@ -82,12 +82,17 @@ def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor,
-                       sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Weighted MSE between the predicted and the true velocity (noise - latents), averaged per sample."""
+                       sigmas: torch.Tensor, scheme: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted MSE between the predicted and the true velocity (noise - latents), averaged per sample; with `mask`
+    (B, 1, h, w) in [0, 1] on the latent grid, averaged over the masked-in latent pixels only."""
     target = noise.float() - latents.float()
     weights = loss_weighting(scheme, sigmas).view(-1, *[1] * (latents.dim() - 1))
-    per_sample = (weights * (model_pred.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1)
-    return per_sample.mean()
+    error = weights * (model_pred.float() - target) ** 2
+    if mask is None:
+        return error.reshape(latents.shape[0], -1).mean(1).mean()
+    mask = mask.float().expand_as(error)
+    covered = mask.reshape(latents.shape[0], -1).sum(1).clamp_min(1e-6)  # a sample masked out entirely counts 0
+    return ((error * mask).reshape(latents.shape[0], -1).sum(1) / covered).mean()
 
 
 @dataclass(frozen=True)
@@ -130,4 +135,4 @@ def flow_matching_step(transformer: torch.nn.Module, batch: Batch, noise: torch.
         txt_ids=text_ids, img_ids=image_ids, return_dict=False,
     )[0]
     model_pred = unpack_latents(model_pred, *latents.shape[-2:])
-    return flow_matching_loss(model_pred, noise, latents, sig.flatten(), scheme)
+    return flow_matching_loss(model_pred, noise, latents, sig.flatten(), scheme, batch.mask)
