@@ -19,6 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,19 +36,22 @@ from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_
 from flux_qlora.cli import (
     add_attention_backend_arg,
     add_dataset_args,
+    add_flow_matching_args,
     add_image_args,
+    add_lora_args,
     add_model_args,
     check_dataset_args,
     dataset_kwargs,
     hub_kwargs,
     run_main,
     setup_logging,
+    timestep_sampling,
 )
 from flux_qlora.data import load_samples
 from flux_qlora.embeddings import match_embeddings, parquet_rows, read_embeddings, text_tokens
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
-from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, add_lora, lora_parameters, save_lora, target_modules
+from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, lora_parameters, save_lora, target_modules
 from flux_qlora.memory import MemoryPlan, TrainingShape, check_fits, plan_training
 from flux_qlora.models import (
     DTYPES,
@@ -71,7 +75,7 @@ from flux_qlora.reports import (
     push_to_hub,
     write_summary,
 )
-from flux_qlora.step import FlatLora, check_cuda_graphs, in_cuda_graph, offload_activations
+from flux_qlora.step import FlatLora, LoraEma, NoEma, check_cuda_graphs, in_cuda_graph, offload_activations
 from flux_qlora.validation import SampleSettings, sample_images
 
 logger = get_logger("train_qlora_flux")
@@ -96,14 +100,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="Run the frozen base's big linears in float8 (torchao) with --base_precision bf16 on a "
                              "GPU of compute capability >= 8.9 (speed and memory: BENCHMARKS.md).")
 
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
-    lora.add_argument("--init_lora_weights", type=str, default="gaussian", choices=INIT_CHOICES,
-                      help="LoRA initialisation (peft's init_lora_weights; B starts at zero except for pissa/olora).")
-    lora.add_argument("--lora_layers", type=str, default="attention",
-                      help=f"Target modules: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma-separated list "
-                           "such as 'to_k,to_q,to_v,to_out.0'.")
+    add_lora_args(parser)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--train_batch_size", type=int, default=1, help="Images per micro-step per GPU.")
@@ -142,17 +139,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
 
-    fm = parser.add_argument_group("flow matching")
-    fm.add_argument("--weighting_scheme", type=str, default="none", choices=flow.WEIGHTING_SCHEMES,
-                    help="Timestep density / loss weighting (SD3 paper).")
-    fm.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
-    fm.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal density.")
-    fm.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density.")
-    fm.add_argument("--timestep_shift", type=str, default="1.0",
-                    help="Shift of the sampled sigmas towards noise: a number (1.0 = none, 3.0 = SD3) or 'auto' "
-                         "(FLUX.1-dev's resolution-dependent shift).")
-    fm.add_argument("--guidance_scale", type=float, default=1.0,
-                    help="Value of the guidance vector during training (FLUX.1-dev is guidance-distilled; 1.0).")
+    add_flow_matching_args(parser)
 
     out = parser.add_argument_group("checkpoints, validation, logging")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
@@ -187,6 +174,10 @@ def validate_args(args: argparse.Namespace) -> None:
     check_dataset_args(args)
     # Resolved here: the size of the validation images (with buckets: square, at the first resolution).
     args.width, args.height = check_size_flags(args.resolution, args.bucket_step, args.width, args.height)
+    if not 0 <= args.ema_decay <= 1:
+        raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
+    if args.validate_ema and not args.use_ema:
+        raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
     if not 0 <= args.caption_dropout < 1:
         raise UserError(f"--caption_dropout {args.caption_dropout} must be at least 0 and below 1 (e.g. 0.1).")
     for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
@@ -195,12 +186,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise UserError(f"--max_train_steps {args.max_train_steps} must be at least 1.")
-    if args.timestep_shift != "auto":
-        try:
-            if float(args.timestep_shift) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--timestep_shift {args.timestep_shift} must be a positive number or 'auto'.") from None
+    timestep_sampling(args)
     if args.push_to_hub and args.hub_token is None:
         from huggingface_hub import get_token
 
@@ -357,6 +343,7 @@ class Run:
     accelerator: Accelerator
     transformer: torch.nn.Module  # NF4 base + LoRA, wrapped by accelerate (DDP on several processes)
     flat_lora: FlatLora  # the LoRA weights as the optimizer sees them
+    ema: LoraEma | NoEma  # their moving average (--use_ema), updated after each optimizer step
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     data: TrainData
@@ -398,15 +385,11 @@ def optimizer_step(run: Run, max_grad_norm: float) -> bool:
     if max_grad_norm > 0:
         run.accelerator.clip_grad_norm_([run.flat_lora.master], max_grad_norm)
     run.optimizer.step()
+    run.ema.update()
     run.flat_lora.sync()
     run.flat_lora.zero_grad()
     run.lr_scheduler.step()
     return run.optimizer.step_was_skipped
-
-
-def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
-    return flow.TimestepSampling(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-                                 None if args.timestep_shift == "auto" else float(args.timestep_shift))
 
 
 def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
@@ -480,8 +463,9 @@ def generate_samples(args: argparse.Namespace, run: Run, step: int) -> list[str]
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
     settings = SampleSettings(run.data.validation, args.width, args.height, args.validation_inference_steps,
                               args.validation_guidance_scale, args.seed)
-    return sample_images(run.accelerator, run.transformer, run.vae, scheduler, settings, Path(args.output_dir), step,
-                         vae_home="cpu" if args.cache_latents else run.accelerator.device)
+    with run.ema.weights() if args.validate_ema else nullcontext():
+        return sample_images(run.accelerator, run.transformer, run.vae, scheduler, settings, Path(args.output_dir),
+                             step, vae_home="cpu" if args.cache_latents else run.accelerator.device)
 
 
 def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: list[str]) -> dict:
@@ -495,6 +479,9 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
         with run.flat_lora.master_weights():
             lora_path = save_lora(model, output_dir)
         logger.info("Saved the LoRA to %s", lora_path)
+        if args.use_ema:
+            with run.ema.weights():
+                logger.info("Saved the EMA LoRA to %s", save_lora(model, output_dir, EMA_WEIGHT_NAME))
     samples_after = generate_samples(args, run, args.max_train_steps)
     if accelerator.is_main_process:
         if stats.losses:
@@ -569,7 +556,10 @@ def main(args: argparse.Namespace) -> dict:
                                  num_training_steps=args.max_train_steps)
     accelerator.register_for_checkpointing(lr_scheduler)
     register_lora_checkpoint_hooks(accelerator, flat_lora)
-    run = Run(accelerator, transformer, flat_lora, optimizer, lr_scheduler, data, order, vae)
+    ema = LoraEma(flat_lora, args.ema_decay) if args.use_ema else NoEma()
+    if args.use_ema:
+        accelerator.register_for_checkpointing(ema)
+    run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, data, order, vae)
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,

@@ -11,7 +11,9 @@ import logging
 import sys
 from collections.abc import Callable
 
+from flux_qlora import flow
 from flux_qlora.errors import UserError
+from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -100,6 +102,38 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
                        help="Share of samples trained on the empty caption instead of theirs (e.g. 0.1).")
 
 
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's LoRA flags: rank, alpha, initialisation, target layers, EMA."""
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+    lora.add_argument("--init_lora_weights", type=str, default="gaussian", choices=INIT_CHOICES,
+                      help="LoRA initialisation (peft's init_lora_weights; B starts at zero except for pissa/olora).")
+    lora.add_argument("--lora_layers", type=str, default="attention",
+                      help=f"Target modules: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma-separated list "
+                           "such as 'to_k,to_q,to_v,to_out.0'.")
+    lora.add_argument("--use_ema", action="store_true",
+                      help="Keep an exponential moving average of the LoRA weights, saved beside the LoRA as "
+                           "pytorch_lora_weights_ema.safetensors (diffusers loads it with weight_name=...).")
+    lora.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step.")
+    lora.add_argument("--validate_ema", action="store_true", help="Draw the validation images with the EMA weights.")
+
+
+def add_flow_matching_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flow-matching flags: where on the noise schedule samples train, and the guidance vector."""
+    fm = parser.add_argument_group("flow matching")
+    fm.add_argument("--weighting_scheme", type=str, default="none", choices=flow.WEIGHTING_SCHEMES,
+                    help="Timestep density / loss weighting (SD3 paper).")
+    fm.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
+    fm.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal density.")
+    fm.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density.")
+    fm.add_argument("--timestep_shift", type=str, default="1.0",
+                    help="Shift of the sampled sigmas towards noise: a number (1.0 = none, 3.0 = SD3) or 'auto' "
+                         "(FLUX.1-dev's resolution-dependent shift).")
+    fm.add_argument("--guidance_scale", type=float, default=1.0,
+                    help="Value of the guidance vector during training (FLUX.1-dev is guidance-distilled; 1.0).")
+
+
 def check_dataset_args(args: argparse.Namespace) -> None:
     if bool(args.dataset_name) == bool(args.instance_data_dir):
         raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")
@@ -111,3 +145,16 @@ def dataset_kwargs(args: argparse.Namespace) -> dict:
             "dataset_split": args.dataset_split, "image_column": args.image_column,
             "caption_column": args.caption_column, "instance_data_dir": args.instance_data_dir,
             "instance_prompt": args.instance_prompt, "cache_dir": args.cache_dir}
+
+
+def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
+    """The flow-matching flags as `flow.TimestepSampling`; a bad --timestep_shift is refused in one line."""
+    shift = None
+    if args.timestep_shift != "auto":
+        try:
+            shift = float(args.timestep_shift)
+        except ValueError:
+            shift = -1.0
+        if not shift > 0:
+            raise UserError(f"--timestep_shift {args.timestep_shift} must be a positive number or 'auto'.")
+    return flow.TimestepSampling(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift)

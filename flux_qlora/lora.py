@@ -12,6 +12,7 @@ from flux_qlora.errors import UserError
 from flux_qlora.models import looks_like_hub_id
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
 INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
 LORA_TARGET_PRESETS = {
     "attention": ["to_k", "to_q", "to_v", "to_out.0"],
@@ -54,15 +55,15 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(transformer)
 
 
-def save_lora(transformer: nn.Module, output_dir: str | Path) -> Path:
+def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str = LORA_WEIGHT_NAME) -> Path:
     """Writes `pytorch_lora_weights.safetensors` with `transformer.` keys and the LoRA config as metadata."""
     from diffusers import FluxPipeline
 
     FluxPipeline.save_lora_weights(
-        output_dir, transformer_lora_layers=lora_state_dict(transformer),
+        output_dir, transformer_lora_layers=lora_state_dict(transformer), weight_name=weight_name,
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
     )
-    return Path(output_dir) / LORA_WEIGHT_NAME
+    return Path(output_dir) / weight_name
 
 
 def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:

@@ -84,11 +84,17 @@ class FlatLora:
         if self.compute is None:
             yield
             return
-        self._view_params(self.master.data)
+        with self.viewing(self.master.data):
+            yield
+
+    @contextmanager
+    def viewing(self, flat: torch.Tensor):
+        """The model's LoRA weights as views of `flat` (a buffer of master's layout, e.g. the EMA) while inside."""
+        self._view_params(flat)
         try:
             yield
         finally:
-            self._view_params(self.compute)
+            self._view_params(self.compute if self.compute is not None else self.master.data)
             self.sync()
 
 
@@ -177,6 +183,40 @@ class ActivationOffload:
         current.wait_event(entry.ready)
         tensor.record_stream(current)
         return tensor
+
+
+class LoraEma:
+    """An exponential moving average of the LoRA weights, kept in one flat fp32 buffer beside FlatLora's master:
+    each update is one kernel (shadow += (1 - decay) * (master - shadow)). Checkpointed through accelerate
+    (`state_dict` / `load_state_dict`), so a resumed run's EMA is the uninterrupted run's."""
+
+    def __init__(self, flat_lora: FlatLora, decay: float):
+        self.flat_lora, self.decay = flat_lora, decay
+        self.shadow = flat_lora.master.detach().clone()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.shadow.lerp_(self.flat_lora.master.detach(), 1 - self.decay)
+
+    def weights(self):
+        """The model's LoRA weights are the EMA's while inside (to save it, or to draw validation images)."""
+        return self.flat_lora.viewing(self.shadow)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.copy_(state["shadow"])
+
+
+class NoEma:
+    """--use_ema off: updating does nothing and the weights are the trained ones."""
+
+    def update(self) -> None:
+        pass
+
+    def weights(self):
+        return nullcontext()
 
 
 def offload_activations(model: nn.Module, device: torch.device, enabled: bool) -> AbstractContextManager:

@@ -1,0 +1,74 @@
+"""LoRA EMA: one flat average beside the trained LoRA, saved as its own diffusers-loadable file, resumed exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import VALIDATION, assert_one_line_error, run_script, train_args
+from safetensors.torch import load_file
+
+LORA, EMA = "pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"
+
+
+def test_ema_unit_update_is_the_moving_average():
+    from flux_qlora.step import FlatLora, LoraEma
+
+    a = torch.nn.Parameter(torch.zeros(3))
+    flat = FlatLora([a], torch.bfloat16)
+    ema = LoraEma(flat, decay=0.9)
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            flat.master.fill_(value)
+        ema.update()
+    torch.testing.assert_close(ema.shadow, torch.full((3,), 0.9 * 0.1 * 1.0 + 0.1 * 2.0))  # 0 -> 0.1 -> 0.29
+    with ema.weights():
+        assert a.dtype == torch.float32 and torch.equal(a.detach(), ema.shadow)
+    assert a.dtype == torch.bfloat16 and float(a.detach()[0]) == 2.0  # back to the trained weights' compute copy
+
+
+@pytest.mark.parametrize("decay, expect", [pytest.param("0", "the trained LoRA", id="decay-0"),
+                                           pytest.param("1", "the initial LoRA", id="decay-1")])
+def test_ema_file_is_saved_and_follows_its_decay(decay, expect, tiny_model, tiny_images_master, tiny_embeddings,
+                                                  tmp_path):
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
+                                                  "--max_train_steps", "3", "--learning_rate", "1e-3", "--use_ema",
+                                                  "--ema_decay", decay, "--validation_prompt", VALIDATION,
+                                                  "--validate_ema", "--validation_inference_steps", "2"))
+    trained, ema = load_file(tmp_path / "out" / LORA), load_file(tmp_path / "out" / EMA)
+    assert trained.keys() == ema.keys()
+    if expect == "the trained LoRA":
+        assert all(torch.equal(ema[k], trained[k]) for k in trained)
+    else:  # B starts at zero (gaussian init): the EMA never moved
+        assert all(v.abs().max() == 0 for k, v in ema.items() if "lora_B" in k)
+        assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipe.load_lora_weights(tmp_path / "out", weight_name=EMA)  # a LoRA diffusers loads like any other
+    assert (tmp_path / "out" / "samples" / "step-000003-0.png").exists()
+
+
+def test_ema_resumes_exactly(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    flags = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--use_ema",
+             "--ema_decay", "0.7", "--mixed_precision", "no")
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "full",
+                                                  *flags))
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", interrupted / "checkpoint-3")
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, interrupted,
+                                                  *flags, "--resume_from_checkpoint", "latest"))
+    full, resumed = load_file(tmp_path / "full" / EMA), load_file(interrupted / EMA)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-6, atol=1e-8)
+    trained = load_file(tmp_path / "full" / LORA)
+    assert any(not torch.allclose(full[k], trained[k]) for k in trained)  # an average, not the last weights
+
+
+def test_validate_ema_needs_use_ema(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                           tmp_path / "out", "--validate_ema"), check=False)
+    assert_one_line_error(result, "--validate_ema", "--use_ema")
