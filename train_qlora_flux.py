@@ -30,7 +30,7 @@ from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flux_qlora import flow
-from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, get_batch, load_buckets
+from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, get_batch, held_out_rows, load_buckets
 from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
 from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_checkpoint
 from flux_qlora.cli import (
@@ -40,19 +40,22 @@ from flux_qlora.cli import (
     add_image_args,
     add_lora_args,
     add_model_args,
+    add_output_args,
     check_dataset_args,
     dataset_kwargs,
     hub_kwargs,
     run_main,
     setup_logging,
     timestep_sampling,
+    training_shape,
 )
 from flux_qlora.data import load_samples
-from flux_qlora.embeddings import match_embeddings, parquet_rows, read_embeddings, text_tokens
+from flux_qlora.embeddings import match_embeddings, read_embeddings
 from flux_qlora.errors import UserError
+from flux_qlora.evaluation import eval_loss
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, lora_parameters, save_lora, target_modules
-from flux_qlora.memory import MemoryPlan, TrainingShape, check_fits, plan_training
+from flux_qlora.memory import MemoryPlan, check_fits, plan_training
 from flux_qlora.models import (
     DTYPES,
     compile_blocks,
@@ -141,31 +144,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     add_flow_matching_args(parser)
 
-    out = parser.add_argument_group("checkpoints, validation, logging")
-    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    out.add_argument("--resume_from_checkpoint", type=str, default=None,
-                     help="'latest' (newest checkpoint in --output_dir; a fresh start if none) or a path.")
-    out.add_argument("--validation_prompt", type=str, action="append", default=[],
-                     help="Prompt for sample images (repeatable); must have been embedded by compute_embeddings.py.")
-    out.add_argument("--validation_steps", type=int, default=0,
-                     help="Sample images every N steps (0: only before and after training).")
-    out.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps of sample images.")
-    out.add_argument("--validation_guidance_scale", type=float, default=3.5, help="Guidance of sample images.")
-    out.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
-                     help="Where to log loss, lr, s/step, peak memory and sample images.")
-    out.add_argument("--logging_steps", type=int, default=10,
-                     help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
-    out.add_argument("--profile_dir", type=str, default=None,
-                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
-                          "with --compile a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time "
-                          "the GPU was busy in train_summary.json.")
-    out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
-    out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
-    out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
-    out.add_argument("--dry_run", action="store_true",
-                     help="Print the memory plan (predicted GPU peak and system RAM) and exit, loading nothing.")
-    out.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    add_output_args(parser)
     return parser.parse_args(input_args)
 
 
@@ -180,7 +159,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
     if not 0 <= args.caption_dropout < 1:
         raise UserError(f"--caption_dropout {args.caption_dropout} must be at least 0 and below 1 (e.g. 0.1).")
-    for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
+    if not 0 <= args.validation_split < 1:
+        raise UserError(f"--validation_split {args.validation_split} must be at least 0 and below 1 (e.g. 0.1).")
+    for name in ("eval_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
                  "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
@@ -240,13 +221,7 @@ def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype
     """Predicts the run's peak GPU memory and system RAM; stops with the flags that would fit if the GPU is too
     small."""
     largest = max((size for sizes in training_sizes(args) for size in sizes), key=lambda s: s[0] * s[1])
-    shape = TrainingShape(
-        width=largest[0], height=largest[1], text_tokens=text_tokens(args.data_df_path),
-        batch_size=args.train_batch_size, nf4=args.base_precision == "nf4", compute_bytes=weight_dtype.itemsize,
-        rank=args.rank, targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
-        gradient_checkpointing=args.gradient_checkpointing,
-        checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
-        num_images=parquet_rows(args.data_df_path), cache_latents=args.cache_latents)
+    shape = training_shape(args, largest, weight_dtype.itemsize)  # the largest bucket sets the peak
     plan = plan_training(config, shape)
     device = Device.of(accelerator.device)
     logger.info("Memory plan: %s, on %s%s", plan.describe(), device.describe(),
@@ -262,12 +237,19 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     table = read_embeddings(args.data_df_path)
     embeddings = match_embeddings(samples, table, args.data_df_path)
     validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
+    held_out = held_out_rows(samples, args.validation_split)
+    train_rows = [row for row in range(len(samples)) if row not in held_out]
     buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution),
-                           alpha_mask=args.alpha_mask)
+                           alpha_mask=args.alpha_mask, rows=train_rows)
     empty_caption = table.prompt("") if args.caption_dropout else None
     augment = Augment(args.crop, args.random_flip, args.seed)
     data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
     vae = load_vae(args.pretrained_model_name_or_path, accelerator.device, weight_dtype, **hub_kwargs(args))
+    if held_out:  # center crops, latents encoded now: the same inputs at every evaluation
+        eval_buckets = load_buckets(samples, training_sizes(args), bool(args.resolution), args.alpha_mask, held_out)
+        data.held_out = TrainData.build(embeddings, eval_buckets, {}, weight_dtype, Augment(seed=args.seed))
+        data.held_out.cache_latents(vae, show_progress=False)
+        logger.info("%d image(s) held out for the eval loss", len(held_out))
     if args.cache_latents:
         data.cache_latents(vae, show_progress=accelerator.is_local_main_process)
         vae.to("cpu")  # only needed again to decode sample images
@@ -312,10 +294,10 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
         # elimination merged the backward's NF4 dequantization with the forward's and then kept every block's bf16
         # weights for the backward (+21 GiB on FLUX.1-dev at 512x768, measured).
         torch._functorch.config.cse = False
-        # Also process-wide: each bucket size is a graph of its own (dynamic=False); past dynamo's limit of 8 per
-        # block a block would silently run eagerly.
+        # Also process-wide: each bucket size is a graph of its own (dynamic=False), and so is each size in no_grad
+        # (eval loss, sample images); past dynamo's limit of 8 per block a block would silently run eagerly.
         sizes = sum(len(s) for s in training_sizes(args))
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * sizes)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * sizes + 8)
         compile_blocks(transformer)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval, compiled=args.compile)
@@ -439,11 +421,14 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
         progress.update(1)
         profiler.after_step(step)
         if checkpoint_now:
-            path = save_checkpoint(accelerator, args.output_dir, step, {"losses": stats.losses},
+            path = save_checkpoint(accelerator, args.output_dir, step,
+                                   {"losses": stats.losses, "eval_losses": stats.eval_losses},
                                    args.checkpoints_total_limit)
             logger.info("Saved checkpoint %s", path)
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
             generate_samples(args, run, step)
+        if step % args.eval_steps == 0 or step == args.max_train_steps:
+            evaluate(args, run, stats, step)
     progress.close()
     stats.kernel_s_per_step = profiler.kernel_s_per_step
     if stats.skipped_steps:
@@ -468,6 +453,17 @@ def generate_samples(args: argparse.Namespace, run: Run, step: int) -> list[str]
                              step, vae_home="cpu" if args.cache_latents else run.accelerator.device)
 
 
+def evaluate(args: argparse.Namespace, run: Run, stats: RunStats, step: int) -> None:
+    """The held-out eval loss (nothing without --validation_split), on the main process."""
+    if run.data.held_out is None or not run.accelerator.is_main_process:
+        return
+    model = run.accelerator.unwrap_model(run.transformer)  # no DDP hooks: the other processes don't take part
+    guidance = args.guidance_scale if model.config.guidance_embeds else None
+    loss = eval_loss(model, run.data.held_out, guidance, args.weighting_scheme, run.accelerator.autocast, args.seed)
+    stats.eval_losses.append([step, loss])
+    run.accelerator.log({"eval_loss": loss}, step=step)
+
+
 def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: list[str]) -> dict:
     """Saves the LoRA, the loss plot, after-samples, the run summary and the model card; pushes to the Hub if
     asked. Returns the summary (on the main process; {} on the others)."""
@@ -485,7 +481,7 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
     samples_after = generate_samples(args, run, args.max_train_steps)
     if accelerator.is_main_process:
         if stats.losses:
-            plot_loss(stats.losses, output_dir / "loss.png")
+            plot_loss(stats.losses, output_dir / "loss.png", stats.eval_losses)
         summary = {
             "steps": args.max_train_steps, **stats.summary(accelerator.device), "lora": str(lora_path),
             "loss_plot": str(output_dir / "loss.png"), "samples_before": samples_before,
@@ -563,9 +559,11 @@ def main(args: argparse.Namespace) -> dict:
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,
-                     predicted_peak_gib=plan.peak_gib)
+                     predicted_peak_gib=plan.peak_gib, eval_losses=list(resumed.get("eval_losses", [])))
     log_run_start(args, run, stats.start_step)
     samples_before = generate_samples(args, run, 0) if stats.start_step == 0 else []
+    if stats.start_step == 0:
+        evaluate(args, run, stats, 0)
     train(args, run, stats)
     return finish(args, run, stats, samples_before)
 

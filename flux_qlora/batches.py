@@ -106,6 +106,7 @@ class TrainData:
     augment: Augment = field(default_factory=Augment)
     validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # prompt -> embeddings
     empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None  # what --caption_dropout trains on
+    held_out: TrainData | None = None  # images kept out of training for the eval loss (--validation_split)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -134,14 +135,15 @@ class TrainData:
 
 
 def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool,
-                 alpha_mask: bool = False) -> list[Bucket]:
-    """Each image at the nearest size of each list of `sizes` (one list per resolution; one size for --width x
-    --height), scaled to cover it, with its loss mask (NAME_mask.png, or with `alpha_mask` its alpha channel) if
-    any image has one; the items grouped by size, in a fixed order. `check_size`: refuse images that would be
-    upscaled more than 2x (buckets)."""
+                 alpha_mask: bool = False, rows: list[int] | None = None) -> list[Bucket]:
+    """Each image (those of `rows`, default all) at the nearest size of each list of `sizes` (one list per
+    resolution; one size for --width x --height), scaled to cover it, with its loss mask (NAME_mask.png, or with
+    `alpha_mask` its alpha channel) if any image has one; the items grouped by size, in a fixed order.
+    `check_size`: refuse images that would be upscaled more than 2x (buckets)."""
     by_size: dict[Size, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
     any_mask = False
-    for row, sample in enumerate(tqdm(samples, desc="Loading images", leave=False)):
+    for row in tqdm(range(len(samples)) if rows is None else rows, desc="Loading images", leave=False):
+        sample = samples[row]
         image = sample.open_image()
         mask = open_mask(sample, image, alpha_mask)
         any_mask |= mask is not None
@@ -204,6 +206,15 @@ def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch
     if dropped is not None and bool(dropped.any()):
         prompt_embeds[dropped], pooled[dropped] = data.empty_caption  # copies (advanced indexing): data unchanged
     return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True), mask)
+
+
+def held_out_rows(samples: list[Sample], share: float) -> list[int]:
+    """The rows of about `share` of the images (at least one), held out for the eval loss: the ones with the lowest
+    image hashes, so the choice is fixed for a dataset and independent of file names and order."""
+    if share <= 0:
+        return []
+    count = min(len(samples) - 1, max(1, round(share * len(samples))))
+    return sorted(sorted(range(len(samples)), key=lambda row: samples[row].image_hash)[:count])
 
 
 @dataclass

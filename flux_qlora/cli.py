@@ -12,8 +12,10 @@ import sys
 from collections.abc import Callable
 
 from flux_qlora import flow
+from flux_qlora.embeddings import parquet_rows, text_tokens
 from flux_qlora.errors import UserError
-from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS
+from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, target_modules
+from flux_qlora.memory import TrainingShape
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -134,6 +136,40 @@ def add_flow_matching_args(parser: argparse.ArgumentParser) -> None:
                     help="Value of the guidance vector during training (FLUX.1-dev is guidance-distilled; 1.0).")
 
 
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flags for what it leaves behind: checkpoints, validation images, the eval loss, logs, profiles,
+    the Hub upload."""
+    out = parser.add_argument_group("checkpoints, validation, logging")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    out.add_argument("--resume_from_checkpoint", type=str, default=None,
+                     help="'latest' (newest checkpoint in --output_dir; a fresh start if none) or a path.")
+    out.add_argument("--validation_prompt", type=str, action="append", default=[],
+                     help="Prompt for sample images (repeatable); must have been embedded by compute_embeddings.py.")
+    out.add_argument("--validation_steps", type=int, default=0,
+                     help="Sample images every N steps (0: only before and after training).")
+    out.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps of sample images.")
+    out.add_argument("--validation_guidance_scale", type=float, default=3.5, help="Guidance of sample images.")
+    out.add_argument("--validation_split", type=float, default=0.0,
+                     help="Hold this share of the images out of training (at least one) for an eval loss at fixed "
+                          "timesteps and noise, every --eval_steps, logged and drawn in loss.png.")
+    out.add_argument("--eval_steps", type=int, default=50, help="Evaluate the held-out images every N steps.")
+    out.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
+                     help="Where to log loss, lr, s/step, peak memory and sample images.")
+    out.add_argument("--logging_steps", type=int, default=10,
+                     help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
+    out.add_argument("--profile_dir", type=str, default=None,
+                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
+                          "with --compile a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time "
+                          "the GPU was busy in train_summary.json.")
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
+    out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
+    out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
+    out.add_argument("--dry_run", action="store_true",
+                     help="Print the memory plan (predicted GPU peak and system RAM) and exit, loading nothing.")
+    out.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+
+
 def check_dataset_args(args: argparse.Namespace) -> None:
     if bool(args.dataset_name) == bool(args.instance_data_dir):
         raise UserError("give exactly one of --dataset_name (a Hub dataset) or --instance_data_dir (a folder).")
@@ -158,3 +194,14 @@ def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
         if not shift > 0:
             raise UserError(f"--timestep_shift {args.timestep_shift} must be a positive number or 'auto'.")
     return flow.TimestepSampling(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, shift)
+
+
+def training_shape(args: argparse.Namespace, size: tuple[int, int], compute_bytes: int) -> TrainingShape:
+    """The trainer's flags as the memory plan's `TrainingShape`, at training size `size` (width, height)."""
+    return TrainingShape(
+        width=size[0], height=size[1], text_tokens=text_tokens(args.data_df_path), batch_size=args.train_batch_size,
+        nf4=args.base_precision == "nf4", compute_bytes=compute_bytes, rank=args.rank,
+        targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
+        num_images=parquet_rows(args.data_df_path), cache_latents=args.cache_latents)

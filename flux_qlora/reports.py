@@ -103,6 +103,7 @@ class RunStats:
     kernel_s_per_step: float | None = None
     model_gib: float = 0.0
     predicted_peak_gib: float | None = None  # the memory plan's
+    eval_losses: list[list[float]] = field(default_factory=list)  # [step, held-out loss] (--validation_split)
     skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
 
     def median_s_per_step(self) -> float | None:
@@ -120,11 +121,11 @@ class RunStats:
             "skipped_steps": self.skipped_steps,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "first_loss": losses[0] if losses else None,
+            "first_loss": losses[0] if losses else None, "eval_losses": self.eval_losses,
         }
 
 
-def plot_loss(losses: list[float], path: Path) -> None:
+def plot_loss(losses: list[float], path: Path, eval_losses: list[list[float]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +137,9 @@ def plot_loss(losses: list[float], path: Path) -> None:
     if len(losses) >= 2 * window > 1:
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
         ax.plot(range(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    if eval_losses:
+        steps, values = zip(*eval_losses)
+        ax.plot(steps, values, "o-", lw=1.5, label="held-out (fixed timesteps and noise)")
     ax.set(xlabel="optimizer step", ylabel="flow-matching loss", title="training loss")
     ax.legend()
     fig.tight_layout()
