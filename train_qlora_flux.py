@@ -54,6 +54,7 @@ from flux_qlora.embeddings import match_embeddings, read_embeddings
 from flux_qlora.errors import UserError
 from flux_qlora.evaluation import eval_loss
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
+from flux_qlora.latent_cache import LatentCache, vae_fingerprint
 from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, lora_parameters, save_lora, target_modules
 from flux_qlora.memory import MemoryPlan, check_fits, plan_training
 from flux_qlora.models import (
@@ -153,6 +154,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_dataset_args(args)
     # Resolved here: the size of the validation images (with buckets: square, at the first resolution).
     args.width, args.height = check_size_flags(args.resolution, args.bucket_step, args.width, args.height)
+    args.cache_latents = args.cache_latents or bool(args.cache_latents_dir)
     if not 0 <= args.ema_decay <= 1:
         raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
     if args.validate_ema and not args.use_ema:
@@ -251,7 +253,11 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
         data.held_out.cache_latents(vae, show_progress=False)
         logger.info("%d image(s) held out for the eval loss", len(held_out))
     if args.cache_latents:
-        data.cache_latents(vae, show_progress=accelerator.is_local_main_process)
+        fingerprint = vae_fingerprint(args.pretrained_model_name_or_path, args.revision, args.variant)
+        cache = LatentCache(args.cache_latents_dir, fingerprint, weight_dtype) if args.cache_latents_dir else None
+        encoded = data.cache_latents(vae, show_progress=accelerator.is_local_main_process, cache=cache)
+        if cache:
+            logger.info("Latents in %s: %d encoded, %d reused", cache.folder, encoded, data.num_items - encoded)
         vae.to("cpu")  # only needed again to decode sample images
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

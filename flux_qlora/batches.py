@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from flux_qlora.buckets import check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
+from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ class Bucket:
     rows: torch.Tensor  # (n,) rows of the embeddings
     first_item: int  # global index of its first item, for the per-item randomness
     covers: list[torch.Tensor] | None  # (3, H, W) uint8, each covering `size`
-    latents: torch.Tensor | None = None  # (n or 2n, C, h, w) scaled latents
+    latents: torch.Tensor | LatentFiles | None = None  # (n or 2n, C, h, w) scaled latents, or their files
     mask_covers: list[torch.Tensor | None] | None = None  # with loss masks: (1, H, W) uint8 each, None = no mask
-    latent_masks: torch.Tensor | None = None  # (n or 2n, 1, h, w) in [0, 1], beside cached latents
+    latent_masks: torch.Tensor | LatentFiles | None = None  # (n or 2n, 1, h, w) in [0, 1], beside cached latents
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,6 +89,37 @@ class Bucket:
         self.latents = encode_latents(vae, pixels, show_progress=show_progress).cpu()
         self.latent_masks = None if masks is None else on_latent_grid(masks, self.latents)
         self.covers = self.mask_covers = None
+
+    def cache_latents_on_disk(self, vae, augment: Augment, cache: LatentCache, image_hashes: list[str],
+                              show_progress: bool) -> int:
+        """As `cache_latents`, into one file per item in `cache` (`flux_qlora/latent_cache.py`), encoding only the
+        items whose file is missing; training then reads them per batch. Returns how many were encoded."""
+        fixed = Augment(augment.crop, False, augment.seed)  # the crop cached_latents draws: epoch 0, no flip
+        width, height = self.size
+        files = []
+        for position, row in enumerate(self.rows.tolist()):
+            cover = self.covers[position]
+            left, top, _ = fixed.draw(self.first_item + position, 0, cover.shape[2] - width, cover.shape[1] - height)
+            mask = None if self.mask_covers is None else self.mask_covers[position]
+            digest = mask_digest(self.mask_covers is not None, mask)
+            files.append(cache.file(image_hashes[row], self.size, (left, top), augment.random_flip, digest))
+        missing = [position for position, file in enumerate(files) if not file.exists()]
+        for start in tqdm(range(0, len(missing), 4), desc="Caching latents", disable=not (show_progress and missing)):
+            chunk = torch.tensor(missing[start : start + 4])
+            pixels, masks = self.crops(chunk, 0, fixed)
+            encoded = {"latents": encode_latents(vae, pixels, show_progress=False).cpu()}
+            if augment.random_flip:
+                encoded["latents_flipped"] = encode_latents(vae, pixels.flip(-1), show_progress=False).cpu()
+            if masks is not None:
+                encoded["mask"] = on_latent_grid(masks, encoded["latents"])
+                if augment.random_flip:
+                    encoded["mask_flipped"] = on_latent_grid(masks.flip(-1), encoded["latents"])
+            for i, position in enumerate(chunk.tolist()):
+                cache.write(files[position], {name: tensor[i] for name, tensor in encoded.items()})
+        self.latents = LatentFiles(files, "latents")
+        self.latent_masks = None if self.mask_covers is None else LatentFiles(files, "mask")
+        self.covers = self.mask_covers = None
+        return len(missing)
 
 
 def on_latent_grid(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -125,9 +157,16 @@ class TrainData:
                    text_ids=embeddings.text_ids.to(dtype), buckets=buckets, augment=augment, validation=validation,
                    empty_caption=empty)
 
-    def cache_latents(self, vae, show_progress: bool = True) -> None:
+    def cache_latents(self, vae, show_progress: bool = True, cache: LatentCache | None = None) -> int:
+        """Every bucket's latents, in memory or (with `cache`) on disk; returns how many items were encoded."""
+        encoded = 0
         for bucket in self.buckets:
-            bucket.cache_latents(vae, self.augment, show_progress)
+            if cache is None:
+                bucket.cache_latents(vae, self.augment, show_progress)
+                encoded += len(bucket)
+            else:
+                encoded += bucket.cache_latents_on_disk(vae, self.augment, cache, self.keys, show_progress)
+        return encoded
 
     @property
     def latents_cached(self) -> bool:

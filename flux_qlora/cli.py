@@ -96,6 +96,10 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
                        help="Mirror half of the images each epoch (with --cache_latents both are encoded once).")
     group.add_argument("--cache_latents", action="store_true",
                        help="Encode every image with the VAE once before training, then move the VAE off the GPU.")
+    group.add_argument("--cache_latents_dir", type=str, default=None,
+                       help="Cache the latents in this folder instead of in memory (implies --cache_latents): one "
+                            "file per image, named by its pixels, size, crop, mask, VAE and dtype, reused by later "
+                            "runs; read per batch, so large sets stay on disk.")
     group.add_argument("--repeats", type=int, default=1, help="How many times each image appears per epoch.")
     group.add_argument("--alpha_mask", action="store_true",
                        help="Use each image's alpha channel as its loss mask (where it is transparent the loss "

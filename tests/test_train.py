@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ACCELERATE, VALIDATION, assert_one_line_error, run_script, tiny_forward, train_args
+from conftest import (
+    ACCELERATE,
+    GOLDEN_FLAGS,
+    GOLDEN_LOSSES,
+    VALIDATION,
+    assert_one_line_error,
+    run_script,
+    tiny_forward,
+    train_args,
+)
 from safetensors.torch import load_file
 
 from flux_qlora.batches import SampleOrder
@@ -83,19 +92,14 @@ def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, t
     assert last < 0.7 * first, (first, last)
 
 
-# The first six losses of the tiny model, seed 0, fp32 on the CPU (measured at 5d4eaac, and unchanged since): a change
-# to the data order, noise, timesteps, loss, LoRA init or optimizer shows up here even when the loss still falls.
-GOLDEN_LOSSES = [1.509450078010559, 1.0980550050735474, 1.3680068254470825, 1.2752803564071655, 1.204302430152893,
-                 1.2528256177902222]
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the golden losses are the CPU's, also on a GPU machine
 
 
 @pytest.fixture(scope="module")
 def plain_fp32_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("plain") / "out"
-    run_script("train_qlora_flux.py", *train_args(
-        tiny_model, tiny_images_master, tiny_embeddings, output, "--max_train_steps", "6", "--mixed_precision", "no",
-        "--learning_rate", "1e-3", "--checkpointing_steps", "1000"), env=CPU_ONLY)
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, output,
+                                                  *GOLDEN_FLAGS), env=CPU_ONLY)
     return {"env": CPU_ONLY, "summary": json.loads((output / "train_summary.json").read_text())}
 
 

@@ -1,0 +1,90 @@
+"""Latents cached on disk (--cache_latents_dir): one small safetensors file per item, named by the sha256 of
+everything its latents depend on (the image's pixels, its training size and crop, its mask, the VAE, the dtype).
+
+A later run reuses every file whose inputs are unchanged and encodes only the rest, and it can never read a stale
+entry: a changed input is another name. Files are written atomically (a temporary name, then a rename), so an
+interrupted encoding resumes where it stopped. Training reads each batch's files when it needs them, so large sets
+stay on disk instead of in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from flux_qlora.errors import UserError
+
+LAYOUT_VERSION = 1
+
+
+def vae_fingerprint(name_or_path: str, revision: str | None, variant: str | None) -> dict:
+    """What identifies the VAE: its Hub id and revision, or for a local folder also its weight files' sizes and
+    modification times (so re-saved weights are new weights)."""
+    folder = Path(name_or_path) / "vae"
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return {"model": name_or_path, "revision": revision, "variant": variant,
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+class LatentCache:
+    """A folder of cached latents for one VAE and dtype."""
+
+    def __init__(self, folder: str | Path, vae: dict, dtype: torch.dtype):
+        self.folder, self.vae, self.dtype = Path(folder), vae, dtype
+        manifest = self.folder / "manifest.json"
+        if manifest.exists():
+            version = json.loads(manifest.read_text()).get("layout_version")
+            if version != LAYOUT_VERSION:
+                raise UserError(f"--cache_latents_dir {self.folder} was written in another layout ({version}): "
+                                "give another folder or delete it.")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            manifest.write_text(json.dumps({"layout_version": LAYOUT_VERSION, "entry": "sha256 of the item's inputs"
+                                            " -> latents[, latents_flipped, mask, mask_flipped]"}, indent=2))
+
+    def file(self, image_hash: str, size: tuple[int, int], crop: tuple[int, int], flips: bool,
+             mask: str | None) -> Path:
+        """The file of one item's latents: a name made of all its inputs (`mask`: see `mask_digest`)."""
+        inputs = {"image": image_hash, "size": list(size), "crop": list(crop), "flips": flips, "vae": self.vae,
+                  "dtype": str(self.dtype), "mask": mask}
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def write(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        file.parent.mkdir(exist_ok=True)
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")  # several processes may write the same file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, file)
+
+
+class LatentFiles:
+    """A bucket's cached latents (or masks) read from their files per batch: indexable like the in-memory tensor,
+    positions n and above being the mirrored items (--random_flip)."""
+
+    def __init__(self, files: list[Path], name: str):
+        self.files, self.name = files, name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, positions: torch.Tensor) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        n = len(self.files)
+        return torch.stack([load_file(self.files[p % n])[self.name + ("_flipped" if p >= n else "")]
+                            for p in positions.tolist()])
+
+
+def mask_digest(masks_on: bool, mask: torch.Tensor | None) -> str | None:
+    """The mask's part of an item's inputs: None without loss masks, "whole" for an item without a mask of its own
+    (its file then holds a mask of ones), else the hash of its mask."""
+    if not masks_on:
+        return None
+    return "whole" if mask is None else hashlib.sha256(mask.numpy().tobytes()).hexdigest()
