@@ -11,7 +11,6 @@ global batch.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +20,6 @@ from flux_qlora.buckets import check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
 from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
-
-logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -104,8 +101,10 @@ class Bucket:
             digest = mask_digest(self.mask_covers is not None, mask)
             files.append(cache.file(image_hashes[row], self.size, (left, top), augment.random_flip, digest))
         missing = [position for position, file in enumerate(files) if not file.exists()]
-        for start in tqdm(range(0, len(missing), 4), desc="Caching latents", disable=not (show_progress and missing)):
-            chunk = torch.tensor(missing[start : start + 4])
+        # One item per VAE call: a file's latents then don't depend on which other items were missing with it
+        # (convolutions sum in another order at another batch size).
+        for position in tqdm(missing, desc="Caching latents", disable=not (show_progress and missing)):
+            chunk = torch.tensor([position])
             pixels, masks = self.crops(chunk, 0, fixed)
             encoded = {"latents": encode_latents(vae, pixels, show_progress=False).cpu()}
             if augment.random_flip:
@@ -167,10 +166,6 @@ class TrainData:
             else:
                 encoded += bucket.cache_latents_on_disk(vae, self.augment, cache, self.keys, show_progress)
         return encoded
-
-    @property
-    def latents_cached(self) -> bool:
-        return all(b.latents is not None for b in self.buckets)
 
 
 def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool,

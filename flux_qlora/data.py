@@ -210,10 +210,5 @@ def crop(pixels: torch.Tensor, width: int, height: int, left: int | None = None,
     return window.flip(-1) if flip else window
 
 
-def resize_and_crop(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 tensor (3, height, width): scaled so the image covers the target, then center-cropped."""
-    return crop(resize_to_cover(image, width, height), width, height).contiguous()
-
-
 def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

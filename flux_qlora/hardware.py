@@ -16,7 +16,6 @@ import torch
 from flux_qlora.errors import UserError
 
 # diffusers attention backends by the kernel family they run; any other name is left to diffusers to judge.
-NATIVE_ANYWHERE = {"native", "_native_math"}
 NEEDS_AMPERE_HALF = {"_native_flash", "_native_cudnn", "flash", "flash_hub", "flash_varlen", "flash_varlen_hub"}
 NEEDS_HOPPER_HALF = {"_flash_3", "_flash_varlen_3", "_flash_3_hub", "_flash_3_varlen_hub"}
 CPU_KERNELS = {"native", "_native_math", "_native_flash"}
