@@ -22,12 +22,13 @@ from flux_qlora.cli import (
     add_dataset_args,
     add_model_args,
     check_dataset_args,
+    class_samples,
     dataset_kwargs,
     hub_kwargs,
     run_main,
     setup_logging,
 )
-from flux_qlora.data import Sample, load_samples
+from flux_qlora.data import Sample, drop_duplicates, load_samples
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, reusable_rows
 from flux_qlora.errors import UserError
 from flux_qlora.models import load_text_pipeline
@@ -89,8 +90,11 @@ def encode_rows(pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, arg
 
 def main(args: argparse.Namespace) -> None:
     validate_args(args)
-    samples = load_samples(**dataset_kwargs(args))
-    logger.info("%d images with captions from %s", len(samples), args.dataset_name or args.instance_data_dir)
+    regularisation = class_samples(args)
+    samples = drop_duplicates(load_samples(**dataset_kwargs(args)) + regularisation)
+    logger.info("%d images with captions from %s%s", len(samples), args.dataset_name or args.instance_data_dir,
+                f" (with {len(regularisation)} regularisation images from {args.class_data_dir})" if regularisation
+                else "")
 
     source = embedding_source(args)
     writer = EmbeddingsWriter(args.output_path, source)

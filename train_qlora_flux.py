@@ -30,7 +30,7 @@ from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flux_qlora import flow
-from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, get_batch, held_out_rows, load_buckets
+from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, draw_batch, held_out_rows, load_buckets
 from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
 from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_checkpoint
 from flux_qlora.cli import (
@@ -42,6 +42,8 @@ from flux_qlora.cli import (
     add_model_args,
     add_output_args,
     check_dataset_args,
+    check_ranges,
+    class_samples,
     dataset_kwargs,
     hub_kwargs,
     run_main,
@@ -79,7 +81,15 @@ from flux_qlora.reports import (
     push_to_hub,
     write_summary,
 )
-from flux_qlora.step import FlatLora, LoraEma, NoEma, check_cuda_graphs, in_cuda_graph, offload_activations
+from flux_qlora.step import (
+    FlatLora,
+    LoraEma,
+    NoEma,
+    check_cuda_graphs,
+    in_cuda_graph,
+    make_optimizer,
+    offload_activations,
+)
 from flux_qlora.validation import SampleSettings, sample_images
 
 logger = get_logger("train_qlora_flux")
@@ -155,20 +165,9 @@ def validate_args(args: argparse.Namespace) -> None:
     # Resolved here: the size of the validation images (with buckets: square, at the first resolution).
     args.width, args.height = check_size_flags(args.resolution, args.bucket_step, args.width, args.height)
     args.cache_latents = args.cache_latents or bool(args.cache_latents_dir)
-    if not 0 <= args.ema_decay <= 1:
-        raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
+    check_ranges(args)
     if args.validate_ema and not args.use_ema:
         raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
-    if not 0 <= args.caption_dropout < 1:
-        raise UserError(f"--caption_dropout {args.caption_dropout} must be at least 0 and below 1 (e.g. 0.1).")
-    if not 0 <= args.validation_split < 1:
-        raise UserError(f"--validation_split {args.validation_split} must be at least 0 and below 1 (e.g. 0.1).")
-    for name in ("eval_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
-                 "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UserError(f"--max_train_steps {args.max_train_steps} must be at least 1.")
     timestep_sampling(args)
     if args.push_to_hub and args.hub_token is None:
         from huggingface_hub import get_token
@@ -208,11 +207,11 @@ def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dt
     if args.do_fp8_training:
         check_fp8_device(device, "--do_fp8_training")
     if args.cuda_graphs:
-        check_cuda_graphs(accelerator.device, accelerator.num_processes, compute_dtype(accelerator, weight_dtype))
+        check_cuda_graphs(accelerator.device, accelerator.num_processes, lora_compute_dtype(accelerator, weight_dtype))
     return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"])
 
 
-def compute_dtype(accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.dtype:
+def lora_compute_dtype(accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.dtype:
     """The LoRA's compute copy: DDP reduces the weights' own (fp32) gradients, so a low-precision copy is for one
     process only."""
     return weight_dtype if accelerator.num_processes == 1 else torch.float32
@@ -252,12 +251,14 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
         data.held_out = TrainData.build(embeddings, eval_buckets, {}, weight_dtype, Augment(seed=args.seed))
         data.held_out.cache_latents(vae, show_progress=False)
         logger.info("%d image(s) held out for the eval loss", len(held_out))
+    data.prior = load_prior_data(args, table, weight_dtype)
     if args.cache_latents:
         fingerprint = vae_fingerprint(args.pretrained_model_name_or_path, args.revision, args.variant)
         cache = LatentCache(args.cache_latents_dir, fingerprint, weight_dtype) if args.cache_latents_dir else None
-        encoded = data.cache_latents(vae, show_progress=accelerator.is_local_main_process, cache=cache)
-        if cache:
-            logger.info("Latents in %s: %d encoded, %d reused", cache.folder, encoded, data.num_items - encoded)
+        for part in [data] + ([data.prior] if data.prior else []):
+            encoded = part.cache_latents(vae, show_progress=accelerator.is_local_main_process, cache=cache)
+            if cache:
+                logger.info("Latents in %s: %d encoded, %d reused", cache.folder, encoded, part.num_items - encoded)
         vae.to("cpu")  # only needed again to decode sample images
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -265,6 +266,19 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
                 len(buckets), histogram([b.size for b in buckets for _ in range(len(b))]),
                 data.prompt_embeds.shape[1], ", latents cached" if args.cache_latents else "")
     return data, vae
+
+
+def load_prior_data(args: argparse.Namespace, table, weight_dtype: torch.dtype) -> TrainData | None:
+    """The regularisation images of --class_data_dir with their embeddings (none without the flag)."""
+    samples = class_samples(args)
+    if not samples:
+        return None
+    embeddings = match_embeddings(samples, table, args.data_df_path,
+                                  f"run compute_embeddings.py with --class_data_dir {args.class_data_dir}")
+    buckets = load_buckets(samples, training_sizes(args), bool(args.resolution), args.alpha_mask)
+    logger.info("%d regularisation images from %s, prior loss weight %g", len(samples), args.class_data_dir,
+                args.prior_loss_weight)
+    return TrainData.build(embeddings, buckets, {}, weight_dtype, Augment(args.crop, args.random_flip, args.seed + 1))
 
 
 def training_sizes(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
@@ -314,16 +328,6 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
     return transformer
 
 
-def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
 @dataclass
 class Run:
     """What the training loop works on, set up once by main()."""
@@ -337,11 +341,17 @@ class Run:
     data: TrainData
     order: SampleOrder
     vae: torch.nn.Module  # on the CPU between sample images when latents are cached
+    prior_order: SampleOrder | None = None  # the regularisation images' (--class_data_dir)
+
+    def datasets(self) -> list[tuple[TrainData, SampleOrder]]:
+        """What each micro step draws a batch from: the training images, then the regularisation images."""
+        return [(self.data, self.order)] + ([(self.data.prior, self.prior_order)] if self.data.prior else [])
 
 
 def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.Tensor]:
     """Forward, backward and (with a compute copy) the fp32 gradient gather: GPU work only, so with --cuda_graphs
-    it is captured once and replayed."""
+    it is captured once and replayed. Its inputs are `draw_batch`'s tensors for each of `run.datasets()`; the
+    loss is the training images' plus --prior_loss_weight times the regularisation images'."""
     accelerator, transformer = run.accelerator, run.transformer
     device, dtype = accelerator.device, run.data.prompt_embeds.dtype
     image_ids = {}  # per latent size (one per bucket): made eagerly, so a CUDA graph keeps its address
@@ -352,13 +362,21 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     # Inside a CUDA graph autocast must not cache casts across calls (the cache would outlive the capture).
     autocast = AutocastKwargs(cache_enabled=False) if args.cuda_graphs else None
 
-    def micro_step(latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas, mask=None) -> torch.Tensor:
-        size = tuple(latents.shape[-2:])
-        if size not in image_ids:
-            image_ids[size] = flow.latent_image_ids(*size, device=device, dtype=dtype)
+    widths = [5 + data.has_masks for data, _ in run.datasets()]  # how many of the inputs each batch has
+    weights = [1.0, args.prior_loss_weight][: len(widths)]
+
+    def micro_step(*inputs: torch.Tensor) -> torch.Tensor:
+        loss, start = 0, 0
         with accelerator.autocast(autocast), offload:
-            loss = flow.flow_matching_step(transformer, Batch(latents, prompt_embeds, pooled_prompt_embeds, mask),
-                                           noise, sigmas, text_ids, image_ids[size], guidance, args.weighting_scheme)
+            for width, weight in zip(widths, weights):
+                latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas, *mask = inputs[start : start + width]
+                start += width
+                size = tuple(latents.shape[-2:])
+                if size not in image_ids:
+                    image_ids[size] = flow.latent_image_ids(*size, device=device, dtype=dtype)
+                batch = Batch(latents, prompt_embeds, pooled_prompt_embeds, *mask)
+                loss = loss + weight * flow.flow_matching_step(transformer, batch, noise, sigmas, text_ids,
+                                                               image_ids[size], guidance, args.weighting_scheme)
         accelerator.backward(loss)
         run.flat_lora.after_backward()
         return loss.detach()
@@ -383,8 +401,7 @@ def optimizer_step(run: Run, max_grad_norm: float) -> bool:
 def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
     """The loop, from step `stats.start_step`: micro steps under accumulate(), an optimizer step every
     --gradient_accumulation_steps; each step's loss and time go into `stats`."""
-    accelerator, order, accumulation = run.accelerator, run.order, args.gradient_accumulation_steps
-    device, rank = accelerator.device, accelerator.process_index
+    accelerator, accumulation, device = run.accelerator, args.gradient_accumulation_steps, run.accelerator.device
     micro_step = make_micro_step(args, run)
     sampling = timestep_sampling(args)
     # The memory snapshot only with --compile: recording the allocations crashed the eager NF4 steps (bitsandbytes'
@@ -394,15 +411,11 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                     disable=not accelerator.is_local_main_process)
     step, clock, pending = stats.start_step, StepClock(), []
     for micro_index in range(stats.start_step * accumulation, args.max_train_steps * accumulation):
-        bucket, positions = order.batch(micro_index, rank)
-        batch = get_batch(run.data, bucket, positions, order.epoch(micro_index), run.vae, device,
-                          order.dropped(micro_index, rank, args.caption_dropout))
-        noise, sigmas = flow.draw_noise_and_sigmas(sampling, order.generator(micro_index), order.global_batch,
-                                                   order.rank_slice(rank), tuple(batch.latents.shape[1:]))
+        inputs = [tensor for i, (data, order) in enumerate(run.datasets())  # no caption dropout on the prior
+                  for tensor in draw_batch(data, order, micro_index, accelerator.process_index, run.vae, device,
+                                           sampling, caption_dropout=args.caption_dropout * (i == 0))]
         with accelerator.accumulate(run.transformer):
-            loss = micro_step(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds,
-                              noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True),
-                              *([] if batch.mask is None else [batch.mask]))
+            loss = micro_step(*inputs)
             if accelerator.sync_gradients:
                 stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
         pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay
@@ -550,8 +563,10 @@ def main(args: argparse.Namespace) -> dict:
     model_gib = allocated_gib(accelerator.device)
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
-    flat_lora = FlatLora(lora_parameters(transformer), compute_dtype(accelerator, weight_dtype))
-    optimizer = accelerator.prepare(make_optimizer(args, [flat_lora.master]))
+    flat_lora = FlatLora(lora_parameters(transformer), lora_compute_dtype(accelerator, weight_dtype))
+    optimizer = accelerator.prepare(make_optimizer([flat_lora.master], args.use_8bit_adam, lr=args.learning_rate,
+                                                   betas=(args.adam_beta1, args.adam_beta2),
+                                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -561,7 +576,9 @@ def main(args: argparse.Namespace) -> dict:
     ema = LoraEma(flat_lora, args.ema_decay) if args.use_ema else NoEma()
     if args.use_ema:
         accelerator.register_for_checkpointing(ema)
-    run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, data, order, vae)
+    prior_order = None if data.prior is None else SampleOrder(
+        [len(b) for b in data.prior.buckets], 1, args.train_batch_size, accelerator.num_processes, args.seed + 1)
+    run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, data, order, vae, prior_order)
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from flux_qlora.buckets import check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
+from flux_qlora.flow import TimestepSampling, draw_noise_and_sigmas
 from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -138,9 +139,14 @@ class TrainData:
     validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # prompt -> embeddings
     empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None  # what --caption_dropout trains on
     held_out: TrainData | None = None  # images kept out of training for the eval loss (--validation_split)
+    prior: TrainData | None = None  # regularisation images mixed into every step (--class_data_dir)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(b.mask_covers is not None or b.latent_masks is not None for b in self.buckets)
 
     @property
     def num_items(self) -> int:
@@ -240,6 +246,19 @@ def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch
     if dropped is not None and bool(dropped.any()):
         prompt_embeds[dropped], pooled[dropped] = data.empty_caption  # copies (advanced indexing): data unchanged
     return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True), mask)
+
+
+def draw_batch(data: TrainData, order: SampleOrder, micro_index: int, rank: int, vae, device: torch.device,
+               sampling: TimestepSampling, caption_dropout: float = 0.0) -> list[torch.Tensor]:
+    """This process's batch of `data` at this micro step with its noise and sigmas, as the trainer's micro step takes
+    them: latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas[, mask]."""
+    bucket, positions = order.batch(micro_index, rank)
+    batch = get_batch(data, bucket, positions, order.epoch(micro_index), vae, device,
+                      order.dropped(micro_index, rank, caption_dropout))
+    noise, sigmas = draw_noise_and_sigmas(sampling, order.generator(micro_index), order.global_batch,
+                                          order.rank_slice(rank), tuple(batch.latents.shape[1:]))
+    return [batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise.to(device, non_blocking=True),
+            sigmas.to(device, non_blocking=True), *([] if batch.mask is None else [batch.mask])]
 
 
 def held_out_rows(samples: list[Sample], share: float) -> list[int]:

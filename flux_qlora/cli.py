@@ -72,6 +72,12 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                             "(`file_name` + caption column).")
     group.add_argument("--instance_prompt", type=str, default=None,
                        help="Caption for images that have none (e.g. 'a photo of sks dog').")
+    group.add_argument("--class_data_dir", type=str, default=None,
+                       help="Regularisation (prior-preservation) images, captioned like --instance_data_dir: "
+                            "compute_embeddings.py embeds them with the training images, the trainer mixes a batch "
+                            "of them into every step (--prior_loss_weight).")
+    group.add_argument("--class_prompt", type=str, default=None,
+                       help="Caption for regularisation images that have none (e.g. 'a photo of a dog').")
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +142,9 @@ def add_flow_matching_args(parser: argparse.ArgumentParser) -> None:
     fm.add_argument("--timestep_shift", type=str, default="1.0",
                     help="Shift of the sampled sigmas towards noise: a number (1.0 = none, 3.0 = SD3) or 'auto' "
                          "(FLUX.1-dev's resolution-dependent shift).")
+    fm.add_argument("--prior_loss_weight", type=float, default=1.0,
+                    help="Weight of the regularisation images' loss (--class_data_dir), as diffusers' DreamBooth "
+                         "trainers define it: loss = instance loss + weight x prior loss.")
     fm.add_argument("--guidance_scale", type=float, default=1.0,
                     help="Value of the guidance vector during training (FLUX.1-dev is guidance-distilled; 1.0).")
 
@@ -187,6 +196,36 @@ def dataset_kwargs(args: argparse.Namespace) -> dict:
             "instance_prompt": args.instance_prompt, "cache_dir": args.cache_dir}
 
 
+# The trainer's flags that must lie in a range, with an example of a good value.
+AT_LEAST_ONE = ("eval_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
+                "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval")
+FRACTIONS = {"caption_dropout": "0.1", "validation_split": "0.1"}  # at least 0 and below 1
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Each value on its own (cross-flag checks stay in the trainer's validate_args): one line for a bad one."""
+    for name in AT_LEAST_ONE + (("max_train_steps",) if args.max_train_steps is not None else ()):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
+    for name, example in FRACTIONS.items():
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 0 and below 1 (e.g. {example}).")
+    if not 0 <= args.ema_decay <= 1:
+        raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
+    if args.prior_loss_weight < 0:
+        raise UserError(f"--prior_loss_weight {args.prior_loss_weight} must be at least 0 (1.0 as in DreamBooth).")
+
+
+def class_samples(args: argparse.Namespace) -> list:
+    """The regularisation images of --class_data_dir (none without it)."""
+    from flux_qlora.data import drop_duplicates, load_local_samples
+
+    if not args.class_data_dir:
+        return []
+    return drop_duplicates(load_local_samples(args.class_data_dir, args.caption_column, args.class_prompt,
+                                              flag="--class_data_dir", fallback_flag="--class_prompt"))
+
+
 def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
     """The flow-matching flags as `flow.TimestepSampling`; a bad --timestep_shift is refused in one line."""
     shift = None
@@ -203,7 +242,8 @@ def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
 def training_shape(args: argparse.Namespace, size: tuple[int, int], compute_bytes: int) -> TrainingShape:
     """The trainer's flags as the memory plan's `TrainingShape`, at training size `size` (width, height)."""
     return TrainingShape(
-        width=size[0], height=size[1], text_tokens=text_tokens(args.data_df_path), batch_size=args.train_batch_size,
+        width=size[0], height=size[1], text_tokens=text_tokens(args.data_df_path),
+        batch_size=args.train_batch_size * (2 if args.class_data_dir else 1),  # a regularisation batch beside it
         nf4=args.base_precision == "nf4", compute_bytes=compute_bytes, rank=args.rank,
         targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
         gradient_checkpointing=args.gradient_checkpointing,

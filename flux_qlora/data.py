@@ -78,17 +78,17 @@ def _caption_for(path: Path, metadata: dict[str, str] | None, instance_prompt: s
     return caption or instance_prompt
 
 
-def load_local_samples(instance_data_dir: str, caption_column: str, instance_prompt: str | None) -> list[Sample]:
-    """Images in a folder, captioned by `metadata.jsonl`, a `.txt` file beside each image, or `instance_prompt`."""
+def load_local_samples(instance_data_dir: str, caption_column: str, instance_prompt: str | None,
+                       flag: str = "--instance_data_dir", fallback_flag: str = "--instance_prompt") -> list[Sample]:
+    """Images in a folder, captioned by `metadata.jsonl`, a `.txt` file beside each image, or `instance_prompt`.
+    `flag` / `fallback_flag`: the flags the messages name (the regularisation set has its own)."""
     folder = Path(instance_data_dir)
     if not folder.is_dir():
-        raise UserError(f"--instance_data_dir {folder} is not a folder: give the folder that holds your images.")
+        raise UserError(f"{flag} {folder} is not a folder: give the folder that holds your images.")
     paths = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith(MASK_SUFFIX))
     if not paths:
-        raise UserError(
-            f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
-        )
+        raise UserError(f"{flag} {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     metadata = _read_metadata_jsonl(folder, caption_column) if (folder / "metadata.jsonl").exists() else None
     samples, uncaptioned, unreadable = [], [], []
     for path in paths:
@@ -109,7 +109,7 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
     if uncaptioned:
         raise UserError(
             f"{len(uncaptioned)} image(s) in {folder} have no caption (no .txt beside them, no metadata.jsonl "
-            f"entry): {_first(uncaptioned)}. Add captions or pass --instance_prompt as a fallback caption."
+            f"entry): {_first(uncaptioned)}. Add captions or pass {fallback_flag} as a fallback caption."
         )
     return samples
 

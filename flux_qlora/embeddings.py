@@ -217,14 +217,16 @@ def read_embeddings(path: str | Path) -> TextEmbeddings:
     )
 
 
-def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_path: str) -> TextEmbeddings:
-    """The embeddings of exactly these samples, in their order; refuses images the parquet doesn't know."""
+def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_path: str,
+                     rerun: str = "re-run compute_embeddings.py with the same data flags") -> TextEmbeddings:
+    """The embeddings of exactly these samples, in their order; refuses images the parquet doesn't know, saying
+    `rerun` (what to run to fix it)."""
     index = embeddings.index()
     missing = [s for s in samples if s.image_hash not in index]
     if missing:
         raise UserError(
             f"{len(missing)} of {len(samples)} images have no embeddings in {data_df_path} (e.g. {missing[0].source}): "
-            "the images or captions changed since it was made; re-run compute_embeddings.py with the same data flags."
+            f"the images or captions changed since it was made; {rerun}."
         )
     rows = torch.tensor([index[s.image_hash] for s in samples])
     stale = [s.source for s, r in zip(samples, rows.tolist()) if embeddings.captions[r] not in ("", s.caption)]

@@ -219,6 +219,15 @@ class NoEma:
         return nullcontext()
 
 
+def make_optimizer(params: list[nn.Parameter], eight_bit: bool, **adamw) -> torch.optim.Optimizer:
+    """AdamW over the flat LoRA master: bitsandbytes' 8-bit AdamW (--use_8bit_adam) or torch's."""
+    if eight_bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **adamw)
+    return torch.optim.AdamW(params, **adamw)
+
+
 def offload_activations(model: nn.Module, device: torch.device, enabled: bool) -> AbstractContextManager:
     """A context to enter around each forward: `ActivationOffload`, or a no-op when disabled."""
     return ActivationOffload(model, device) if enabled else nullcontext()
