@@ -492,11 +492,11 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
     summary = {}
     if accelerator.is_main_process:
         with run.flat_lora.master_weights():
-            lora_path = save_lora(model, output_dir)
+            lora_path = save_lora(model, output_dir, fold_alpha=True)
         logger.info("Saved the LoRA to %s", lora_path)
         if args.use_ema:
             with run.ema.weights():
-                logger.info("Saved the EMA LoRA to %s", save_lora(model, output_dir, EMA_WEIGHT_NAME))
+                logger.info("Saved the EMA LoRA to %s", save_lora(model, output_dir, EMA_WEIGHT_NAME, fold_alpha=True))
     samples_after = generate_samples(args, run, args.max_train_steps)
     if accelerator.is_main_process:
         if stats.losses:

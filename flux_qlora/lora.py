@@ -55,14 +55,23 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(transformer)
 
 
-def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str = LORA_WEIGHT_NAME) -> Path:
-    """Writes `pytorch_lora_weights.safetensors` with `transformer.` keys and the LoRA config as metadata."""
+def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str = LORA_WEIGHT_NAME,
+              fold_alpha: bool = False) -> Path:
+    """Writes `pytorch_lora_weights.safetensors` with `transformer.` keys and the LoRA config as metadata.
+
+    `fold_alpha` (the LoRAs users load): the scale alpha / rank is multiplied into lora_B and the metadata says
+    alpha = rank, so every loader applies the same strength: diffusers reads alpha from the metadata, ComfyUI only
+    from `.alpha` tensors and otherwise uses scale 1. Checkpoints keep the trained values, to resume exactly."""
     from diffusers import FluxPipeline
 
-    FluxPipeline.save_lora_weights(
-        output_dir, transformer_lora_layers=lora_state_dict(transformer), weight_name=weight_name,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-    )
+    config = transformer.peft_config["default"].to_dict()
+    state = lora_state_dict(transformer)
+    if fold_alpha and config["lora_alpha"] != config["r"]:
+        scale = config["lora_alpha"] / config["r"]
+        state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+        config["lora_alpha"] = config["r"]
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=weight_name,
+                                   transformer_lora_adapter_metadata=config)
     return Path(output_dir) / weight_name
 
 
