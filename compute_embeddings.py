@@ -25,6 +25,7 @@ from flux_qlora.cli import (
     class_samples,
     dataset_kwargs,
     hub_kwargs,
+    parse_args_with_config,
     run_main,
     setup_logging,
 )
@@ -52,7 +53,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="Load T5 in 8-bit (bitsandbytes, CUDA only): about half the GPU memory of bf16.")
     parser.add_argument("--device", type=str, default=None, help="Encoder device (default: cuda if available).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-    return parser.parse_args(input_args)
+    return parse_args_with_config(parser, input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.cli import add_attention_backend_arg, add_model_args, hub_kwargs, run_main, setup_logging
+from flux_qlora.cli import (
+    add_attention_backend_arg,
+    add_model_args,
+    hub_kwargs,
+    parse_args_with_config,
+    run_main,
+    setup_logging,
+)
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
@@ -97,7 +104,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--benchmark", type=int, default=0,
                       help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-    return parser.parse_args(input_args)
+    return parse_args_with_config(parser, input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -46,10 +46,13 @@ from flux_qlora.cli import (
     class_samples,
     dataset_kwargs,
     hub_kwargs,
+    parse_args_with_config,
     run_main,
+    run_versions,
     setup_logging,
     timestep_sampling,
     training_shape,
+    write_config,
 )
 from flux_qlora.data import load_samples
 from flux_qlora.embeddings import match_embeddings, read_embeddings
@@ -87,6 +90,7 @@ from flux_qlora.step import (
     NoEma,
     check_cuda_graphs,
     in_cuda_graph,
+    lora_compute_dtype,
     make_optimizer,
     offload_activations,
 )
@@ -148,7 +152,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
                           "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
                           "One GPU, --mixed_precision bf16/fp16; best with --compile.")
-    add_attention_backend_arg(opt, "_native_flash on a GPU, PyTorch SDPA's choice on the CPU")
+    add_attention_backend_arg(opt, "_native_flash where the GPU has it in this dtype, else _native_efficient")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
@@ -156,7 +160,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_flow_matching_args(parser)
 
     add_output_args(parser)
-    return parser.parse_args(input_args)
+    return parse_args_with_config(parser, input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -207,14 +211,9 @@ def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dt
     if args.do_fp8_training:
         check_fp8_device(device, "--do_fp8_training")
     if args.cuda_graphs:
-        check_cuda_graphs(accelerator.device, accelerator.num_processes, lora_compute_dtype(accelerator, weight_dtype))
+        processes = accelerator.num_processes
+        check_cuda_graphs(accelerator.device, processes, lora_compute_dtype(processes, weight_dtype))
     return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"])
-
-
-def lora_compute_dtype(accelerator: Accelerator, weight_dtype: torch.dtype) -> torch.dtype:
-    """The LoRA's compute copy: DDP reduces the weights' own (fp32) gradients, so a low-precision copy is for one
-    process only."""
-    return weight_dtype if accelerator.num_processes == 1 else torch.float32
 
 
 def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype,
@@ -558,12 +557,15 @@ def main(args: argparse.Namespace) -> dict:
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch
                                          / args.gradient_accumulation_steps)
+    if accelerator.is_main_process:  # the effective flags: --config of this file runs the same training again
+        write_config(args, Path(args.output_dir) / "training_config.toml", run_versions(),
+                     leave_out={"width", "height"} if args.resolution else set())
 
     transformer = load_transformer_with_lora(args, accelerator.device, weight_dtype, attention_backend)
     model_gib = allocated_gib(accelerator.device)
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
-    flat_lora = FlatLora(lora_parameters(transformer), lora_compute_dtype(accelerator, weight_dtype))
+    flat_lora = FlatLora(lora_parameters(transformer), lora_compute_dtype(accelerator.num_processes, weight_dtype))
     optimizer = accelerator.prepare(make_optimizer([flat_lora.master], args.use_8bit_adam, lr=args.learning_rate,
                                                    betas=(args.adam_beta1, args.adam_beta2),
                                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))

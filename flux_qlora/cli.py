@@ -1,5 +1,5 @@
-"""What the entry scripts share: logging, turning bad input into one clear line, and the flag groups used by more
-than one script, with the adapters from their flags to the library's explicit parameters.
+"""What the entry scripts share: logging, turning bad input into one clear line, the flag groups (the ones several
+scripts take and the trainer's), --config files, and the adapters from flags to the library's explicit parameters.
 
 The library modules never see an `argparse.Namespace`: only the scripts and this module do.
 """
@@ -7,9 +7,11 @@ The library modules never see an `argparse.Namespace`: only the scripts and this
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from flux_qlora import flow
 from flux_qlora.embeddings import parquet_rows, text_tokens
@@ -249,3 +251,89 @@ def training_shape(args: argparse.Namespace, size: tuple[int, int], compute_byte
         gradient_checkpointing=args.gradient_checkpointing,
         checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
         num_images=parquet_rows(args.data_df_path), cache_latents=args.cache_latents)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --config FILE: flag values from a TOML file (the command line wins), and the trainer's effective config
+# ---------------------------------------------------------------------------------------------------------------
+
+NOT_SAVED = {"config", "hub_token", "debug", "dry_run", "resume_from_checkpoint"}  # secrets and one-off switches
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, after `--config FILE` (TOML: flag names without the dashes as keys) has set the flags'
+    values; flags given on the command line win. A bad file or key is one `error:` line (exit 2)."""
+    parser.add_argument("--config", type=str, default=None,
+                        help="A TOML file of flag values (e.g. the training_config.toml a run wrote); flags given "
+                             "on the command line win.")
+    first = argparse.ArgumentParser(add_help=False)  # only --config, before the required flags are checked
+    first.add_argument("--config", type=str, default=None)
+    known, _ = first.parse_known_args(input_args)
+    if known.config:
+        values = read_config(known.config, {action.dest for action in parser._actions})
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False  # given by the file
+        parser.set_defaults(**values)
+    return parser.parse_args(input_args)
+
+
+def read_config(path: str, known: set[str]) -> dict:
+    import tomllib
+
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        _exit_with(f"--config {path}: not a readable TOML file ({error}).")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        _exit_with(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the dashes, "
+                   "e.g. learning_rate = 1e-4.")
+    return values
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def write_config(args: argparse.Namespace, path: Path, versions: dict[str, str], leave_out: set[str]) -> None:
+    """Every flag's effective value (defaults resolved) as TOML, with the library versions and git commit as
+    comments: `--config path` runs the same training again. Secrets (--hub_token) are never written, nor the flags
+    of `leave_out` (values resolved from others)."""
+    lines = [f"# {name} {version}" for name, version in versions.items()]
+    for key, value in sorted(vars(args).items()):
+        if key in NOT_SAVED | leave_out or value is None:
+            continue  # TOML has no null: the flag's default is None
+        lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def run_versions() -> dict[str, str]:
+    """The versions a run used: flux-qlora's git commit (when it runs from a checkout) and the key libraries."""
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        versions["flux-qlora"] = commit or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        versions["flux-qlora"] = "unknown"
+    for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -219,6 +219,12 @@ class NoEma:
         return nullcontext()
 
 
+def lora_compute_dtype(num_processes: int, weight_dtype: torch.dtype) -> torch.dtype:
+    """FlatLora's compute copy: DDP reduces the weights' own (fp32) gradients, so a low-precision copy is for one
+    process only."""
+    return weight_dtype if num_processes == 1 else torch.float32
+
+
 def make_optimizer(params: list[nn.Parameter], eight_bit: bool, **adamw) -> torch.optim.Optimizer:
     """AdamW over the flat LoRA master: bitsandbytes' 8-bit AdamW (--use_8bit_adam) or torch's."""
     if eight_bit:
