@@ -340,7 +340,7 @@ class Run:
     data: TrainData
     order: SampleOrder
     vae: torch.nn.Module  # on the CPU between sample images when latents are cached
-    prior_order: SampleOrder | None = None  # the regularisation images' (--class_data_dir)
+    prior_order: SampleOrder | None = None  # --class_data_dir's, repeated so that each bucket fills a batch
 
     def datasets(self) -> list[tuple[TrainData, SampleOrder]]:
         """What each micro step draws a batch from: the training images, then the regularisation images."""
@@ -578,8 +578,8 @@ def main(args: argparse.Namespace) -> dict:
     ema = LoraEma(flat_lora, args.ema_decay) if args.use_ema else NoEma()
     if args.use_ema:
         accelerator.register_for_checkpointing(ema)
-    prior_order = None if data.prior is None else SampleOrder(
-        [len(b) for b in data.prior.buckets], 1, args.train_batch_size, accelerator.num_processes, args.seed + 1)
+    prior_order = data.prior and SampleOrder([len(b) for b in data.prior.buckets], order.global_batch,
+                                             args.train_batch_size, accelerator.num_processes, args.seed + 1)
     run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, data, order, vae, prior_order)
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
