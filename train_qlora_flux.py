@@ -52,6 +52,7 @@ from flux_qlora.cli import (
     setup_logging,
     timestep_sampling,
     training_shape,
+    warn_about_pitfalls,
     write_config,
 )
 from flux_qlora.data import load_samples
@@ -170,8 +171,7 @@ def validate_args(args: argparse.Namespace) -> None:
     args.width, args.height = check_size_flags(args.resolution, args.bucket_step, args.width, args.height)
     args.cache_latents = args.cache_latents or bool(args.cache_latents_dir)
     check_ranges(args)
-    if args.validate_ema and not args.use_ema:
-        raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
+    warn_about_pitfalls(args)
     timestep_sampling(args)
     if args.push_to_hub and args.hub_token is None:
         from huggingface_hub import get_token

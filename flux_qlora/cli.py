@@ -205,7 +205,10 @@ FRACTIONS = {"caption_dropout": "0.1", "validation_split": "0.1"}  # at least 0 
 
 
 def check_ranges(args: argparse.Namespace) -> None:
-    """Each value on its own (cross-flag checks stay in the trainer's validate_args): one line for a bad one."""
+    """Each value on its own, and the EMA flags together: one line for a bad one (the other cross-flag checks are in
+    the trainer's validate_args)."""
+    if args.validate_ema and not args.use_ema:
+        raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
     for name in AT_LEAST_ONE + (("max_train_steps",) if args.max_train_steps is not None else ()):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
@@ -216,6 +219,17 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
     if args.prior_loss_weight < 0:
         raise UserError(f"--prior_loss_weight {args.prior_loss_weight} must be at least 0 (1.0 as in DreamBooth).")
+
+
+def warn_about_pitfalls(args: argparse.Namespace) -> None:
+    """One warning line for each setting that users of Flux trainers report regretting; the run goes on."""
+    log = logging.getLogger("train_qlora_flux")
+    if args.guidance_scale > 1:
+        log.warning("--guidance_scale %g: FLUX.1-dev is guidance-distilled and LoRAs for it usually train at 1.0 (the "
+                    "value reaches only models with guidance embeddings).", args.guidance_scale)
+    if args.learning_rate >= 1e-3:
+        log.warning("--learning_rate %g is high for a LoRA (1e-4 is typical): watch for a loss that rises or turns "
+                    "NaN.", args.learning_rate)
 
 
 def class_samples(args: argparse.Namespace) -> list:

@@ -106,3 +106,15 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tiny_model, tiny_images_maste
     assert "system RAM ~" in result.stdout
     assert not (tmp_path / "out").exists()  # nothing written, no model loaded
     assert "Transformer loaded" not in result.stderr
+
+
+def test_pitfalls_get_one_warning_line_each(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                           tmp_path / "out", "--dry_run", "--guidance_scale", "3.5",
+                                                           "--learning_rate", "2e-3"))
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "train_qlora_flux" in line]
+    assert any("--guidance_scale 3.5" in w and "guidance-distilled" in w for w in warnings), warnings
+    assert any("--learning_rate 0.002" in w and "high for a LoRA" in w for w in warnings), warnings
+    quiet = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                          tmp_path / "out", "--dry_run"))
+    assert "guidance-distilled" not in quiet.stderr and "high for a LoRA" not in quiet.stderr
