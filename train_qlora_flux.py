@@ -238,7 +238,7 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     embeddings = match_embeddings(samples, table, args.data_df_path)
     validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
     held_out = held_out_rows(samples, args.validation_split)
-    train_rows = [row for row in range(len(samples)) if row not in held_out]
+    train_rows = sorted(set(range(len(samples))) - set(held_out))
     buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution),
                            alpha_mask=args.alpha_mask, rows=train_rows)
     empty_caption = table.prompt("") if args.caption_dropout else None

@@ -96,12 +96,28 @@ def _weight_index(folder: Path, variant: str | None) -> list[Path]:
                     + ("; check --variant." if variant else "."))
 
 
+def _local_transformer_folder(path: Path) -> Path:
+    """A pipeline folder's `transformer/`, or the folder itself (a transformer folder)."""
+    return path / "transformer" if (path / "transformer" / "config.json").exists() else path
+
+
+def _flux_config(folder: Path) -> dict:
+    """The config.json of a transformer folder, refused unless it is a Flux transformer's."""
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json: point --pretrained_model_name_or_path at a Flux pipeline "
+                        "folder (with transformer/) or a transformer folder.")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
+        raise UserError(f"{folder} holds a {config['_class_name']}, not a FluxTransformer2DModel.")
+    return config
+
+
 def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_dir=None) -> tuple[dict, list[Path]]:
     """(config, weight files) of a Flux transformer: a pipeline folder or Hub id (its `transformer/`), or a
     transformer folder. Only the transformer's files are downloaded."""
     path = Path(name_or_path)
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+        folder = _local_transformer_folder(path)
     else:
         _check_model_source(name_or_path)
         from huggingface_hub import snapshot_download
@@ -117,13 +133,7 @@ def resolve_transformer(name_or_path: str, revision=None, variant=None, cache_di
                 break
         if folder is None:
             raise UserError(f"{name_or_path} holds no Flux transformer (no transformer/config.json or config.json).")
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} has no config.json: point --pretrained_model_name_or_path at a Flux pipeline "
-                        "folder (with transformer/) or a transformer folder.")
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
-        raise UserError(f"{folder} holds a {config['_class_name']}, not a FluxTransformer2DModel.")
-    return config, _weight_index(folder, variant)
+    return _flux_config(folder), _weight_index(folder, variant)
 
 
 def read_transformer_config(name_or_path: str, revision=None, cache_dir=None) -> dict:
@@ -131,11 +141,7 @@ def read_transformer_config(name_or_path: str, revision=None, cache_dir=None) ->
     memory plan and the attention check need before any weight is downloaded or loaded."""
     path = Path(name_or_path)
     if path.is_dir():
-        for file in (path / "transformer" / "config.json", path / "config.json"):
-            if file.exists():
-                return json.loads(file.read_text())
-        raise UserError(f"{path} has no transformer/config.json or config.json: point --pretrained_model_name_or_path "
-                        "at a Flux pipeline folder (with transformer/) or a transformer folder.")
+        return _flux_config(_local_transformer_folder(path))
     _check_model_source(name_or_path)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -145,7 +151,7 @@ def read_transformer_config(name_or_path: str, revision=None, cache_dir=None) ->
                                cache_dir=cache_dir)
     except EntryNotFoundError:
         file = hf_hub_download(name_or_path, "config.json", revision=revision, cache_dir=cache_dir)
-    return json.loads(Path(file).read_text())
+    return _flux_config(Path(file).parent)
 
 
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
