@@ -34,12 +34,12 @@ from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, draw_batc
 from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
 from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_checkpoint
 from flux_qlora.cli import (
-    add_attention_backend_arg,
     add_dataset_args,
     add_flow_matching_args,
     add_image_args,
     add_lora_args,
     add_model_args,
+    add_optimisation_args,
     add_output_args,
     check_dataset_args,
     check_ranges,
@@ -121,42 +121,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     add_lora_args(parser)
 
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--train_batch_size", type=int, default=1, help="Images per micro-step per GPU.")
-    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
-    opt.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
-    opt.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
-    opt.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
-    opt.add_argument("--lr_scheduler", type=str, default="constant",
-                     choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                              "polynomial"], help="Learning-rate schedule.")
-    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
-    opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
-    opt.add_argument("--adam_beta1", type=float, default=0.9)
-    opt.add_argument("--adam_beta2", type=float, default=0.999)
-    opt.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 to disable).")
-    opt.add_argument("--gradient_checkpointing", action="store_true",
-                     help="Recompute block activations in the backward pass: much less memory, slower "
-                          "(BENCHMARKS.md).")
-    opt.add_argument("--gradient_checkpointing_interval", type=int, default=1,
-                     help="With --gradient_checkpointing: checkpoint only every N-th block (more memory, faster).")
-    opt.add_argument("--offload_activations", action="store_true",
-                     help="Keep the activations saved for the backward (with --gradient_checkpointing: each block's "
-                          "inputs) in pinned CPU memory, copied on a side stream.")
-    opt.add_argument("--compile", action="store_true",
-                     help="torch.compile each transformer block (regional compilation: one graph reused by all "
-                          "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
-                          "their compiled backward); the first step waits for the compilation (BENCHMARKS.md).")
-    opt.add_argument("--cuda_graphs", action="store_true",
-                     help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
-                          "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
-                          "One GPU, --mixed_precision bf16/fp16; best with --compile.")
-    add_attention_backend_arg(opt, "_native_flash where the GPU has it in this dtype, else _native_efficient")
-    opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                     help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
-    opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
+    add_optimisation_args(parser)
 
     add_flow_matching_args(parser)
 
@@ -413,7 +378,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
         inputs = [tensor for i, (data, order) in enumerate(run.datasets())  # no caption dropout on the prior
                   for tensor in draw_batch(data, order, micro_index, accelerator.process_index, run.vae, device,
                                            sampling, caption_dropout=args.caption_dropout * (i == 0))]
-        with accelerator.accumulate(run.transformer):
+        with accelerator.accumulate(run.transformer), stats.compiles.micro_step(tuple(inputs[0].shape)):
             loss = micro_step(*inputs)
             if accelerator.sync_gradients:
                 stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
@@ -449,6 +414,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
             evaluate(args, run, stats, step)
     progress.close()
     stats.kernel_s_per_step = profiler.kernel_s_per_step
+    stats.cuda_graphs_captured = len(getattr(micro_step, "graphs", ()))
     if stats.skipped_steps:
         logger.warning("%d optimizer step(s) skipped: fp16 gradients overflowed (inf/NaN) and the loss scale was "
                        "lowered. Many skips: use bf16 if the GPU has it, or lower --learning_rate.",

@@ -43,6 +43,11 @@ CONFIGS = {
 }
 
 
+# name -> (resolution, trainer flags): aspect-ratio buckets (--resolution) over the mixed-aspect images
+BUCKET_CONFIGS = {"nf4-ckpt-buckets512": (512, ["--base_precision", "nf4", "--gradient_checkpointing"])}
+MIXED_SIZES = [(1152, 896), (1024, 1024), (896, 1152)]  # -> the 576x448, 512x512 and 448x576 buckets at 512
+
+
 # Issue 6's matrix: NF4 and bf16 base with and without checkpointing, FP8 with it, at 512x768 and 1024x1024.
 MATRIX = [name for name in CONFIGS
           if not name.endswith("512x512") and (not name.startswith("fp8") or "-ckpt-" in name)]
@@ -68,8 +73,9 @@ def build_model(folder: Path) -> None:
     print(f"built FLUX.1-dev-shaped model in {folder} ({time.time() - start:.0f} s)", flush=True)
 
 
-def build_data(folder: Path, count: int = 8) -> Path:
-    """Random images with captions, and an embeddings parquet of FLUX.1-dev's shapes keyed by their hashes."""
+def build_data(folder: Path, count: int = 8, sizes: list[tuple[int, int]] = ((1024, 1024),)) -> Path:
+    """Random images (sizes taken in turn) with captions, and an embeddings parquet of FLUX.1-dev's shapes keyed
+    by their hashes."""
     import numpy as np
     from PIL import Image
 
@@ -85,7 +91,8 @@ def build_data(folder: Path, count: int = 8) -> Path:
     writer = EmbeddingsWriter(parquet, {"pretrained_model_name_or_path": "bench"})
     keys = []
     for i in range(count):
-        image = Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+        width, height = sizes[i % len(sizes)]
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
         image.save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"random image {i}")
         keys.append(image_hash(image))
@@ -105,7 +112,13 @@ def launcher(gpu_profile: str | None) -> list[str]:
 
 
 def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None) -> dict:
-    width, height, flags = CONFIGS[name]
+    if name in BUCKET_CONFIGS:  # buckets of about resolution^2 pixels over the mixed-aspect images
+        resolution, flags = BUCKET_CONFIGS[name]
+        width = height = resolution
+        data, size = workdir / "mixed", ["--resolution", str(resolution)]
+    else:
+        width, height, flags = CONFIGS[name]
+        data, size = workdir / "data", ["--width", str(width), "--height", str(height)]
     if gpu_profile:
         extra = [*extra, "--mixed_precision", "fp16" if gpu_profile == "t4" else "bf16"]
     tag = "".join(f.strip("-")[:3] for f in extra if f.startswith("--")) + (f"-{gpu_profile}" if gpu_profile else "")
@@ -113,9 +126,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
     command = [
         *launcher(gpu_profile),
         str(ROOT / "train_qlora_flux.py"), "--pretrained_model_name_or_path", str(workdir / "model"),
-        "--instance_data_dir", str(workdir / "data" / "images"), "--data_df_path",
-        str(workdir / "data" / "embeddings.parquet"), "--output_dir", str(output), "--width", str(width),
-        "--height", str(height), "--rank", "4", "--use_8bit_adam", "--cache_latents", "--max_train_steps",
+        "--instance_data_dir", str(data / "images"), "--data_df_path", str(data / "embeddings.parquet"),
+        "--output_dir", str(output), *size, "--rank", "4", "--use_8bit_adam", "--cache_latents", "--max_train_steps",
         str(steps), "--checkpointing_steps", "100000", "--report_to", "none", "--logging_steps", "10",
         "--profile_dir", str(output / "profile"),
         *flags, *extra,
@@ -126,9 +138,11 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
         return {"config": name, "error": result.stderr[-2000:]}
     summary = json.loads((output / "train_summary.json").read_text())
     tokens = (width // 16) * (height // 16) + 77
-    return {"config": name, "resolution": f"{width}x{height}", "s_per_step": summary["median_s_per_step"],
+    label = f"buckets ~{width}x{height}" if name in BUCKET_CONFIGS else f"{width}x{height}"
+    return {"config": name, "resolution": label, "s_per_step": summary["median_s_per_step"],
             "gpu_profile": gpu_profile, "predicted_gib": summary["predicted_peak_gpu_memory_gib"],
-            "skipped_steps": summary["skipped_steps"],
+            "skipped_steps": summary["skipped_steps"], "training_sizes": summary["training_sizes"],
+            "recompiles": summary["recompiles"], "cuda_graphs_captured": summary["cuda_graphs_captured"],
             "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
             "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
@@ -149,8 +163,8 @@ def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fluxbench"))
-    parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], choices=[*CONFIGS, "matrix"],
-                        metavar="NAME",
+    parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], metavar="NAME",
+                        choices=[*CONFIGS, *BUCKET_CONFIGS, "matrix"],
                         help=f"Configurations to run ({', '.join(CONFIGS)}), or 'matrix' = issue 6's whole matrix: "
                              "{512x768, 1024x1024} x {checkpointing, none} x {NF4, bf16 base}, and the FP8 path with "
                              "checkpointing.")
@@ -171,9 +185,11 @@ def main() -> None:
         args.configs = MATRIX
     build_model(args.workdir / "model")
     build_data(args.workdir / "data")
+    if any(name in BUCKET_CONFIGS for name in args.configs):
+        build_data(args.workdir / "mixed", count=9, sizes=MIXED_SIZES)
     results, reference = [], {}
     if not args.skip_reference:
-        for w, h in sorted({CONFIGS[name][:2] for name in args.configs if name.startswith("nf4")}):
+        for w, h in sorted({CONFIGS[name][:2] for name in args.configs if name.startswith("nf4") and name in CONFIGS}):
             reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps)
             results.append(reference[f"{w}x{h}"])
             print(json.dumps(results[-1]), flush=True)
@@ -190,7 +206,7 @@ def main() -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>10} {'s/step':>7} {'peak GiB':>8} {'reserved':>8} "
+    print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>18} {'s/step':>7} {'peak GiB':>8} {'reserved':>8} "
           f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7} {'predicted':>9}")
     for r in results:
         if "error" in r:
@@ -198,7 +214,7 @@ def print_table(results: list[dict]) -> None:
             continue
         speedup = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
         tokens = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
-        print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>10} {r['s_per_step']:>7.3f} "
+        print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>18} {r['s_per_step']:>7.3f} "
               f"{r['peak_gib']:>8.2f} {r.get('reserved_gib', 0):>8.2f} {r['model_gib']:>9.2f} "
               f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7} {r.get('predicted_gib') or 0:>9.2f}")
 

@@ -133,6 +133,46 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--validate_ema", action="store_true", help="Draw the validation images with the EMA weights.")
 
 
+def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's optimisation flags: batch, steps, learning rate, optimizer, and the speed and memory switches."""
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--train_batch_size", type=int, default=1, help="Images per micro-step per GPU.")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
+    opt.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+    opt.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    opt.add_argument("--lr_scheduler", type=str, default="constant",
+                     choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                              "polynomial"], help="Learning-rate schedule.")
+    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps.")
+    opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit instead of torch AdamW.")
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 to disable).")
+    opt.add_argument("--gradient_checkpointing", action="store_true",
+                     help="Recompute block activations in the backward pass: much less memory, slower "
+                          "(BENCHMARKS.md).")
+    opt.add_argument("--gradient_checkpointing_interval", type=int, default=1,
+                     help="With --gradient_checkpointing: checkpoint only every N-th block (more memory, faster).")
+    opt.add_argument("--offload_activations", action="store_true",
+                     help="Keep the activations saved for the backward (with --gradient_checkpointing: each block's "
+                          "inputs) in pinned CPU memory, copied on a side stream.")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (regional compilation: one graph reused by all "
+                          "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
+                          "their compiled backward); the first step waits for the compilation (BENCHMARKS.md).")
+    opt.add_argument("--cuda_graphs", action="store_true",
+                     help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
+                          "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
+                          "One GPU, --mixed_precision bf16/fp16; best with --compile.")
+    add_attention_backend_arg(opt, "_native_flash where the GPU has it in this dtype, else _native_efficient")
+    opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                     help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
+    opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")
+
+
 def add_flow_matching_args(parser: argparse.ArgumentParser) -> None:
     """The trainer's flow-matching flags: where on the noise schedule samples train, and the guidance vector."""
     fm = parser.add_argument_group("flow matching")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,30 @@ class StepClock:
         return self.last
 
 
+class CompileCounter:
+    """Counts torch.compile's graph compilations during micro steps, and those made at a training size that had
+    already been stepped (recompiles: with buckets each size should compile once, on its first step)."""
+
+    def __init__(self):
+        self.sizes_seen: set[tuple[int, ...]] = set()
+        self.compiles = self.recompiles = 0
+
+    @staticmethod
+    def graphs_compiled() -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    @contextmanager
+    def micro_step(self, size: tuple[int, ...]):
+        before = self.graphs_compiled()
+        yield
+        new = self.graphs_compiled() - before
+        self.compiles += new
+        self.recompiles += new if size in self.sizes_seen else 0
+        self.sizes_seen.add(size)
+
+
 @dataclass
 class RunStats:
     """What a training run measured: every optimizer step's loss (from the start of the run, resumed ones too),
@@ -105,6 +130,8 @@ class RunStats:
     predicted_peak_gib: float | None = None  # the memory plan's
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, held-out loss] (--validation_split)
     skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
+    compiles: CompileCounter = field(default_factory=CompileCounter)
+    cuda_graphs_captured: int = 0  # one per training size with --cuda_graphs
 
     def median_s_per_step(self) -> float | None:
         times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
@@ -118,7 +145,9 @@ class RunStats:
             "peak_reserved_gpu_memory_gib": round(peak_memory_gib(device, reserved=True), 3),
             "predicted_peak_gpu_memory_gib": self.predicted_peak_gib and round(self.predicted_peak_gib, 3),
             "model_gpu_memory_gib": round(self.model_gib, 3), "gpu_kernel_s_per_step": kernel_s,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "training_sizes": len(self.compiles.sizes_seen),
+            "graphs_compiled": self.compiles.compiles, "recompiles": self.compiles.recompiles,
+            "cuda_graphs_captured": self.cuda_graphs_captured,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None, "eval_losses": self.eval_losses,

@@ -140,3 +140,18 @@ def test_caption_dropout_needs_the_empty_caption_row(tiny_model, tiny_images_mas
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "ok",
                                                   "--caption_dropout", "0.5", "--max_train_steps", "2"))
     assert json.loads((tmp_path / "ok" / "train_summary.json").read_text())["steps"] == 2
+
+
+def test_compiled_buckets_compile_once_per_size(tiny_model, mixed_aspect_data, tmp_path):
+    """--compile with three buckets: each size compiles on its first step, never again (no recompiles counted); on
+    a GPU with --cuda_graphs, one graph is captured per bucket (18 steps: each bucket steps at least 3 times)."""
+    images, embeddings = mixed_aspect_data
+    gpu = torch.cuda.is_available()
+    flags = ["--max_train_steps", "18", "--compile", "--mixed_precision", "bf16" if gpu else "no",
+             *(["--cuda_graphs"] if gpu else [])]
+    run_script("train_qlora_flux.py", *train_args(tiny_model, images, embeddings, tmp_path / "out", *flags,
+                                                  size=("--resolution", "64", "--bucket_step", "16")))
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["training_sizes"] == 3
+    assert summary["graphs_compiled"] >= 3 and summary["recompiles"] == 0
+    assert summary["cuda_graphs_captured"] == (3 if gpu else 0)
