@@ -24,6 +24,7 @@ from flux_qlora.cli import (
     check_dataset_args,
     class_samples,
     dataset_kwargs,
+    eval_samples,
     hub_kwargs,
     parse_args_with_config,
     run_main,
@@ -91,11 +92,11 @@ def encode_rows(pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, arg
 
 def main(args: argparse.Namespace) -> None:
     validate_args(args)
-    regularisation = class_samples(args)
-    samples = drop_duplicates(load_samples(**dataset_kwargs(args)) + regularisation)
+    regularisation, held_out = class_samples(args), eval_samples(args)
+    samples = drop_duplicates(load_samples(**dataset_kwargs(args)) + regularisation + held_out)
+    extras = [(regularisation, "regularisation", args.class_data_dir), (held_out, "eval", args.eval_data_dir)]
     logger.info("%d images with captions from %s%s", len(samples), args.dataset_name or args.instance_data_dir,
-                f" (with {len(regularisation)} regularisation images from {args.class_data_dir})" if regularisation
-                else "")
+                "".join(f" (with {len(extra)} {what} images from {folder})" for extra, what, folder in extras if extra))
 
     source = embedding_source(args)
     writer = EmbeddingsWriter(args.output_path, source)

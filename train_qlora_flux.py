@@ -45,6 +45,7 @@ from flux_qlora.cli import (
     check_ranges,
     class_samples,
     dataset_kwargs,
+    eval_samples,
     hub_kwargs,
     parse_args_with_config,
     run_main,
@@ -146,6 +147,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.do_fp8_training and args.base_precision != "bf16":
         raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
                         "already 4-bit and are not converted).")
+    if args.validation_split and args.eval_data_dir:
+        raise UserError("give --validation_split (hold out a share of the training images) or --eval_data_dir (a "
+                        "folder of held-out images), not both.")
     if args.cuda_graphs and args.offload_activations:
         raise UserError("--cuda_graphs and --offload_activations don't combine (the offload's copies are decided "
                         "on the CPU at every step): drop one.")
@@ -210,11 +214,10 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     augment = Augment(args.crop, args.random_flip, args.seed)
     data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
     vae = load_vae(args.pretrained_model_name_or_path, accelerator.device, weight_dtype, **hub_kwargs(args))
-    if held_out:  # center crops, latents encoded now: the same inputs at every evaluation
-        eval_buckets = load_buckets(samples, training_sizes(args), bool(args.resolution), args.alpha_mask, held_out)
-        data.held_out = TrainData.build(embeddings, eval_buckets, {}, weight_dtype, Augment(seed=args.seed))
+    data.held_out = load_held_out_data(args, samples, held_out, embeddings, table, weight_dtype)
+    if data.held_out:  # center crops, latents encoded now: the same inputs at every evaluation
         data.held_out.cache_latents(vae, show_progress=False)
-        logger.info("%d image(s) held out for the eval loss", len(held_out))
+        logger.info("%d image(s) held out for the eval loss", data.held_out.num_items)
     data.prior = load_prior_data(args, table, weight_dtype)
     if args.cache_latents:
         fingerprint = vae_fingerprint(args.pretrained_model_name_or_path, args.revision, args.variant)
@@ -230,6 +233,26 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
                 len(buckets), histogram([b.size for b in buckets for _ in range(len(b))]),
                 data.prompt_embeds.shape[1], ", latents cached" if args.cache_latents else "")
     return data, vae
+
+
+def load_held_out_data(args: argparse.Namespace, samples: list, held_out: list[int], embeddings, table,
+                       weight_dtype: torch.dtype) -> TrainData | None:
+    """The eval loss's images: `held_out` rows of the training set (--validation_split) or the images of
+    --eval_data_dir, which must not be training images too; None without either."""
+    if args.eval_data_dir:
+        held_out_samples = eval_samples(args)
+        trained = {s.image_hash for s in samples}
+        both = [s.source for s in held_out_samples if s.image_hash in trained]
+        if both:
+            raise UserError(f"{len(both)} image(s) of --eval_data_dir are also training images (e.g. {both[0]}): "
+                            "held-out images must not be trained on; remove them from one of the folders.")
+        embeddings = match_embeddings(held_out_samples, table, args.data_df_path,
+                                      f"run compute_embeddings.py with --eval_data_dir {args.eval_data_dir}")
+        samples, held_out = held_out_samples, list(range(len(held_out_samples)))
+    if not held_out:
+        return None
+    buckets = load_buckets(samples, training_sizes(args), bool(args.resolution), args.alpha_mask, held_out)
+    return TrainData.build(embeddings, buckets, {}, weight_dtype, Augment(seed=args.seed))
 
 
 def load_prior_data(args: argparse.Namespace, table, weight_dtype: torch.dtype) -> TrainData | None:

@@ -80,6 +80,10 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                             "of them into every step (--prior_loss_weight).")
     group.add_argument("--class_prompt", type=str, default=None,
                        help="Caption for regularisation images that have none (e.g. 'a photo of a dog').")
+    group.add_argument("--eval_data_dir", type=str, default=None,
+                       help="Held-out images for the trainer's eval loss (never trained on), captioned like "
+                            "--instance_data_dir (--instance_prompt for those without): compute_embeddings.py "
+                            "embeds them with the training images.")
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +211,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--validation_guidance_scale", type=float, default=3.5, help="Guidance of sample images.")
     out.add_argument("--validation_split", type=float, default=0.0,
                      help="Hold this share of the images out of training (at least one) for an eval loss at fixed "
-                          "timesteps and noise, every --eval_steps, logged and drawn in loss.png.")
+                          "timesteps and noise, every --eval_steps, logged and drawn in loss.png (or give a folder "
+                          "of held-out images: --eval_data_dir).")
     out.add_argument("--eval_steps", type=int, default=50, help="Evaluate the held-out images every N steps.")
     out.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                      help="Where to log loss, lr, s/step, peak memory and sample images.")
@@ -274,12 +279,24 @@ def warn_about_pitfalls(args: argparse.Namespace) -> None:
 
 def class_samples(args: argparse.Namespace) -> list:
     """The regularisation images of --class_data_dir (none without it)."""
+    return _folder_samples(args.class_data_dir, args.caption_column, args.class_prompt, "--class_data_dir",
+                           "--class_prompt")
+
+
+def eval_samples(args: argparse.Namespace) -> list:
+    """The held-out images of --eval_data_dir (none without it)."""
+    return _folder_samples(args.eval_data_dir, args.caption_column, args.instance_prompt, "--eval_data_dir",
+                           "--instance_prompt")
+
+
+def _folder_samples(folder: str | None, caption_column: str, fallback: str | None, flag: str,
+                    fallback_flag: str) -> list:
     from flux_qlora.data import drop_duplicates, load_local_samples
 
-    if not args.class_data_dir:
+    if not folder:
         return []
-    return drop_duplicates(load_local_samples(args.class_data_dir, args.caption_column, args.class_prompt,
-                                              flag="--class_data_dir", fallback_flag="--class_prompt"))
+    return drop_duplicates(load_local_samples(folder, caption_column, fallback, flag=flag,
+                                              fallback_flag=fallback_flag))
 
 
 def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:

@@ -4,9 +4,11 @@ LoRA."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import assert_one_line_error, run_script, train_args
+from PIL import Image
 
 from flux_qlora.batches import held_out_rows
 from flux_qlora.data import load_local_samples
@@ -45,3 +47,46 @@ def test_validation_split_is_checked(tiny_model, tiny_images_master, tiny_embedd
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                            tmp_path / "out", "--validation_split", "1"), check=False)
     assert_one_line_error(result, "--validation_split 1", "below 1")
+
+
+@pytest.fixture(scope="module")
+def eval_folder(tiny_model, tiny_images_master, tmp_path_factory):
+    """(held-out folder, embeddings of the training and held-out images): two tiny images upside down, captioned."""
+    root = tmp_path_factory.mktemp("eval")
+    folder = root / "held_out"
+    folder.mkdir()
+    for png in sorted(tiny_images_master.glob("*.png"))[:2]:
+        Image.open(png).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(folder / png.name)
+        (folder / png.with_suffix(".txt").name).write_text("an upside-down shape")
+    embeddings = root / "embeddings.parquet"
+    result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir",
+                        tiny_images_master, "--eval_data_dir", folder, "--output_path", embeddings,
+                        "--max_sequence_length", "16", "--device", "cpu")
+    assert "(with 2 eval images from" in result.stderr
+    return folder, embeddings
+
+
+def test_eval_data_dir_is_held_out_and_every_training_image_trains(tiny_model, tiny_images_master, eval_folder,
+                                                                   tmp_path):
+    folder, embeddings = eval_folder
+    result = run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, embeddings, tmp_path / "out", "--max_train_steps", "2", "--eval_data_dir",
+        folder, "--eval_steps", "1", "--learning_rate", "0", "--mixed_precision", "no"))
+    assert "2 image(s) held out for the eval loss" in result.stderr and "6 images, 6 items" in result.stderr
+    steps, losses = zip(*json.loads((tmp_path / "out" / "train_summary.json").read_text())["eval_losses"])
+    assert steps == (0, 1, 2) and losses[0] == losses[1] == losses[2] and 0 < losses[0] < 10
+
+
+def test_eval_data_dir_mistakes_are_refused(tiny_model, tiny_images_master, tiny_embeddings, eval_folder, tmp_path):
+    folder, embeddings = eval_folder
+    overlapping = tmp_path / "overlapping"
+    shutil.copytree(folder, overlapping)
+    shutil.copy(next(tiny_images_master.glob("*.png")), overlapping)
+    cases = [(tiny_embeddings, folder, [], ["no embeddings", "--eval_data_dir"]),
+             (embeddings, overlapping, [], ["also training images", "--eval_data_dir"]),
+             (embeddings, folder, ["--validation_split", "0.2"], ["--validation_split", "--eval_data_dir", "not both"])]
+    for parquet, held_out, extra, fragments in cases:
+        result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, parquet,
+                                                               tmp_path / "out", "--eval_data_dir", held_out, *extra),
+                            check=False)
+        assert_one_line_error(result, *fragments)
