@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
-from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, lora_rank, resolve_lora_file
+from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_finite, check_lora_matches, lora_rank, resolve_lora_file
 from flux_qlora.models import DTYPES, fp8_eligible, quantize_to_nf4, set_attention_backend
 from flux_qlora.serving import Lora, LoraServer, make_server
 
@@ -116,6 +117,15 @@ def validate_args(args: argparse.Namespace) -> None:
                         "and --lora_scale.")
     if args.save_fused and not args.fuse:
         raise UserError("--save_fused needs --fuse.")
+    if args.save_fused and Path(args.save_fused).exists():
+        raise UserError(f"--save_fused {args.save_fused} already exists: give a new folder (nothing is overwritten).")
+    bad_scale = [s for s in args.lora_scale if not math.isfinite(s)]
+    if bad_scale or not math.isfinite(args.guidance_scale):
+        raise UserError(f"--lora_scale / --guidance_scale {(bad_scale or [args.guidance_scale])[0]}: give a finite "
+                        "number (e.g. 1.0 / 3.5).")
+    if not 1 <= args.max_sequence_length <= 512:
+        raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and 512 (T5's limit "
+                        "for Flux).")
     if args.fuse and not args.lora:
         raise UserError("--fuse needs at least one --lora.")
     if args.hotswap == "fused" and args.quantize:
@@ -147,6 +157,7 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
         file = resolve_lora_file(source, args.weight_name, args.cache_dir)
+        check_lora_finite(file)
         loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
     if args.hotswap == "adapter":
         target = args.hotswap_target_rank or max(lora.rank for lora in loras)
@@ -198,7 +209,11 @@ def apply_loras(pipe, loras: list[Lora], args, device) -> LoraServer:
         check_lora_matches(lora.file, pipe.transformer)
     if args.quantize == "nf4" and not args.fuse:
         quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
-    server = make_server(args.hotswap, pipe, loras, args.hotswap_target_rank)
+    try:
+        server = make_server(args.hotswap, pipe, loras, args.hotswap_target_rank)
+    except (ValueError, KeyError) as error:  # diffusers' loaders on a layout they can't map onto FLUX.1
+        raise UserError(f"a --lora could not be loaded into this transformer ({str(error).splitlines()[0][:160]}): "
+                        "is it a LoRA for FLUX.1?") from error
     if args.fuse:
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -249,7 +264,7 @@ def generate(pipe, prompts: list[str], args, lora_tag: str) -> list[Path]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    for p, prompt in enumerate(prompts):
+    for prompt in prompts:
         for i in range(args.num_images):
             seed = args.seed + i
             image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
@@ -260,7 +275,7 @@ def generate(pipe, prompts: list[str], args, lora_tag: str) -> list[Path]:
                         "model": args.pretrained_model_name_or_path, "loras": lora_tag}
             info = PngInfo()
             info.add_text("flux_qlora", json.dumps(settings))
-            files.append(output_dir / f"{_slug(lora_tag)}-p{p}-s{seed}.png")
+            files.append(unused_path(output_dir / f"{_slug(lora_tag)}-{_slug(prompt)[:40]}-s{seed}.png"))
             image.save(files[-1], pnginfo=info)
     logger.info("Wrote %d image(s) to %s", len(files), output_dir)
     return files
@@ -285,6 +300,15 @@ def time_generations(pipe, prompt: str, args, device) -> dict:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or NAME-2.png, NAME-3.png, ... if it exists: earlier images are never overwritten."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
 
 
 def _slug(text: str) -> str:

@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -32,7 +33,15 @@ from tqdm.auto import tqdm
 from flux_qlora import flow
 from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, draw_batch, held_out_rows, load_buckets
 from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
-from flux_qlora.checkpoints import register_lora_checkpoint_hooks, resume, save_checkpoint
+from flux_qlora.checkpoints import (
+    StopSignals,
+    check_loss_finite,
+    check_resume_target,
+    prepare_output_dir,
+    register_lora_checkpoint_hooks,
+    resume,
+    save_checkpoint,
+)
 from flux_qlora.cli import (
     add_dataset_args,
     add_flow_matching_args,
@@ -42,6 +51,7 @@ from flux_qlora.cli import (
     add_optimisation_args,
     add_output_args,
     check_dataset_args,
+    check_flag_combinations,
     check_ranges,
     class_samples,
     dataset_kwargs,
@@ -50,6 +60,7 @@ from flux_qlora.cli import (
     parse_args_with_config,
     run_main,
     run_versions,
+    scrub_secret_flags,
     setup_logging,
     timestep_sampling,
     training_shape,
@@ -57,12 +68,12 @@ from flux_qlora.cli import (
     write_config,
 )
 from flux_qlora.data import load_samples
-from flux_qlora.embeddings import match_embeddings, read_embeddings
+from flux_qlora.embeddings import check_embeddings_fit, match_embeddings, read_embeddings
 from flux_qlora.errors import UserError
 from flux_qlora.evaluation import eval_loss
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.latent_cache import LatentCache, vae_fingerprint
-from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, lora_parameters, save_lora, target_modules
+from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, check_rank, lora_parameters, save_lora, target_modules
 from flux_qlora.memory import MemoryPlan, check_fits, plan_training
 from flux_qlora.models import (
     DTYPES,
@@ -139,26 +150,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_ranges(args)
     warn_about_pitfalls(args)
     timestep_sampling(args)
-    if args.push_to_hub and args.hub_token is None:
-        from huggingface_hub import get_token
-
-        if get_token() is None:
-            raise UserError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
-    if args.do_fp8_training and args.base_precision != "bf16":
-        raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
-                        "already 4-bit and are not converted).")
-    if args.validation_split and args.eval_data_dir:
-        raise UserError("give --validation_split (hold out a share of the training images) or --eval_data_dir (a "
-                        "folder of held-out images), not both.")
-    if args.cuda_graphs and args.offload_activations:
-        raise UserError("--cuda_graphs and --offload_activations don't combine (the offload's copies are decided "
-                        "on the CPU at every step): drop one.")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("To use 8-bit Adam, please install the bitsandbytes library: "
-                            "`pip install bitsandbytes`.") from None
+    check_flag_combinations(args)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -199,11 +191,12 @@ def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype
     return plan
 
 
-def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype):
+def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype, config: dict):
     """Images + their embeddings, matched by image hash; latents cached (VAE then moved to the CPU) with
     --cache_latents. Returns (data, vae)."""
     samples = load_samples(**dataset_kwargs(args))
     table = read_embeddings(args.data_df_path)
+    check_embeddings_fit(table, config, args.data_df_path)
     embeddings = match_embeddings(samples, table, args.data_df_path)
     validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
     held_out = held_out_rows(samples, args.validation_split)
@@ -396,46 +389,53 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
     profiler = StepProfiler(args.profile_dir, device, record_memory=args.compile)
     progress = tqdm(total=args.max_train_steps, initial=stats.start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    step, clock, pending = stats.start_step, StepClock(), []
-    for micro_index in range(stats.start_step * accumulation, args.max_train_steps * accumulation):
-        inputs = [tensor for i, (data, order) in enumerate(run.datasets())  # no caption dropout on the prior
-                  for tensor in draw_batch(data, order, micro_index, accelerator.process_index, run.vae, device,
-                                           sampling, caption_dropout=args.caption_dropout * (i == 0))]
-        with accelerator.accumulate(run.transformer), stats.compiles.micro_step(tuple(inputs[0].shape)):
-            loss = micro_step(*inputs)
-            if accelerator.sync_gradients:
-                stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
-        pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        elapsed = clock.lap()
-        if not profiler.profiling(step):  # the profiler's own overhead stays out of the timing
-            stats.step_times.append(elapsed)
-        checkpoint_now = step % args.checkpointing_steps == 0 and step < args.max_train_steps
-        # Also before a checkpoint, so the losses it stores are complete.
-        if step % args.logging_steps == 0 or step == args.max_train_steps or checkpoint_now:
-            # The one host sync per logging interval: the interval's losses come back together.
-            interval = torch.stack(pending).float().view(-1, accumulation).mean(1)
-            interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
-            stats.losses.extend(interval)
-            pending = []
-            logs = {"loss": interval[-1], "lr": run.lr_scheduler.get_last_lr()[0], "s_per_step": elapsed,
-                    "peak_memory_gib": peak_memory_gib(device)}
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{elapsed:.2f}")
-        progress.update(1)
-        profiler.after_step(step)
-        if checkpoint_now:
-            path = save_checkpoint(accelerator, args.output_dir, step,
-                                   {"losses": stats.losses, "eval_losses": stats.eval_losses},
-                                   args.checkpoints_total_limit)
-            logger.info("Saved checkpoint %s", path)
-        if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
-            generate_samples(args, run, step)
-        if step % args.eval_steps == 0 or step == args.max_train_steps:
-            evaluate(args, run, stats, step)
-    progress.close()
+    step, clock, pending, signals = stats.start_step, StepClock(), [], StopSignals(accelerator)
+    try:  # the bar ends its line before any message below it
+        for micro_index in range(stats.start_step * accumulation, args.max_train_steps * accumulation):
+            inputs = [tensor for i, (data, order) in enumerate(run.datasets())  # no caption dropout on the prior
+                      for tensor in draw_batch(data, order, micro_index, accelerator.process_index, run.vae, device,
+                                               sampling, caption_dropout=args.caption_dropout * (i == 0))]
+            with accelerator.accumulate(run.transformer), stats.compiles.micro_step(tuple(inputs[0].shape)):
+                loss = micro_step(*inputs)
+                if accelerator.sync_gradients:
+                    stats.skipped_steps += optimizer_step(run, args.max_grad_norm)
+            pending.append(loss.clone())  # a CUDA graph's output is overwritten by its next replay
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            elapsed = clock.lap()
+            if not profiler.profiling(step):  # the profiler's own overhead stays out of the timing
+                stats.step_times.append(elapsed)
+            stop = signals.stop_requested() and step < args.max_train_steps  # Ctrl-C: a checkpoint here, then stop
+            checkpoint_now = (step % args.checkpointing_steps == 0 or stop) and step < args.max_train_steps
+            # Also before a checkpoint, so the losses it stores are complete.
+            if step % args.logging_steps == 0 or step == args.max_train_steps or checkpoint_now:
+                # The one host sync per logging interval: the interval's losses come back together.
+                interval = torch.stack(pending).float().view(-1, accumulation).mean(1)
+                interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
+                check_loss_finite(interval, step, args.output_dir)  # before anything of this step is saved
+                stats.losses.extend(interval)
+                pending = []
+                logs = {"loss": interval[-1], "lr": run.lr_scheduler.get_last_lr()[0], "s_per_step": elapsed,
+                        "peak_memory_gib": peak_memory_gib(device)}
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{elapsed:.2f}")
+            progress.update(1)
+            profiler.after_step(step)
+            if checkpoint_now:
+                path = save_checkpoint(accelerator, args.output_dir, step,
+                                       {"losses": stats.losses, "eval_losses": stats.eval_losses},
+                                       args.checkpoints_total_limit)
+                logger.info("Saved checkpoint %s", path)
+                if stop:
+                    signals.stop_here(step, path)
+            if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
+                generate_samples(args, run, step)
+            if step % args.eval_steps == 0 or step == args.max_train_steps:
+                evaluate(args, run, stats, step)
+    finally:
+        progress.close()
+        signals.restore()
     stats.kernel_s_per_step = profiler.kernel_s_per_step
     stats.cuda_graphs_captured = len(getattr(micro_step, "graphs", ()))
     if stats.skipped_steps:
@@ -505,7 +505,7 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
             steps=args.max_train_steps, width=args.width, height=args.height, instance_prompt=args.instance_prompt,
             validation_prompts=args.validation_prompt, sample_files=samples_after)
         (output_dir / "README.md").write_text(card.render())
-        if args.push_to_hub:
+        if args.push_to_hub:  # everything is on disk already: a failed upload is one line and the retry command
             push_to_hub(args.output_dir, repo_name, args.hub_token)
     accelerator.end_training()
     return summary
@@ -514,8 +514,8 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
 def log_run_start(args: argparse.Namespace, run: Run, start_step: int) -> None:
     accelerator, order = run.accelerator, run.order
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("flux-qlora", config={k: v for k, v in vars(args).items()
-                                                        if isinstance(v, int | float | str | bool)})
+        accelerator.init_trackers("flux-qlora", config={k: v for k, v in vars(args).items() if k != "hub_token"
+                                                        and isinstance(v, int | float | str | bool)})
     logger.info("***** Running training *****")
     logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", len(run.data), args.repeats,
                 order.micro_steps_per_epoch)
@@ -534,18 +534,21 @@ def main(args: argparse.Namespace) -> dict:
     config = read_transformer_config(args.pretrained_transformer_model_name_or_path
                                      or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     attention_backend = check_hardware(args, accelerator, weight_dtype, config)
+    check_rank(args.rank, config)
     plan = plan_memory(args, accelerator, weight_dtype, config)
     if args.dry_run:
         print(f"Memory plan: {plan.describe()}")
         return {"memory_plan": asdict(plan) | {"peak_gib": plan.peak_gib}}
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # writable, room for a checkpoint, never mixed with another run
+        prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
+                           int(plan.lora_gib * 2**30) + 2**20)
 
-    data, vae = load_train_data(args, accelerator, weight_dtype)
+    data, vae = load_train_data(args, accelerator, weight_dtype, config)
     order = make_sample_order(args, accelerator, data)
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch
                                          / args.gradient_accumulation_steps)
+    check_resume_target(args.resume_from_checkpoint, args.output_dir, args.max_train_steps)
     if accelerator.is_main_process:  # the effective flags: --config of this file runs the same training again
         write_config(args, Path(args.output_dir) / "training_config.toml", run_versions(),
                      leave_out={"width", "height"} if args.resolution else set())
@@ -584,6 +587,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = parse_args()
+    scrub_secret_flags(sys.argv)
     setup_logging(args.debug)
     logging.getLogger("train_qlora_flux").setLevel(logging.INFO)
     run_main(main, args)

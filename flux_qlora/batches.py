@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from flux_qlora.buckets import check_not_too_small, nearest_bucket
+from flux_qlora.buckets import check_not_too_elongated, check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
+from flux_qlora.errors import UserError
 from flux_qlora.flow import TimestepSampling, draw_noise_and_sigmas
 from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
 
@@ -84,7 +85,7 @@ class Bucket:
         if augment.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             masks = None if masks is None else torch.cat([masks, masks.flip(-1)])
-        self.latents = encode_latents(vae, pixels, show_progress=show_progress).cpu()
+        self.latents = check_latents_finite(encode_latents(vae, pixels, show_progress=show_progress).cpu(), self.size)
         self.latent_masks = None if masks is None else on_latent_grid(masks, self.latents)
         self.covers = self.mask_covers = None
 
@@ -114,12 +115,21 @@ class Bucket:
                 encoded["mask"] = on_latent_grid(masks, encoded["latents"])
                 if augment.random_flip:
                     encoded["mask_flipped"] = on_latent_grid(masks.flip(-1), encoded["latents"])
+            check_latents_finite(encoded["latents"], self.size)
             for i, position in enumerate(chunk.tolist()):
                 cache.write(files[position], {name: tensor[i] for name, tensor in encoded.items()})
         self.latents = LatentFiles(files, "latents")
         self.latent_masks = None if self.mask_covers is None else LatentFiles(files, "mask")
         self.covers = self.mask_covers = None
         return len(missing)
+
+
+def check_latents_finite(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Latents to cache must be finite: an fp16 VAE overflows on some images, and NaN latents train a NaN LoRA."""
+    if not bool(torch.isfinite(latents).all()):
+        raise UserError(f"the VAE gave NaN/inf latents for images of the {size[0]}x{size[1]} size: train with "
+                        "--mixed_precision bf16 or no (the VAE overflows in fp16), or check those images.")
+    return latents
 
 
 def on_latent_grid(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -191,6 +201,7 @@ def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: boo
             size = nearest_bucket(image.width, image.height, options)
             if check_size:
                 check_not_too_small(image.width, image.height, size, sample.source)
+            check_not_too_elongated(image.width, image.height, size, sample.source)
             mask_cover = None if mask is None else resize_to_cover(mask, *size, mode="L")
             by_size.setdefault(size, []).append((row, resize_to_cover(image, *size), mask_cover))
     buckets, first = [], 0

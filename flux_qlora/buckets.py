@@ -84,6 +84,19 @@ def check_not_too_small(width: int, height: int, bucket: tuple[int, int], source
                         f"(it would be upscaled {scale:.1f}x): use a smaller --resolution or remove the image.")
 
 
+MAX_COVER_AREA = 16  # the scaled image may hold at most this many times its training size's pixels
+
+
+def check_not_too_elongated(width: int, height: int, size: tuple[int, int], source: str) -> None:
+    """An image far more elongated than its training size would be scaled to a huge strip before the crop (a 10x8000
+    banner at 512x512 becomes 512x409600): refused instead of exhausting memory."""
+    scale = max(size[0] / width, size[1] / height)
+    if width * height * scale * scale > MAX_COVER_AREA * size[0] * size[1]:
+        raise UserError(f"{source} ({width}x{height}) is too elongated for {size[0]}x{size[1]} (the crop would keep "
+                        f"{100 * size[0] * size[1] / (width * height * scale * scale):.0f}% of it): crop the image, "
+                        "or train with --resolution (aspect-ratio buckets).")
+
+
 def histogram(sizes: list[tuple[int, int]]) -> str:
     """'512x768: 12, 768x512: 3, ...' of the items per bucket, for the log."""
     counts = Counter(sizes)

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shlex
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flux_qlora.errors import UserError
-from flux_qlora.lora import load_lora_into, save_lora
+from safetensors import SafetensorError
+
+from flux_qlora.errors import Interrupted, UserError
+from flux_qlora.lora import LORA_WEIGHT_NAME, load_lora_into, save_lora
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -47,6 +55,47 @@ def find_checkpoint(resume_from: str, output_dir: str) -> Path | None:
     return path
 
 
+def prepare_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool,
+                       checkpoint_bytes: int) -> None:
+    """Before anything loads: the folder exists, is writable and has room for a checkpoint (twice: the new one is
+    written before the oldest goes); a new run never mixes with another run's checkpoints or overwrites its LoRA."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"--output_dir {folder} can't be written ({error.strerror or error}): give a folder you "
+                        "can write to.") from None
+    free = shutil.disk_usage(folder).free
+    if free < 2 * checkpoint_bytes:
+        raise UserError(f"--output_dir {folder}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
+                        f"{checkpoint_bytes / 2**20:.0f} MiB (twice that while the next is written): free some space "
+                        "or pick another folder.")
+    earlier = list_checkpoints(folder) + [f for f in (folder / LORA_WEIGHT_NAME,) if f.exists()]
+    if resume_from or not earlier:
+        return
+    if not overwrite:
+        raise UserError(f"--output_dir {folder} already holds another run ({earlier[0].name}): resume it with "
+                        "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick a new "
+                        "--output_dir.")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(p.name for p in earlier))
+
+
+def check_resume_target(resume_from: str | None, output_dir: str, max_train_steps: int) -> None:
+    """Refuses to resume a checkpoint at or past --max_train_steps (that would overwrite the finished LoRA with
+    the checkpoint's weights)."""
+    checkpoint = find_checkpoint(resume_from, output_dir) if resume_from else None
+    if checkpoint is None:
+        return
+    step = read_training_state(checkpoint)["global_step"]
+    if step >= max_train_steps:
+        raise UserError(f"{checkpoint} is at step {step}, --max_train_steps is {max_train_steps}: nothing to train "
+                        f"(the LoRA in {output_dir} is left as it is); raise --max_train_steps to train on.")
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict,
                     total_limit: int | None) -> Path:
     """accelerator.save_state into `.checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`."""
@@ -68,8 +117,62 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     return final
 
 
+def check_loss_finite(losses: list[float], step: int, output_dir: str) -> None:
+    """Stops the run at a NaN/inf loss (read back every --logging_steps), before anything of it is saved."""
+    bad = [loss for loss in losses if not math.isfinite(loss)]
+    if bad:
+        last = list_checkpoints(output_dir)
+        raise UserError(f"the loss became {bad[0]} by step {step}: stopped, nothing of it saved (last good checkpoint: "
+                        f"{last[-1] if last else 'none'}). Lower --learning_rate, train in bf16 instead of fp16, keep "
+                        "--max_grad_norm on, then resume with --resume_from_checkpoint latest.")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during training: the first asks the loop to save a checkpoint after the current
+    optimizer step and stop with the resume command; a second stops at once. On several processes they agree
+    (all-reduce) on whether any got one, so all save the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.received = accelerator, None
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS} if in_main_thread else {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s: saving a checkpoint after this step, then stopping (again: stop at once).", self.received)
+
+    def stop_requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.received is not None
+        import torch
+
+        flag = torch.tensor([float(self.received is not None)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def stop_here(self, step: int, checkpoint: Path) -> None:
+        self.restore()
+        command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+        if "--resume_from_checkpoint" not in sys.argv:
+            command += " --resume_from_checkpoint latest"
+        raise Interrupted(f"{self.received or 'a signal on another process'} at step {step}: saved {checkpoint}. "
+                          f"Resume with: {command}")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def read_training_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {error}): resume from an earlier "
+                        f"{CHECKPOINT_PREFIX}N folder, or delete it.") from None
 
 
 def resume(accelerator: Accelerator, resume_from: str | None, output_dir: str) -> dict:
@@ -77,7 +180,13 @@ def resume(accelerator: Accelerator, resume_from: str | None, output_dir: str) -
     checkpoint = find_checkpoint(resume_from, output_dir) if resume_from else None
     if checkpoint is None:
         return {}
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as error:
+        earlier = [p.name for p in list_checkpoints(output_dir) if p != checkpoint]
+        raise UserError(f"checkpoint {checkpoint} is damaged ({str(error).splitlines()[0][:160]}): "
+                        + (f"resume from {earlier[-1]} instead" if earlier else "start a new --output_dir")
+                        + f", or delete {checkpoint.name}.") from None
     state = read_training_state(checkpoint)
     logger.info("Resumed from %s at step %d", checkpoint, state["global_step"])
     return state

@@ -7,6 +7,7 @@ The library modules never see an `argparse.Namespace`: only the scripts and this
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from flux_qlora import flow
 from flux_qlora.embeddings import parquet_rows, text_tokens
-from flux_qlora.errors import UserError
+from flux_qlora.errors import Interrupted, UserError
 from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, target_modules
 from flux_qlora.memory import TrainingShape
 
@@ -32,11 +33,44 @@ def run_main(main: Callable, args: argparse.Namespace) -> None:
     """
     try:
         main(args)
-    except UserError as error:
+    except (UserError, OSError) as error:
+        if getattr(args, "debug", False) or (isinstance(error, OSError) and not _is_file_problem(error)):
+            raise
+        print(f"error: {error if isinstance(error, UserError) else describe_file_problem(error)}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as stop:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(f"stopped: {stop or 'interrupted (a second Ctrl-C: nothing saved since the last checkpoint)'}",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _is_file_problem(error: OSError) -> bool:
+    return error.filename is not None or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def describe_file_problem(error: OSError) -> str:
+    """A file-system error (read-only folder, a file where a folder should be, a full disk) as one line: the class
+    of mistake, wherever in the scripts it surfaces."""
+    where = f"{error.filename}: " if error.filename else ""
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+            errno.EACCES: "check its permissions or write elsewhere", errno.EROFS: "write elsewhere",
+            errno.EPERM: "check its permissions or write elsewhere", errno.ENOENT: "check the path",
+            errno.ENOTDIR: "a file stands where a folder is needed: give a folder path",
+            errno.EEXIST: "a file stands where a folder is needed: give a folder path",
+            errno.EISDIR: "a folder stands where a file is needed: give a file path"}.get(error.errno, "check the path")
+    return f"{where}{error.strerror or error}: {hint}."
+
+
+def scrub_secret_flags(argv: list[str]) -> None:
+    """Replaces the value of --hub_token in `argv` (sys.argv) in place: trackers record the command line (wandb's
+    run metadata does) and no token may reach a log, a tracker or a file."""
+    for index, arg in enumerate(argv):
+        if arg == "--hub_token" and index + 1 < len(argv):
+            argv[index + 1] = "***"
+        elif arg.startswith("--hub_token="):
+            argv[index] = "--hub_token=***"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +235,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("checkpoints, validation, logging")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Start a new run in an --output_dir that holds another run: its checkpoints and LoRA are "
+                          "deleted first (without it such a folder is refused, so runs never mix).")
     out.add_argument("--resume_from_checkpoint", type=str, default=None,
                      help="'latest' (newest checkpoint in --output_dir; a fresh start if none) or a path.")
     out.add_argument("--validation_prompt", type=str, action="append", default=[],
@@ -260,10 +297,52 @@ def check_ranges(args: argparse.Namespace) -> None:
     for name, example in FRACTIONS.items():
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 0 and below 1 (e.g. {example}).")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit {args.checkpoints_total_limit} must be at least 1 (leave it out to "
+                        "keep every checkpoint).")
+    check_optimizer_values(args)
     if not 0 <= args.ema_decay <= 1:
         raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
     if args.prior_loss_weight < 0:
         raise UserError(f"--prior_loss_weight {args.prior_loss_weight} must be at least 0 (1.0 as in DreamBooth).")
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """The trainer's flags that need another flag, or a library, or exclude each other."""
+    if args.push_to_hub and args.hub_token is None:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise UserError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
+    if args.do_fp8_training and args.base_precision != "bf16":
+        raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
+                        "already 4-bit and are not converted).")
+    if args.validation_split and args.eval_data_dir:
+        raise UserError("give --validation_split (hold out a share of the training images) or --eval_data_dir (a "
+                        "folder of held-out images), not both.")
+    if args.cuda_graphs and args.offload_activations:
+        raise UserError("--cuda_graphs and --offload_activations don't combine (the offload's copies are decided "
+                        "on the CPU at every step): drop one.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("To use 8-bit Adam, please install the bitsandbytes library: "
+                            "`pip install bitsandbytes`.") from None
+
+
+def check_optimizer_values(args: argparse.Namespace) -> None:
+    """What torch's optimizers would reject mid-setup, and LoRA sizes that can't be meant, refused before anything
+    loads."""
+    for name, low, high, example in [("learning_rate", 0, None, "1e-4"), ("adam_beta1", 0, 1, "0.9"),
+                                     ("adam_beta2", 0, 1, "0.999"), ("adam_epsilon", 0, None, "1e-8"),
+                                     ("adam_weight_decay", 0, None, "1e-4"), ("max_grad_norm", 0, None, "1.0")]:
+        value = getattr(args, name)
+        if not (value >= low and (high is None or value < high)):  # NaN fails too
+            limits = f"at least {low}" + (f" and below {high}" if high is not None else "")
+            raise UserError(f"--{name} {value} must be {limits} (e.g. {example}).")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UserError(f"--lora_alpha {args.lora_alpha} must be positive (default: --rank).")
 
 
 def warn_about_pitfalls(args: argparse.Namespace) -> None:
@@ -272,6 +351,8 @@ def warn_about_pitfalls(args: argparse.Namespace) -> None:
     if args.guidance_scale > 1:
         log.warning("--guidance_scale %g: FLUX.1-dev is guidance-distilled and LoRAs for it usually train at 1.0 (the "
                     "value reaches only models with guidance embeddings).", args.guidance_scale)
+    if args.learning_rate == 0:
+        log.warning("--learning_rate 0: the LoRA will not change (only the eval loss and samples are computed).")
     if args.learning_rate >= 1e-3:
         log.warning("--learning_rate %g is high for a LoRA (1e-4 is typical): watch for a loss that rises or turns "
                     "NaN.", args.learning_rate)

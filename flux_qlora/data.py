@@ -28,9 +28,28 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 MASK_SUFFIX = "_mask"  # NAME_mask.png beside NAME.jpg: where the loss counts (white) and where not (black)
 
 
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (the alpha can be the loss mask instead)
+
+
 def image_hash(image: Image.Image) -> str:
-    """sha256 of the decoded pixels, as diffusers' research-project `compute_embeddings.py` computes it."""
-    return hashlib.sha256(image.tobytes()).hexdigest()
+    """sha256 of the pixels that train (`to_rgb`): for an 8-bit RGB image its decoded bytes, as diffusers'
+    research-project `compute_embeddings.py` computes it."""
+    return hashlib.sha256(to_rgb(image).tobytes()).hexdigest()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB pixels an image trains as, for every mode PIL opens: EXIF orientation applied, 16-bit and
+    float greys scaled to 8 bits (a bare convert("RGB") clips them to white), transparency composited on
+    `BACKGROUND` (a bare convert shows whatever colour the transparent pixels happen to hold)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and array.max() <= 1 else 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA", "LA", "La", "RGBa") or "A" in image.getbands():
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*BACKGROUND, 255)), image)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass
@@ -179,7 +198,7 @@ def check_resolution(width: int, height: int) -> None:
 def resize_to_cover(image: Image.Image, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
     """uint8 tensor (channels, H, W) of the image in `mode` (RGB; L for masks), scaled so that it covers
     width x height (H >= height, W >= width), uncropped."""
-    image = ImageOps.exif_transpose(image).convert(mode)
+    image = to_rgb(image) if mode == "RGB" else ImageOps.exif_transpose(image).convert(mode)
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
@@ -192,7 +211,7 @@ def open_mask(sample: Sample, image: Image.Image, alpha: bool) -> Image.Image | 
     if sample.open_mask is not None:
         mask = sample.open_mask()
     elif alpha and "A" in image.getbands():
-        mask = image.getchannel("A")
+        mask = ImageOps.exif_transpose(image).getchannel("A")
     else:
         return None
     if mask.size != image.size:

@@ -9,10 +9,13 @@ came from, so readers never guess and a stale cache is caught.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,8 @@ import torch
 
 from flux_qlora.data import Sample
 from flux_qlora.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_KEY = b"flux_qlora"
 LAYOUT_VERSION = 1
@@ -163,6 +168,24 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def readable_parquet(read: Callable) -> Callable:
+    """Decorates a reader of the parquet at `path` (its first argument): a truncated or non-parquet file is one
+    clear line, not pyarrow's traceback."""
+
+    @functools.wraps(read)
+    def reader(path, *args, **kwargs):
+        try:
+            return read(path, *args, **kwargs)
+        except (pa.ArrowException, OSError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise UserError(f"{path} is not a readable parquet file ({str(error).splitlines()[0][:120]}): "
+                            "re-run compute_embeddings.py to rebuild it.") from None
+
+    return reader
+
+
+@readable_parquet
 def read_manifest(path: str | Path) -> dict:
     metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata[MANIFEST_KEY]) if MANIFEST_KEY in metadata else {}
@@ -171,9 +194,15 @@ def read_manifest(path: str | Path) -> dict:
 def reusable_rows(path: str | Path, source: dict) -> dict[str, str]:
     """key -> caption of the rows of an existing output made from the same source, to skip recomputing them."""
     path = Path(path)
-    if not path.exists() or read_manifest(path).get("source") != source:
+    if not path.exists():
         return {}
-    return _keys_and_captions(path)
+    try:
+        if read_manifest(path).get("source") != source:
+            return {}
+        return readable_parquet(_keys_and_captions)(path)
+    except UserError as error:  # a damaged earlier output is rebuilt, not refused
+        logger.warning("%s; it is rebuilt.", str(error).split(": re-run")[0])
+        return {}
 
 
 def _infer_shapes(table: pa.Table) -> dict[str, list[int]]:
@@ -197,6 +226,7 @@ def _stack(column: pa.ChunkedArray, shape: list[int], name: str, path: Path) -> 
     return torch.from_numpy(array.reshape(len(column), *shape))
 
 
+@readable_parquet
 def read_embeddings(path: str | Path) -> TextEmbeddings:
     """Reads our parquet or diffusers' research-project parquet into stacked tensors."""
     path = _existing(path)
@@ -210,11 +240,29 @@ def read_embeddings(path: str | Path) -> TextEmbeddings:
     shapes = manifest.get("shapes") or _infer_shapes(table)
     tensors = {c: _stack(table[c], shapes[c], c, path) for c in TENSOR_COLUMNS}
     captions = table["caption"].to_pylist() if "caption" in table.column_names else [""] * table.num_rows
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        finite = torch.isfinite(tensors[name].flatten(1)).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise UserError(f"{path}: {int((~finite).sum())} row(s) of {name} hold NaN/inf (e.g. the caption "
+                            f"{captions[row][:60]!r}): re-run compute_embeddings.py (in fp32 or bf16, not fp16).")
     return TextEmbeddings(
         keys=table["image_hash"].to_pylist(), captions=captions,
         prompt_embeds=tensors["prompt_embeds"], pooled_prompt_embeds=tensors["pooled_prompt_embeds"],
         text_ids=tensors["text_ids"][0], manifest=manifest or {"shapes": shapes},
     )
+
+
+def check_embeddings_fit(embeddings: TextEmbeddings, config: dict, path: str) -> None:
+    """The parquet's widths are the transformer's text inputs (T5 -> joint_attention_dim, CLIP ->
+    pooled_projection_dim): embeddings of other text encoders are refused before the model loads."""
+    widths = {"joint_attention_dim": embeddings.prompt_embeds.shape[-1],
+              "pooled_projection_dim": embeddings.pooled_prompt_embeds.shape[-1]}
+    wrong = {name: width for name, width in widths.items() if config.get(name, width) != width}
+    if wrong:
+        name, width = next(iter(wrong.items()))
+        raise UserError(f"{path} holds embeddings {width} wide, the transformer's {name} is {config[name]}: it was "
+                        "made with other text encoders; re-run compute_embeddings.py with this model.")
 
 
 def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_path: str,
@@ -251,6 +299,7 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+@readable_parquet
 def text_tokens(path: str | Path) -> int:
     """The T5 tokens per caption of an embeddings file, from its manifest or its first row (no tensors loaded)."""
     path = _existing(path)
@@ -261,6 +310,7 @@ def text_tokens(path: str | Path) -> int:
     return len(first["text_ids"][0].values) // 3
 
 
+@readable_parquet
 def parquet_rows(path: str | Path) -> int:
     """Rows of an embeddings file (images and validation prompts), from its footer."""
     return pq.ParquetFile(_existing(path)).metadata.num_rows

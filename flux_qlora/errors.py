@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input the user can fix: the scripts print its message as one `error: ...` line and exit with code 2."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint: one `stopped: ...` line, exit code 130."""

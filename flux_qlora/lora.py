@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -55,6 +56,13 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(transformer)
 
 
+def check_rank(rank: int, config: dict) -> None:
+    """A rank above the transformer's width can't be meant (it is a full-rank update with extra cost)."""
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    if rank > width:
+        raise UserError(f"--rank {rank} is above the transformer's width {width}: LoRA ranks are small (4-64).")
+
+
 def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str = LORA_WEIGHT_NAME,
               fold_alpha: bool = False) -> Path:
     """Writes `pytorch_lora_weights.safetensors` with `transformer.` keys and the LoRA config as metadata.
@@ -70,8 +78,15 @@ def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str =
         scale = config["lora_alpha"] / config["r"]
         state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
         config["lora_alpha"] = config["r"]
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=weight_name,
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"the LoRA holds non-finite values (NaN/inf, e.g. in {bad[0]}): not saved. Lower "
+                        "--learning_rate or use bf16 instead of fp16.")
+    # Written under a temporary name, then renamed: an interrupted save never leaves half a LoRA behind.
+    temporary = f".{weight_name}.tmp"
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=temporary,
                                    transformer_lora_adapter_metadata=config)
+    os.replace(Path(output_dir) / temporary, Path(output_dir) / weight_name)
     return Path(output_dir) / weight_name
 
 
@@ -87,6 +102,12 @@ def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
     if ranks != expected:
         raise UserError(f"{lora_dir} holds a LoRA of rank {sorted(ranks)}, this run builds rank {sorted(expected)}: "
                         "resume with the same --rank (or start a new --output_dir).")
+    layers = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
+    built = {name for name, m in transformer.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    if layers != built:
+        differ = sorted(layers ^ built)[0]
+        raise UserError(f"{lora_dir} holds a LoRA on {len(layers)} layers, this run builds {len(built)} (e.g. {differ} "
+                        "is in only one): resume with the same --lora_layers (or start a new --output_dir).")
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -146,10 +167,25 @@ def lora_rank(file: Path) -> int:
     return max(ranks)
 
 
+FLUX_LAYER_NAMES = ("transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "proj_out")
+
+
+def check_lora_finite(file: Path) -> None:
+    """A LoRA holding NaN/inf would make black images: refused."""
+    bad = [k for k, t in _lora_tensors(file).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"LoRA {file} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is broken; use an "
+                        "earlier checkpoint's LoRA.")
+
+
 def check_lora_matches(file: Path, transformer: nn.Module) -> None:
-    """Refuses a diffusers-format LoRA made for another model (layers missing or of other sizes); other formats
-    (kohya, BFL) are converted and checked by diffusers itself."""
+    """Refuses a LoRA for another model family (no FLUX.1 layer names: e.g. an SDXL UNet's) and a diffusers-format
+    LoRA made for another model (layers missing or of other sizes); other FLUX.1 layouts (kohya, BFL) are converted
+    and checked by diffusers itself."""
     state = _lora_tensors(file)
+    if not any(name in key for key in state for name in FLUX_LAYER_NAMES):
+        raise UserError(f"LoRA {file} has no FLUX.1 layers (e.g. {next(iter(state))}): it is for another model "
+                        "family (SD 1.5/SDXL UNet?); give a LoRA trained for FLUX.1.")
     modules = dict(transformer.named_modules())
     for key, a in state.items():
         if not key.startswith("transformer.") or not key.endswith(".lora_A.weight"):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from flux_qlora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +180,15 @@ def plot_loss(losses: list[float], path: Path, eval_losses: list[list[float]] | 
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    """Strict JSON: a NaN or inf (which json.dumps writes bare, and JSON doesn't have) is written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list | tuple) else value
+
+    path.write_text(json.dumps(finite(summary), indent=2, allow_nan=False) + "\n")
 
 
 def log_image(trackers, prompt: str, image, step: int, index: int) -> None:
@@ -245,12 +256,21 @@ image = pipe("{example}", num_inference_steps=28).images[0]
 """
 
 
+NOT_UPLOADED = ("checkpoint-*", ".checkpoint-*", "logs/*")
+
+
 def push_to_hub(output_dir: str, repo_name: str, token: str | None) -> str:
     """Uploads the output folder (no checkpoints, no logs) to the Hub repo `repo_name`; returns its id."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(repo_name, exist_ok=True, token=token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message="flux-qlora LoRA",
-                  ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"])
+    try:
+        repo_id = create_repo(repo_name, exist_ok=True, token=token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message="flux-qlora LoRA",
+                      ignore_patterns=list(NOT_UPLOADED))
+    except Exception as error:  # network, auth, quota: the run's work is on disk, only the upload is left
+        retry = f"hf upload {repo_name} {output_dir} . " + " ".join(f"--exclude '{p}'" for p in NOT_UPLOADED)
+        reason = str(error).replace(token, "***") if token else str(error)
+        raise UserError(f"the upload to the Hub failed ({type(error).__name__}: {reason.splitlines()[0][:160]}); "
+                        f"everything is saved in {output_dir}. Retry with: {retry}") from None
     logger.info("Pushed to https://huggingface.co/%s", repo_id)
     return repo_id

@@ -137,11 +137,21 @@ def _add_an_unreadable_image(images: Path, tmp_path: Path) -> None:
     pytest.param(None, ["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"],
                  None, id="two_sources"),
     pytest.param(None, ["--t5_8bit", "--device", "cpu"], ["--t5_8bit", "CUDA"], None, id="t5_8bit_on_cpu"),
+    pytest.param(None, ["--batch_size", "0"], ["--batch_size 0", "at least 1"], None, id="zero_batch"),
+    pytest.param(None, ["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"], None,
+                 id="too_long"),
+    pytest.param(None, ["--output_path", "/proc/flux-qlora/out.parquet"], ["--output_path", "does not exist"], None,
+                 id="output_folder_missing"),
+    pytest.param(None, ["--class_data_dir", "{tmp}/nope"], ["--class_data_dir", "is not a folder"], None,
+                 id="missing_class_dir"),
+    pytest.param(None, ["--eval_data_dir", "{tmp}/nope"], ["--eval_data_dir", "is not a folder"], None,
+                 id="missing_eval_dir"),
 ])
 def test_bad_input_gives_one_clear_line(data, flags, expect, setup, tiny_model, tiny_images, tmp_path):
     if setup:
         setup(tiny_images, tmp_path)
     data = tiny_images if data is None else data.format(tmp=tmp_path)
+    flags = [f.format(tmp=tmp_path) for f in flags]
     result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
                         "--instance_data_dir", data, "--output_path", tmp_path / "out.parquet", *flags, check=False)
     assert_one_line_error(result, *expect)
@@ -175,3 +185,12 @@ def test_dataset_name_path_reads_a_datasets_folder_with_the_same_keys(tiny_model
     assert sorted(from_hub.keys) == sorted(from_folder.keys) and len(from_hub.keys) == 6 + 1
     torch.testing.assert_close(from_hub.prompt_embeds[[from_hub.index()[k] for k in from_folder.keys]],
                                from_folder.prompt_embeds)
+
+
+def test_a_damaged_earlier_output_is_rebuilt_not_refused(tiny_model, tiny_images, tmp_path):
+    output = tmp_path / "emb.parquet"
+    output.write_bytes(b"PAR1 but truncated")
+    result = run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
+                        "--instance_data_dir", tiny_images, "--output_path", output, "--max_sequence_length", "8")
+    assert "not a readable parquet file" in result.stderr and "rebuilt" in result.stderr
+    assert len(read_embeddings(output).keys) == 6 + 1

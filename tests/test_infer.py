@@ -140,9 +140,15 @@ def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, lor
                "--output_dir", tmp_path / "out", "--benchmark", "1")
     images = sorted((tmp_path / "out").glob("*.png"))
     assert len(images) == 2 and Image.open(images[0]).size == (64, 48)
-    settings = json.loads(Image.open(images[0]).text["flux_qlora"])
+    red = next(p for p in images if "a_red_circle" in p.name)  # the prompt is in the name
+    settings = json.loads(Image.open(red).text["flux_qlora"])
     assert settings["prompt"] == "a red circle" and settings["steps"] == 3 and settings["seed"] == 0
     assert (tmp_path / "fused" / "config.json").exists()
+    run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--lora", folder, "--prompt", "a red circle",
+               "--height", "48", "--width", "64", "--num_inference_steps", "3", "--output_dir", tmp_path / "out")
+    again = sorted((tmp_path / "out").glob("*.png"))
+    assert len(again) == 3 and set(images) < set(again)  # the same prompt and seed again: a new name, nothing lost
+    assert any(p.stem.endswith("-2") for p in again)
     benchmark = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert benchmark[0]["s_per_image"] > 0
 
@@ -244,12 +250,30 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     pytest.param(["--lora_scale", "0.5", "--lora_scale", "0.5"], ["--lora_scale"], id="scales"),
     pytest.param(["--cuda_graphs", "--device", "cpu"], ["--cuda_graphs", "NVIDIA GPU"], id="graphs_on_cpu"),
     pytest.param(["--hotswap", "fused", "--quantize", "nf4"], ["--hotswap fused", "--quantize nf4"], id="fused_nf4"),
+    pytest.param(["--lora_scale", "nan"], ["--lora_scale", "nan", "finite"], id="nan_scale"),
+    pytest.param(["--guidance_scale", "inf"], ["--guidance_scale", "inf", "finite"], id="inf_guidance"),
+    pytest.param(["--max_sequence_length", "0"], ["--max_sequence_length 0", "between 1 and 512"], id="no_tokens"),
+    pytest.param(["--max_sequence_length", "600"], ["--max_sequence_length 600", "between 1 and 512"],
+                 id="too_many_tokens"),
+    pytest.param(["--fuse", "--save_fused", "{tmp}"], ["--save_fused", "already exists"], id="save_fused_exists"),
+    pytest.param(["--lora", "{nan}"], ["NaN/inf", "earlier checkpoint"], id="nan_lora"),
+    pytest.param(["--lora", "{sdxl}"], ["no FLUX.1 layers", "another model family"], id="sdxl_lora"),
+    pytest.param(["--output_dir", "{tmp}/file.txt"], ["file.txt", "give a folder path"], id="output_dir_is_a_file"),
+    pytest.param(["--prompt_file", "{tmp}/nope.txt"], ["--prompt_file", "nope.txt", "does not exist"],
+                 id="missing_prompt_file"),
+    pytest.param(["--num_inference_steps", "0"], ["--num_inference_steps", "at least 1"], id="no_steps"),
 ])
 def test_bad_input_gives_one_clear_line(flags, expect, tiny_model, loras, tmp_path):
     """Each case adds its flags to a run with LoRA a (a case that names its own --lora runs that one alone)."""
     folder, _ = loras["a"]
     other = _lora_for_another_model(folder, tmp_path) if "{other}" in flags else ""
-    flags = [f.format(tmp=tmp_path, other=other) for f in flags]
+    state = load_file(folder / "pytorch_lora_weights.safetensors")
+    save_file({k: v * float("nan") for k, v in state.items()}, tmp_path / "nan.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)},
+              tmp_path / "sdxl.safetensors")
+    (tmp_path / "file.txt").write_text("a file where a folder should be")
+    flags = [f.format(tmp=tmp_path, other=other, nan=tmp_path / "nan.safetensors", sdxl=tmp_path / "sdxl.safetensors")
+             for f in flags]
     lora = [] if "--lora" in flags else ["--lora", str(folder)]
     result = run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--prompt", "x", "--height", "32",
                         "--width", "32", "--output_dir", tmp_path / "out", *lora, *flags, check=False)

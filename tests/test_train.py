@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -178,8 +179,73 @@ def test_sample_order_shards_each_epoch_without_repeats():
     assert torch.equal(single.batch(1, 0)[1], torch.cat([order.batch(1, 0)[1], order.batch(1, 1)[1]]))
 
 
-def _edit_caption(images: Path, tmp_path: Path) -> None:
-    (images / "001.txt").write_text("an edited caption")
+@dataclass
+class Case:
+    """What a bad-input case's setup may change or copy: a fresh image folder, its own tmp folder (--output_dir is
+    tmp/out), the trained run of this module, the session's embeddings."""
+
+    images: Path
+    tmp: Path
+    trained: Path
+    embeddings: Path
+
+
+def _edit_caption(case: Case) -> None:
+    (case.images / "001.txt").write_text("an edited caption")
+
+
+def _copy_checkpoint(case: Case) -> None:
+    """--output_dir (tmp/out) holding the trained run's checkpoint-4."""
+    shutil.copytree(case.trained / "checkpoint-4", case.tmp / "out" / "checkpoint-4")
+
+
+def _damage_checkpoint(case: Case) -> None:
+    _copy_checkpoint(case)
+    (case.tmp / "out" / "checkpoint-4" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+
+
+def _file_as_output_dir(case: Case) -> None:
+    (case.tmp / "out").write_text("a file, not a folder")
+
+
+def _bad_parquets(case: Case) -> None:
+    """Next to the good embeddings: a truncated copy, a text file, one with NaN rows and one of other widths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pq.read_table(case.embeddings)
+    (case.tmp / "truncated.parquet").write_bytes(case.embeddings.read_bytes()[:2000])
+    (case.tmp / "text.parquet").write_text("image_hash,caption\n")
+    embeds = source["prompt_embeds"].to_pylist()
+    embeds[0] = [float("nan")] * len(embeds[0])
+    nan = source.set_column(source.column_names.index("prompt_embeds"), "prompt_embeds",
+                            pa.array(embeds, type=source.schema.field("prompt_embeds").type))
+    pq.write_table(nan.replace_schema_metadata(source.schema.metadata), case.tmp / "nan.parquet")
+    from flux_qlora.embeddings import EmbeddingsWriter, read_embeddings
+
+    table = read_embeddings(case.embeddings)
+    writer = EmbeddingsWriter(case.tmp / "wide.parquet", {"pretrained_model_name_or_path": "other"})
+    writer.write(table.keys, table.captions, torch.zeros(len(table.keys), 16, 99), table.pooled_prompt_embeds,
+                 table.text_ids.expand(len(table.keys), -1, -1))
+    writer.finish(table.keys)
+
+
+def _elongated_image(case: Case) -> None:
+    """Image 000 as a 640x8 strip, with its embeddings under the new hash (tmp/elongated.parquet)."""
+    from PIL import Image
+
+    from flux_qlora.data import image_hash
+    from flux_qlora.embeddings import EmbeddingsWriter, read_embeddings
+
+    before = image_hash(Image.open(case.images / "000.png"))
+    Image.open(case.images / "000.png").resize((640, 8)).save(case.images / "000.png")
+    after = image_hash(Image.open(case.images / "000.png"))
+    table = read_embeddings(case.embeddings)
+    keys = [after if key == before else key for key in table.keys]
+    writer = EmbeddingsWriter(case.tmp / "elongated.parquet", {"pretrained_model_name_or_path": "tiny"})
+    writer.write(keys, table.captions, table.prompt_embeds, table.pooled_prompt_embeds,
+                 table.text_ids.expand(len(keys), -1, -1))
+    writer.finish(keys)
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -202,10 +268,48 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
                  id="graphs_with_offload"),
     pytest.param(["--cuda_graphs", "--mixed_precision", "fp16"], ["--cuda_graphs", "--mixed_precision bf16"], None,
                  id="graphs_with_fp16", marks=GPU),
+    # Values torch or the run would take badly, refused before anything loads.
+    pytest.param(["--checkpoints_total_limit", "-1"], ["--checkpoints_total_limit -1", "at least 1"], None,
+                 id="total_limit_negative"),
+    pytest.param(["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit 0", "leave it out"], None,
+                 id="total_limit_zero"),
+    pytest.param(["--learning_rate=-1e-4"], ["--learning_rate -0.0001", "at least 0"], None, id="negative_lr"),
+    pytest.param(["--learning_rate", "nan"], ["--learning_rate nan"], None, id="nan_lr"),
+    pytest.param(["--adam_beta1", "1.5"], ["--adam_beta1 1.5", "below 1"], None, id="beta1"),
+    pytest.param(["--adam_beta2", "-0.1"], ["--adam_beta2 -0.1", "at least 0"], None, id="beta2"),
+    pytest.param(["--adam_epsilon", "-1"], ["--adam_epsilon -1.0"], None, id="epsilon"),
+    pytest.param(["--max_grad_norm", "-1"], ["--max_grad_norm -1.0"], None, id="grad_norm"),
+    pytest.param(["--lora_alpha", "0"], ["--lora_alpha 0", "positive"], None, id="alpha_zero"),
+    pytest.param(["--rank", "100000"], ["--rank 100000", "width"], None, id="rank_above_width"),
+    pytest.param(["--timestep_shift", "nan"], ["--timestep_shift nan", "positive"], None, id="nan_shift"),
+    # Paths and files.
+    pytest.param([], ["--output_dir", "can't be written"], _file_as_output_dir, id="output_dir_is_a_file"),
+    pytest.param(["--output_dir", "/proc/flux-qlora/out"], ["--output_dir /proc/flux-qlora/out", "can't be written"],
+                 None, id="output_dir_unwritable"),
+    pytest.param(["--data_df_path", "{tmp}/truncated.parquet"], ["truncated.parquet", "not a readable parquet"],
+                 _bad_parquets, id="truncated_parquet"),
+    pytest.param(["--data_df_path", "{tmp}/text.parquet"], ["text.parquet", "not a readable parquet"], _bad_parquets,
+                 id="not_a_parquet"),
+    pytest.param(["--data_df_path", "{tmp}/nan.parquet"], ["nan.parquet", "NaN/inf", "re-run compute_embeddings.py"],
+                 _bad_parquets, id="nan_embeddings"),
+    pytest.param(["--data_df_path", "{tmp}/wide.parquet"], ["99 wide", "joint_attention_dim", "other text encoders"],
+                 _bad_parquets, id="other_text_encoders"),
+    pytest.param(["--data_df_path", "{tmp}/elongated.parquet"], ["000.png", "too elongated", "crop the image"],
+                 _elongated_image, id="elongated_image"),
+    # Checkpoints: another run's, damaged, finished, or of other layers.
+    pytest.param([], ["already holds another run", "--resume_from_checkpoint latest", "--overwrite_output_dir"],
+                 _copy_checkpoint, id="other_runs_checkpoints"),
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "4"],
+                 ["step 4", "--max_train_steps is 4", "nothing to train"], _copy_checkpoint, id="resume_past_end"),
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6"],
+                 ["checkpoint-4 is damaged", "delete checkpoint-4"], _damage_checkpoint, id="damaged_checkpoint"),
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6", "--lora_layers",
+                  "attention+context"], ["same --lora_layers"], _copy_checkpoint, id="resume_other_layers"),
 ])
-def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_images, tiny_embeddings, tmp_path):
+def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_images, tiny_embeddings, trained,
+                                        tmp_path):
     if setup:
-        setup(tiny_images, tmp_path)
+        setup(Case(tiny_images, tmp_path, trained, tiny_embeddings))
     flags = [f.format(tmp=tmp_path) for f in flags]  # the last --data_df_path given wins
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, tiny_embeddings, tmp_path / "out"),
                         "--max_train_steps", "1", *flags, check=False)
@@ -366,3 +470,17 @@ def test_cuda_graphs_train_exactly_like_eager(compile_flags, tiny_model, tiny_im
     for key in eager:
         torch.testing.assert_close(graphs[key], eager[key], rtol=1e-3, atol=1e-5)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graphs.items() if "lora_B" in k)  # it trained
+
+
+def test_overwrite_output_dir_starts_over_without_mixing_runs(trained, tiny_model, tiny_images_master,
+                                                              tiny_embeddings, tmp_path):
+    """Without the flag such a folder is refused (the catalogue above); with it the earlier run's checkpoints and
+    LoRA go first, so a later `--resume_from_checkpoint latest` can't pick up the old run."""
+    output = tmp_path / "out"
+    shutil.copytree(trained, output)
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, output,
+                                                           "--max_train_steps", "3", "--checkpointing_steps", "2",
+                                                           "--overwrite_output_dir"))
+    assert "removed the earlier run's" in result.stderr
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]  # the new run's only
+    assert json.loads((output / "train_summary.json").read_text())["steps"] == 3

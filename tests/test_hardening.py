@@ -1,0 +1,140 @@
+"""No silent wrong results, no lost work, no leaked token: the failure modes a user meets without looking for them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_script, train_args
+from PIL import Image
+from safetensors.torch import load_file
+
+from flux_qlora.batches import load_buckets
+from flux_qlora.data import image_hash, load_local_samples
+from flux_qlora.reports import write_summary
+
+TOKEN = "hf_flux_qlora_test_SECRET_4d1c"
+
+
+def test_a_diverging_run_stops_and_saves_no_nan_lora(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    result = run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out", "--max_train_steps", "6",
+        "--learning_rate", "1e9", "--max_grad_norm", "0", "--mixed_precision", "no"), check=False)
+    line = assert_one_line_error(result, "the loss became", "Lower --learning_rate", "--resume_from_checkpoint")
+    assert "by step" in line
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_run_summary_is_strict_json(tmp_path):
+    write_summary(tmp_path / "s.json", {"final_loss": float("nan"), "losses": [1.0, float("inf")], "nested": {"x": 2}})
+    text = (tmp_path / "s.json").read_text()
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    assert summary == {"final_loss": None, "losses": [1.0, None], "nested": {"x": 2}}
+
+
+def _image_of_every_mode(folder: Path) -> dict[str, Image.Image]:
+    """A 16-bit grey, a transparent RGBA (red under the transparency), a palette image with a transparent index."""
+    grey16 = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, opaque only in the top half
+    rgba[:16, :, 3] = 255
+    palette = Image.fromarray(rgba, "RGBA").convert("P")
+    images = {"grey16.png": grey16, "rgba.png": Image.fromarray(rgba, "RGBA"), "palette.png": palette}
+    for name, image in images.items():
+        image.save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(name)
+    return images
+
+
+def test_every_image_mode_trains_as_its_pixels_and_hashes_them(tmp_path):
+    _image_of_every_mode(tmp_path)
+    samples = {Path(s.source).name: s for s in load_local_samples(str(tmp_path), "text", None)}
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # PIL opens it 16-bit
+    buckets = load_buckets(list(samples.values()), [[(32, 32)]], check_size=False)
+    pixels = {Path(list(samples.values())[int(r)].source).name: cover
+              for b in buckets for r, cover in zip(b.rows, b.covers)}
+    assert pixels["grey16.png"].float().mean() == pytest.approx(128, abs=1)  # not clipped to white
+    assert pixels["rgba.png"][:, 0].tolist() == [[255] * 32, [0] * 32, [0] * 32]  # opaque red stays red
+    assert pixels["rgba.png"][:, 31].tolist() == [[255] * 32] * 3  # transparent: the white background, not red
+    for name, sample in samples.items():  # the hash is of the pixels that train
+        rgb = Image.fromarray(pixels[name].permute(1, 2, 0).numpy())
+        assert sample.image_hash == image_hash(rgb), name
+
+
+def _all_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_hub_token_reaches_no_file_and_a_failed_upload_is_one_line(tiny_model, tiny_images_master,
+                                                                       tiny_embeddings, tmp_path):
+    """tensorboard, and an upload to an unreachable Hub: everything stays on disk, the retry command is printed,
+    and the token is in no file the run wrote and not in its output."""
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    result = run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out", "--max_train_steps", "2",
+        "--report_to", "tensorboard", "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "me/tiny"),
+        env=env, check=False)
+    line = assert_one_line_error(result, "upload to the Hub failed", "Retry with: hf upload me/tiny")
+    assert str(tmp_path / "out") in line
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
+    assert TOKEN not in result.stdout + result.stderr
+    assert TOKEN.encode() not in _all_bytes(tmp_path / "out")
+
+
+def test_the_hub_token_reaches_no_wandb_file(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is not installed (not on the GPU machine)")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true"}
+    (tmp_path / "wandb").mkdir()
+    result = run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out", "--max_train_steps", "2",
+        "--report_to", "wandb", "--hub_token", TOKEN), env=env)
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # the run was recorded
+    assert TOKEN not in result.stdout + result.stderr
+    assert TOKEN.encode() not in _all_bytes(tmp_path / "wandb") + _all_bytes(tmp_path / "out")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_model, tiny_images_master,
+                                                                         tiny_embeddings, tmp_path):
+    flags = ["--max_train_steps", "40", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision",
+             "no", "--seed", "3"]
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, str(ROOT / "train_qlora_flux.py"),
+               *map(str, train_args(tiny_model, tiny_images_master, tiny_embeddings, interrupted, *flags))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # after a checkpoint step, mid-run
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "SIGINT at step" in stopped[0] and "--resume_from_checkpoint latest" in stopped[0]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert 2 < step < 40 and (interrupted / f"checkpoint-{step}").is_dir()  # saved where it stopped, not at 2
+    assert not (interrupted / "pytorch_lora_weights.safetensors").exists()
+
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, interrupted,
+                                                  *flags, "--resume_from_checkpoint", "latest"),
+               env={"CUDA_VISIBLE_DEVICES": ""})
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "full",
+                                                  *flags), env={"CUDA_VISIBLE_DEVICES": ""})
+    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-7)
+    losses = [json.loads((run / "train_summary.json").read_text())["losses"] for run in (tmp_path / "full",
+                                                                                           interrupted)]
+    assert len(losses[1]) == 40 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*losses))
