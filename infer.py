@@ -33,11 +33,19 @@ from flux_qlora.cli import (
     run_main,
     setup_logging,
 )
+from flux_qlora.convert import kohya_as_diffusers
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
-from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_finite, check_lora_matches, lora_rank, resolve_lora_file
+from flux_qlora.lora import (
+    LORA_WEIGHT_NAME,
+    check_lora_finite,
+    check_lora_matches,
+    lora_rank,
+    resolve_lora_file,
+    trained_base_precision,
+)
 from flux_qlora.models import DTYPES, fp8_eligible, quantize_to_nf4, set_attention_backend
 from flux_qlora.serving import Lora, LoraServer, make_server
 
@@ -156,9 +164,10 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     scales = args.lora_scale or [1.0] * len(args.lora)
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
-        file = resolve_lora_file(source, args.weight_name, args.cache_dir)
+        file = kohya_as_diffusers(resolve_lora_file(source, args.weight_name, args.cache_dir))
         check_lora_finite(file)
         loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
+    warn_about_base_precision(loras, "NF4" if args.quantize else "FP8" if args.fp8 else "bf16")
     if args.hotswap == "adapter":
         target = args.hotswap_target_rank or max(lora.rank for lora in loras)
         too_big = [lora for lora in loras if lora.rank > target]
@@ -167,6 +176,17 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
                             f"{target}: raise --hotswap_target_rank to at least {max(lo.rank for lo in loras)}.")
         args.hotswap_target_rank = target
     return loras
+
+
+def warn_about_base_precision(loras: list[Lora], served: str) -> None:
+    """One line per LoRA served on another base precision than it trained on (bf16, fp16 and fp32 count as one):
+    users of NF4/FP8-trained LoRAs report their strength drifting on other bases."""
+    for lora in loras:
+        trained = trained_base_precision(lora.file)
+        if trained and trained != served:
+            logger.warning("LoRA %s trained on a %s base and is served on a %s base: its strength can drift; compare "
+                           "with %s, or adjust --lora_scale.", lora.source, trained, served,
+                           {"NF4": "--quantize nf4", "FP8": "--fp8"}.get(trained, "no --quantize/--fp8"))
 
 
 def pick_device(args) -> torch.device:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from flux_qlora import flow
 from flux_qlora.batches import Augment, Batch, SampleOrder, TrainData, draw_batch, held_out_rows, load_buckets
-from flux_qlora.buckets import bucket_lists, check_size_flags, histogram
+from flux_qlora.buckets import check_size_flags, histogram
 from flux_qlora.checkpoints import (
     StopSignals,
     check_loss_finite,
@@ -50,6 +50,7 @@ from flux_qlora.cli import (
     add_model_args,
     add_optimisation_args,
     add_output_args,
+    base_precision_name,
     check_dataset_args,
     check_flag_combinations,
     check_ranges,
@@ -62,11 +63,15 @@ from flux_qlora.cli import (
     run_versions,
     scrub_secret_flags,
     setup_logging,
+    sizes_text,
     timestep_sampling,
+    tracker_config,
     training_shape,
+    training_sizes,
     warn_about_pitfalls,
     write_config,
 )
+from flux_qlora.convert import COMFYUI_WEIGHT_NAME, convert_file
 from flux_qlora.data import load_samples
 from flux_qlora.embeddings import check_embeddings_fit, match_embeddings, read_embeddings
 from flux_qlora.errors import UserError
@@ -107,7 +112,7 @@ from flux_qlora.step import (
     make_optimizer,
     offload_activations,
 )
-from flux_qlora.validation import SampleSettings, sample_images
+from flux_qlora.validation import SampleSettings, sample_images, validation_embeddings
 
 logger = get_logger("train_qlora_flux")
 
@@ -198,7 +203,8 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     table = read_embeddings(args.data_df_path)
     check_embeddings_fit(table, config, args.data_df_path)
     embeddings = match_embeddings(samples, table, args.data_df_path)
-    validation = {prompt: table.prompt(prompt) for prompt in args.validation_prompt}  # fails now, not in an hour
+    validation = validation_embeddings(table, args.validation_prompt, args.pretrained_model_name_or_path,
+                                       accelerator.device, **hub_kwargs(args))
     held_out = held_out_rows(samples, args.validation_split)
     train_rows = sorted(set(range(len(samples))) - set(held_out))
     buckets = load_buckets(samples, training_sizes(args), check_size=bool(args.resolution),
@@ -259,10 +265,6 @@ def load_prior_data(args: argparse.Namespace, table, weight_dtype: torch.dtype) 
     logger.info("%d regularisation images from %s, prior loss weight %g", len(samples), args.class_data_dir,
                 args.prior_loss_weight)
     return TrainData.build(embeddings, buckets, {}, weight_dtype, Augment(args.crop, args.random_flip, args.seed + 1))
-
-
-def training_sizes(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
-    return bucket_lists(args.resolution, args.bucket_step, args.width, args.height)
 
 
 def make_sample_order(args: argparse.Namespace, accelerator: Accelerator, data: TrainData) -> SampleOrder:
@@ -485,6 +487,9 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
         if args.use_ema:
             with run.ema.weights():
                 logger.info("Saved the EMA LoRA to %s", save_lora(model, output_dir, EMA_WEIGHT_NAME, fold_alpha=True))
+        if args.export_format:  # the same LoRA in the kohya/ComfyUI layout
+            logger.info("Saved the %s LoRA to %s", args.export_format,
+                        convert_file(lora_path, output_dir / COMFYUI_WEIGHT_NAME, "comfyui"))
     samples_after = generate_samples(args, run, args.max_train_steps)
     if accelerator.is_main_process:
         if stats.losses:
@@ -502,8 +507,9 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
         card = ModelCard(
             base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id or args.output_dir,
             title=repo_name, rank=args.rank, alpha=args.lora_alpha or args.rank, layers=args.lora_layers,
-            steps=args.max_train_steps, width=args.width, height=args.height, instance_prompt=args.instance_prompt,
-            validation_prompts=args.validation_prompt, sample_files=samples_after)
+            steps=args.max_train_steps, sizes=sizes_text(args), base_precision=base_precision_name(args),
+            instance_prompt=args.instance_prompt, validation_prompts=args.validation_prompt,
+            sample_files=samples_after, comfyui_file=args.export_format and COMFYUI_WEIGHT_NAME)
         (output_dir / "README.md").write_text(card.render())
         if args.push_to_hub:  # everything is on disk already: a failed upload is one line and the retry command
             push_to_hub(args.output_dir, repo_name, args.hub_token)
@@ -514,8 +520,7 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
 def log_run_start(args: argparse.Namespace, run: Run, start_step: int) -> None:
     accelerator, order = run.accelerator, run.order
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("flux-qlora", config={k: v for k, v in vars(args).items() if k != "hub_token"
-                                                        and isinstance(v, int | float | str | bool)})
+        accelerator.init_trackers("flux-qlora", config=tracker_config(args))
     logger.info("***** Running training *****")
     logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", len(run.data), args.repeats,
                 order.micro_steps_per_epoch)

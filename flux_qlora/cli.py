@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flux_qlora import flow
+from flux_qlora.buckets import bucket_lists
 from flux_qlora.embeddings import parquet_rows, text_tokens
 from flux_qlora.errors import Interrupted, UserError
 from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, target_modules
@@ -241,7 +242,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--resume_from_checkpoint", type=str, default=None,
                      help="'latest' (newest checkpoint in --output_dir; a fresh start if none) or a path.")
     out.add_argument("--validation_prompt", type=str, action="append", default=[],
-                     help="Prompt for sample images (repeatable); must have been embedded by compute_embeddings.py.")
+                     help="Prompt for sample images (repeatable): from the embeddings file, or encoded at start "
+                          "(the text encoders loaded briefly, then freed).")
     out.add_argument("--validation_steps", type=int, default=0,
                      help="Sample images every N steps (0: only before and after training).")
     out.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps of sample images.")
@@ -259,6 +261,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                      help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
                           "with --compile a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time "
                           "the GPU was busy in train_summary.json.")
+    out.add_argument("--export_format", type=str, default=None, choices=["comfyui", "kohya"],
+                     help="Also write the LoRA in the kohya/ComfyUI layout (FLUX.1 layer names, fused qkv, .alpha "
+                          "tensors) as pytorch_lora_weights_comfyui.safetensors (comfyui and kohya: the same file).")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the LoRA and a model card to the Hub.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: the output folder's name).")
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your `hf auth login`).")
@@ -378,6 +383,30 @@ def _folder_samples(folder: str | None, caption_column: str, fallback: str | Non
         return []
     return drop_duplicates(load_local_samples(folder, caption_column, fallback, flag=flag,
                                               fallback_flag=fallback_flag))
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The flags tensorboard/wandb record as the run's config: plain values, never the Hub token."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_SAVED and isinstance(v, int | float | str | bool)}
+
+
+def training_sizes(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
+    """The training sizes: each resolution's buckets, or the one --width x --height."""
+    return bucket_lists(args.resolution, args.bucket_step, args.width, args.height)
+
+
+def base_precision_name(args: argparse.Namespace) -> str:
+    """What the frozen base trained in: NF4, bf16 (or the compute dtype) or FP8; infer.py compares it."""
+    if args.base_precision == "nf4":
+        return "NF4"
+    return "FP8" if args.do_fp8_training else "bf16"
+
+
+def sizes_text(args: argparse.Namespace) -> str:
+    """The training sizes for people: '512x768', or 'buckets of ~512x512, ~1024x1024 pixels'."""
+    if not args.resolution:
+        return f"{args.width}x{args.height}"
+    return "buckets of " + ", ".join(f"~{r}x{r}" for r in args.resolution.split(",") if r.strip()) + " pixels"
 
 
 def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:

@@ -170,6 +170,22 @@ def lora_rank(file: Path) -> int:
 FLUX_LAYER_NAMES = ("transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "proj_out")
 
 
+def trained_base_precision(file: Path) -> str | None:
+    """NF4, bf16 or FP8: the base the LoRA trained on, from the training_config.toml beside it (None if absent)."""
+    import tomllib
+
+    config_file = Path(file).parent / "training_config.toml"
+    if not config_file.is_file():
+        return None
+    try:
+        config = tomllib.loads(config_file.read_text())
+    except (tomllib.TOMLDecodeError, OSError):
+        return None
+    if config.get("base_precision", "nf4") == "nf4":
+        return "NF4"
+    return "FP8" if config.get("do_fp8_training") else "bf16"
+
+
 def check_lora_finite(file: Path) -> None:
     """A LoRA holding NaN/inf would make black images: refused."""
     bad = [k for k, t in _lora_tensors(file).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -53,12 +53,13 @@ def _check_model_source(name_or_path: str) -> None:
 
 
 def load_text_pipeline(name_or_path: str, device: str, t5_8bit: bool = False, revision: str | None = None,
-                       variant: str | None = None, cache_dir: str | None = None):
-    """A FluxPipeline holding only the tokenizers and text encoders, on `device` (bf16 on a GPU, else fp32)."""
+                       variant: str | None = None, cache_dir: str | None = None, dtype: torch.dtype | None = None):
+    """A FluxPipeline holding only the tokenizers and text encoders, on `device` (in `dtype`; default bf16 on a
+    GPU, else fp32)."""
     from diffusers import FluxPipeline
 
     _check_model_source(name_or_path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     common = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
     extra = {}
     if t5_8bit:

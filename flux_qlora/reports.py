@@ -206,7 +206,8 @@ def log_image(trackers, prompt: str, image, step: int, index: int) -> None:
 
 @dataclass
 class ModelCard:
-    """What the Hub model card says about a trained LoRA."""
+    """What the Hub model card says about a trained LoRA: trigger, base model, settings, samples, and how to load it
+    in diffusers and in ComfyUI."""
 
     base_model: str
     repo_id: str  # where users load it from: the Hub repo, or the output folder
@@ -215,17 +216,22 @@ class ModelCard:
     alpha: int
     layers: str
     steps: int
-    width: int
-    height: int
+    sizes: str  # "512x768", or the buckets' resolutions: "buckets of ~512x512, ~1024x1024 pixels"
+    base_precision: str  # what the base was trained in: NF4, bf16, FP8
     instance_prompt: str | None = None
     validation_prompts: list[str] = field(default_factory=list)
     sample_files: list[str] = field(default_factory=list)
+    comfyui_file: str | None = None  # the kohya/ComfyUI-layout copy (--export_format), if written
 
     def render(self) -> str:
         widgets = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}"
                             for p, f in zip(self.validation_prompts, self.sample_files))
         trigger = f"\nTrigger / instance prompt: `{self.instance_prompt}`\n" if self.instance_prompt else ""
         example = (self.validation_prompts or [self.instance_prompt or "a photo"])[0]
+        samples = "".join(f"\n![{p}]({f})" for p, f in zip(self.validation_prompts, self.sample_files))
+        comfy = (f"`{self.comfyui_file}` (kohya/ComfyUI layout)" if self.comfyui_file else
+                 "the file converted by `python -m flux_qlora.convert pytorch_lora_weights.safetensors "
+                 "my-lora-comfyui.safetensors --to comfyui`")
         return f"""---
 base_model: {self.base_model}
 library_name: diffusers
@@ -241,10 +247,13 @@ tags:
 
 # {self.title}
 
-A LoRA for [{self.base_model}](https://huggingface.co/{self.base_model}),
-trained with flux-qlora (NF4 base, rank {self.rank}, alpha {self.alpha},
-layers `{self.layers}`, {self.steps} steps at {self.width}x{self.height}).
-{trigger}
+A LoRA for [{self.base_model}](https://huggingface.co/{self.base_model}), trained with flux-qlora on a
+{self.base_precision} base: rank {self.rank}, alpha {self.alpha} (folded into the weights: every loader applies the
+same strength), layers `{self.layers}`, {self.steps} steps at {self.sizes}.
+{trigger}{samples}
+
+## diffusers
+
 ```python
 import torch
 from diffusers import FluxPipeline
@@ -253,6 +262,11 @@ pipe = FluxPipeline.from_pretrained("{self.base_model}", dtype=torch.bfloat16).t
 pipe.load_lora_weights("{self.repo_id}")
 image = pipe("{example}", num_inference_steps=28).images[0]
 ```
+
+## ComfyUI
+
+Put {comfy} in `ComfyUI/models/loras/`, then add a *LoraLoaderModelOnly* node after the FLUX.1 model loader at
+strength 1.0 (the same strength as in diffusers).
 """
 
 

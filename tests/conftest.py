@@ -91,7 +91,8 @@ def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.
 def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails."""
-    command = [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
+    target = script if script.startswith("-") else str(ROOT / script)  # "-m" runs a module: args[0] names it
+    command = [*(launcher or [sys.executable]), target, *map(str, args)]
     # A hang (e.g. a distributed run waiting for a dead peer) fails the test with its output, not CI's clock.
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=480,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})

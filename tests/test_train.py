@@ -484,3 +484,19 @@ def test_overwrite_output_dir_starts_over_without_mixing_runs(trained, tiny_mode
     assert "removed the earlier run's" in result.stderr
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]  # the new run's only
     assert json.loads((output / "train_summary.json").read_text())["steps"] == 3
+
+
+def test_validation_prompts_not_in_the_parquet_are_encoded_at_start(tiny_model, tiny_images_master, tiny_embeddings,
+                                                                   tmp_path):
+    """The text encoders are loaded briefly (on a GPU with room, else the CPU) and freed before the transformer
+    loads: the run's peak GPU memory is the same as with the prompt taken from the parquet."""
+    peaks = {}
+    for name, prompt in [("embedded", VALIDATION), ("new", "a prompt nobody embedded")]:
+        result = run_script("train_qlora_flux.py", *train_args(
+            tiny_model, tiny_images_master, tiny_embeddings, tmp_path / name, "--max_train_steps", "2",
+            "--validation_prompt", prompt, "--validation_inference_steps", "2"))
+        summary = json.loads((tmp_path / name / "train_summary.json").read_text())
+        assert len(summary["samples_after"]) == 1 and (tmp_path / name / summary["samples_after"][0]).exists()
+        peaks[name] = summary["peak_gpu_memory_gib"]
+    assert "Encoded 1 validation prompt(s) not in the embeddings file" in result.stderr
+    assert peaks["new"] == pytest.approx(peaks["embedded"], rel=0.01)
