@@ -42,7 +42,7 @@ def run_main(main: Callable, args: argparse.Namespace) -> None:
     except (Interrupted, KeyboardInterrupt) as stop:
         if getattr(args, "debug", False):
             raise
-        print(f"stopped: {stop or 'interrupted (a second Ctrl-C: nothing saved since the last checkpoint)'}",
+        print(f"stopped: {stop or 'interrupted; nothing saved since the last checkpoint'}",
               file=sys.stderr)
         sys.exit(130)
 

@@ -125,6 +125,8 @@ def to_diffusers(kohya: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not key.endswith(".lora_down.weight"):
             continue
         stem = key.removesuffix(".lora_down.weight")
+        if f"{stem}.lora_up.weight" not in kohya:
+            raise UserError(f"{stem} has a lora_down weight without its lora_up: the file is incomplete.")
         up = kohya[f"{stem}.lora_up.weight"]
         scale = float(kohya.get(f"{stem}.alpha", torch.tensor(float(down.shape[0])))) / down.shape[0]
         top = {kohya_key(flux): name for name, flux in TOP.items()}.get(stem)
