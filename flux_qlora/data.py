@@ -44,7 +44,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and array.max() <= 1 else 65535.0 if array.max() > 255 else 255.0
+        sixteen_bit = image.mode.startswith("I;16") or array.max() > 255  # mode I: 16-bit PNGs, or 8-bit values
+        top = 1.0 if image.mode == "F" and array.max() <= 1 else 65535.0 if sixteen_bit else 255.0
         image = Image.fromarray(np.clip(array / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "PA", "LA", "La", "RGBa") or "A" in image.getbands():
         image = image.convert("RGBA")

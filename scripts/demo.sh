@@ -18,9 +18,10 @@ echo "== 2. QLoRA training (NF4 base, LoRA, 8-bit AdamW, checkpointing, cached l
   --data_df_path "$OUT/embeddings.parquet" --output_dir "$OUT/lora" --width 64 --height 64 \
   --rank 16 --lora_layers all-linear --learning_rate 2e-3 --use_8bit_adam --gradient_checkpointing \
   --cache_latents --max_train_steps 120 --checkpointing_steps 40 --checkpoints_total_limit 2 \
-  --validation_prompt "$PROMPT" --validation_steps 60 --report_to tensorboard
+  --validation_prompt "$PROMPT" --validation_steps 60 --report_to tensorboard --overwrite_output_dir
 
 echo "== 3. inference with the LoRA, and fused + re-quantized to NF4"
+rm -rf "$OUT/fused-transformer"  # --save_fused never overwrites: a rerun of the demo starts it afresh
 "$PY" infer.py --pretrained_model_name_or_path "$OUT/tiny-flux" --lora "$OUT/lora" --prompt "$PROMPT" \
   --height 64 --width 64 --num_inference_steps 20 --output_dir "$OUT/images"
 "$PY" infer.py --pretrained_model_name_or_path "$OUT/tiny-flux" --lora "$OUT/lora" --fuse \
