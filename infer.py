@@ -167,7 +167,7 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
         file = kohya_as_diffusers(resolve_lora_file(source, args.weight_name, args.cache_dir))
         check_lora_finite(file)
         loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
-    warn_about_base_precision(loras, "NF4" if args.quantize else "FP8" if args.fp8 else "bf16")
+    warn_about_base_precision(loras, "NF4" if args.quantize else "FP8" if args.fp8 else args.dtype)
     if args.hotswap == "adapter":
         target = args.hotswap_target_rank or max(lora.rank for lora in loras)
         too_big = [lora for lora in loras if lora.rank > target]
@@ -183,7 +183,7 @@ def warn_about_base_precision(loras: list[Lora], served: str) -> None:
     users of NF4/FP8-trained LoRAs report their strength drifting on other bases."""
     for lora in loras:
         trained = trained_base_precision(lora.file)
-        if trained and trained != served:
+        if trained and trained != served and not {trained, served} <= {"bf16", "fp16", "fp32"}:
             logger.warning("LoRA %s trained on a %s base and is served on a %s base: its strength can drift; compare "
                            "with %s, or adjust --lora_scale.", lora.source, trained, served,
                            {"NF4": "--quantize nf4", "FP8": "--fp8"}.get(trained, "no --quantize/--fp8"))

@@ -176,6 +176,8 @@ def kohya_as_diffusers(file: Path) -> Path:
     folder, so every way infer.py serves LoRAs (load, fuse, both hotswaps) reads one layout, at any model width
     (diffusers' own kohya conversion assumes FLUX.1's 3072). Other files, and kohya files with layers this converter
     doesn't map (their text-encoder parts aside), are returned as they are for diffusers' loaders."""
+    import atexit
+    import shutil
     import tempfile
 
     from safetensors.torch import save_file
@@ -191,7 +193,9 @@ def kohya_as_diffusers(file: Path) -> Path:
     if len(transformer_part) < len(state):
         logger.warning("LoRA %s also holds text-encoder layers (lora_te*): only its transformer layers are applied.",
                        file)
-    target = Path(tempfile.mkdtemp(prefix="flux-qlora-lora-")) / file.name
+    folder = tempfile.mkdtemp(prefix="flux-qlora-lora-")
+    atexit.register(shutil.rmtree, folder, True)  # the converted copy lives as long as the process
+    target = Path(folder) / file.name
     save_file(converted, str(target))
     return target
 
