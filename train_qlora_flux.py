@@ -391,7 +391,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
     profiler = StepProfiler(args.profile_dir, device, record_memory=args.compile)
     progress = tqdm(total=args.max_train_steps, initial=stats.start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    step, clock, pending, signals = stats.start_step, StepClock(), [], StopSignals(accelerator)
+    step, clock, pending, signals = stats.start_step, StepClock(), [], StopSignals(accelerator.num_processes)
     try:  # the bar ends its line before any message below it
         for micro_index in range(stats.start_step * accumulation, args.max_train_steps * accumulation):
             inputs = [tensor for i, (data, order) in enumerate(run.datasets())  # no caption dropout on the prior
@@ -408,13 +408,15 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
             elapsed = clock.lap()
             if not profiler.profiling(step):  # the profiler's own overhead stays out of the timing
                 stats.step_times.append(elapsed)
-            stop = signals.stop_requested() and step < args.max_train_steps  # Ctrl-C: a checkpoint here, then stop
-            checkpoint_now = (step % args.checkpointing_steps == 0 or stop) and step < args.max_train_steps
+            stop = False  # Ctrl-C / SIGTERM: a checkpoint at this step, then stop (agreed by all processes)
             # Also before a checkpoint, so the losses it stores are complete.
-            if step % args.logging_steps == 0 or step == args.max_train_steps or checkpoint_now:
-                # The one host sync per logging interval: the interval's losses come back together.
+            if (step % args.logging_steps == 0 or step == args.max_train_steps or step % args.checkpointing_steps == 0
+                    or signals.forces_sync()):
+                # The one host sync per logging interval: the interval's losses come back together, with whether
+                # any process got a stop signal (one collective: a second one per step hung loaded DDP runs).
                 interval = torch.stack(pending).float().view(-1, accumulation).mean(1)
-                interval = accelerator.reduce(interval.to(device), reduction="mean").tolist()
+                *interval, anyone = accelerator.reduce(signals.with_flag(interval).to(device), "mean").tolist()
+                stop = anyone > 0 and step < args.max_train_steps
                 check_loss_finite(interval, step, args.output_dir)  # before anything of this step is saved
                 stats.losses.extend(interval)
                 pending = []
@@ -424,7 +426,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", s_step=f"{elapsed:.2f}")
             progress.update(1)
             profiler.after_step(step)
-            if checkpoint_now:
+            if (step % args.checkpointing_steps == 0 or stop) and step < args.max_train_steps:
                 path = save_checkpoint(accelerator, args.output_dir, step,
                                        {"losses": stats.losses, "eval_losses": stats.eval_losses},
                                        args.checkpoints_total_limit)

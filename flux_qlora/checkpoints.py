@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from safetensors import SafetensorError
 
 from flux_qlora.errors import Interrupted, UserError
@@ -129,13 +130,14 @@ def check_loss_finite(losses: list[float], step: int, output_dir: str) -> None:
 
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM during training: the first asks the loop to save a checkpoint after the current
-    optimizer step and stop with the resume command; a second stops at once. On several processes they agree
-    (all-reduce) on whether any got one, so all save the same step."""
+    optimizer step and stop with the resume command; a second stops at once. One process stops at the next step;
+    several agree at the next loss read-back (every --logging_steps), where the flag rides along with the losses,
+    so all of them save the same step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator, self.received = accelerator, None
+    def __init__(self, num_processes: int):
+        self.single, self.received = num_processes == 1, None
         in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS} if in_main_thread else {}
 
@@ -145,13 +147,15 @@ class StopSignals:
         self.received = signal.Signals(signum).name
         logger.warning("%s: saving a checkpoint after this step, then stopping (again: stop at once).", self.received)
 
-    def stop_requested(self) -> bool:
-        if self.accelerator.num_processes == 1:
-            return self.received is not None
-        import torch
+    def forces_sync(self) -> bool:
+        """Whether this step must read the losses back to stop now: only for one process (the processes of a
+        distributed run must all take the same decision, so they wait for the next read-back)."""
+        return self.single and self.received is not None
 
-        flag = torch.tensor([float(self.received is not None)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+    def with_flag(self, losses: torch.Tensor) -> torch.Tensor:
+        """The losses with 1.0 appended if this process got a signal, else 0.0: after the mean over processes, the
+        last value is above 0 when any did."""
+        return torch.cat([losses, losses.new_tensor([float(self.received is not None)])])
 
     def stop_here(self, step: int, checkpoint: Path) -> None:
         self.restore()
