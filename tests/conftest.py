@@ -102,6 +102,17 @@ def run_script(script: str, *args, check: bool = True, launcher: list[str] | Non
     return result
 
 
+def assert_same_lora(expected: Path, actual: Path, name: str = "pytorch_lora_weights.safetensors",
+                     rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    """Two runs saved the same LoRA (file `name` in each output folder): the same keys, the same values."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(expected / name), load_file(actual / name)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=rtol, atol=atol)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """The script failed with one `error: ...` line naming the fragments, and no traceback."""
     assert result.returncode == 2, f"exit code {result.returncode}\n{result.stderr[-3000:]}"

@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script, train_args
-from safetensors.torch import load_file
+from conftest import assert_one_line_error, assert_same_lora, run_script, train_args
 
 from flux_qlora.batches import Augment, SampleOrder
 from flux_qlora.buckets import check_size_flags, make_buckets, nearest_bucket, parse_resolutions
@@ -92,10 +91,7 @@ def test_bucketed_run_resumes_exactly(cache_latents, tiny_model, mixed_aspect_da
     run_script("train_qlora_flux.py", *train_args(tiny_model, images, embeddings, interrupted, *flags,
                                                   "--resume_from_checkpoint", "latest", size=size,
                                                   cache_latents=cache_latents))
-    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-7)
+    assert_same_lora(tmp_path / "full", interrupted)
     losses = [json.loads((run / "train_summary.json").read_text())["losses"] for run in (tmp_path / "full",
                                                                                            interrupted)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 8

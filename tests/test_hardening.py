@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import ROOT, assert_one_line_error, run_script, train_args
+from conftest import ROOT, assert_one_line_error, assert_same_lora, run_script, train_args
 from PIL import Image
-from safetensors.torch import load_file
 
 from flux_qlora.batches import load_buckets
 from flux_qlora.data import image_hash, load_local_samples
@@ -131,10 +129,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_mo
                env={"CUDA_VISIBLE_DEVICES": ""})
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "full",
                                                   *flags), env={"CUDA_VISIBLE_DEVICES": ""})
-    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-7)
+    assert_same_lora(tmp_path / "full", interrupted)
     losses = [json.loads((run / "train_summary.json").read_text())["losses"] for run in (tmp_path / "full",
                                                                                            interrupted)]
     assert len(losses[1]) == 40 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*losses))

@@ -15,6 +15,7 @@ from conftest import (
     GOLDEN_LOSSES,
     VALIDATION,
     assert_one_line_error,
+    assert_same_lora,
     run_script,
     tiny_forward,
     train_args,
@@ -126,11 +127,7 @@ def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_mas
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                            interrupted, *common, "--resume_from_checkpoint", "latest"))
     assert "Resumed from" in result.stderr and "checkpoint-3 at step 3" in result.stderr
-    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    assert full.keys() == resumed.keys()
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-7)
+    assert_same_lora(tmp_path / "full", interrupted)
     summary = json.loads((interrupted / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 3 and len(summary["losses"]) == 6
 
