@@ -75,11 +75,18 @@ class LatentFiles:
         return len(self.files)
 
     def __getitem__(self, positions: torch.Tensor) -> torch.Tensor:
-        from safetensors.torch import load_file
-
         n = len(self.files)
-        return torch.stack([load_file(self.files[p % n])[self.name + ("_flipped" if p >= n else "")]
+        return torch.stack([self._read(self.files[p % n], self.name + ("_flipped" if p >= n else ""))
                             for p in positions.tolist()])
+
+    @staticmethod
+    def _read(file: Path, name: str) -> torch.Tensor:
+        """Just the one tensor (a file holds the latents, their mirror and the masks: reading all of them for each
+        was 4x the bytes with masks and flips)."""
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def mask_digest(masks_on: bool, mask: torch.Tensor | None) -> str | None:
