@@ -129,7 +129,7 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
         "--instance_data_dir", str(data / "images"), "--data_df_path", str(data / "embeddings.parquet"),
         "--output_dir", str(output), *size, "--rank", "4", "--use_8bit_adam", "--cache_latents", "--max_train_steps",
         str(steps), "--checkpointing_steps", "100000", "--report_to", "none", "--logging_steps", "10",
-        "--profile_dir", str(output / "profile"),
+        "--profile_dir", str(output / "profile"), "--overwrite_output_dir",  # a rerun replaces the last one
         *flags, *extra,
     ]
     start = time.time()
