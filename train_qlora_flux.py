@@ -50,7 +50,6 @@ from flux_qlora.cli import (
     add_model_args,
     add_optimisation_args,
     add_output_args,
-    base_precision_name,
     check_dataset_args,
     check_flag_combinations,
     check_ranges,
@@ -82,6 +81,7 @@ from flux_qlora.lora import EMA_WEIGHT_NAME, add_lora, check_rank, lora_paramete
 from flux_qlora.memory import MemoryPlan, check_fits, plan_training
 from flux_qlora.models import (
     DTYPES,
+    base_precision_label,
     compile_blocks,
     count_nf4_layers,
     enable_fp8_training,
@@ -509,8 +509,8 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
         card = ModelCard(
             base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id or args.output_dir,
             title=repo_name, rank=args.rank, alpha=args.lora_alpha or args.rank, layers=args.lora_layers,
-            steps=args.max_train_steps, sizes=sizes_text(args), base_precision=base_precision_name(args),
-            instance_prompt=args.instance_prompt, validation_prompts=args.validation_prompt,
+            steps=args.max_train_steps, base_precision=base_precision_label(args.base_precision, args.do_fp8_training),
+            sizes=sizes_text(args), instance_prompt=args.instance_prompt, validation_prompts=args.validation_prompt,
             sample_files=samples_after, comfyui_file=args.export_format and COMFYUI_WEIGHT_NAME)
         (output_dir / "README.md").write_text(card.render())
         if args.push_to_hub:  # everything is on disk already: a failed upload is one line and the retry command

@@ -395,13 +395,6 @@ def training_sizes(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
     return bucket_lists(args.resolution, args.bucket_step, args.width, args.height)
 
 
-def base_precision_name(args: argparse.Namespace) -> str:
-    """What the frozen base trained in: NF4, bf16 (or the compute dtype) or FP8; infer.py compares it."""
-    if args.base_precision == "nf4":
-        return "NF4"
-    return "FP8" if args.do_fp8_training else "bf16"
-
-
 def sizes_text(args: argparse.Namespace) -> str:
     """The training sizes for people: '512x768', or 'buckets of ~512x512, ~1024x1024 pixels'."""
     if not args.resolution:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
-from flux_qlora.models import looks_like_hub_id
+from flux_qlora.models import base_precision_label, looks_like_hub_id
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
@@ -181,9 +181,7 @@ def trained_base_precision(file: Path) -> str | None:
         config = tomllib.loads(config_file.read_text())
     except (tomllib.TOMLDecodeError, OSError):
         return None
-    if config.get("base_precision", "nf4") == "nf4":
-        return "NF4"
-    return "FP8" if config.get("do_fp8_training") else "bf16"
+    return base_precision_label(config.get("base_precision", "nf4"), bool(config.get("do_fp8_training")))
 
 
 def check_lora_finite(file: Path) -> None:

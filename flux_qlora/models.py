@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 
 # The one dtype table: infer.py's --dtype names, and accelerate's --mixed_precision ("no" computes in fp32).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
+
+
+def base_precision_label(base_precision: str, fp8_training: bool) -> str:
+    """What the frozen base trained in, as the model card says it and infer.py compares it: NF4, FP8 or bf16."""
+    if base_precision == "nf4":
+        return "NF4"
+    return "FP8" if fp8_training else "bf16"
+
+
 # FP8 GEMMs pay (and keep accuracy) only where both sides of the weight are wide: the output layer (3072 -> 64,
 # the velocity itself) would spend more on quantizing its input than its tiny GEMM saves.
 FP8_MIN_FEATURES = 1024
