@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flux_qlora import flow
-from flux_qlora.buckets import bucket_lists
+from flux_qlora.buckets import bucket_lists, parse_resolutions
 from flux_qlora.embeddings import parquet_rows, text_tokens
 from flux_qlora.errors import Interrupted, UserError
 from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, target_modules
@@ -399,7 +399,8 @@ def sizes_text(args: argparse.Namespace) -> str:
     """The training sizes for people: '512x768', or 'buckets of ~512x512, ~1024x1024 pixels'."""
     if not args.resolution:
         return f"{args.width}x{args.height}"
-    return "buckets of " + ", ".join(f"~{r}x{r}" for r in args.resolution.split(",") if r.strip()) + " pixels"
+    resolutions = parse_resolutions(args.resolution, args.bucket_step)  # as they train: sorted, each once
+    return "buckets of " + ", ".join(f"~{r}x{r}" for r in resolutions) + " pixels"
 
 
 def timestep_sampling(args: argparse.Namespace) -> flow.TimestepSampling:
