@@ -106,18 +106,17 @@ class Bucket:
         # One item per VAE call: a file's latents then don't depend on which other items were missing with it
         # (convolutions sum in another order at another batch size).
         for position in tqdm(missing, desc="Caching latents", disable=not (show_progress and missing)):
-            chunk = torch.tensor([position])
-            pixels, masks = self.crops(chunk, 0, fixed)
+            pixels, masks = self.crops(torch.tensor([position]), 0, fixed)
             encoded = {"latents": encode_latents(vae, pixels, show_progress=False).cpu()}
             if augment.random_flip:
                 encoded["latents_flipped"] = encode_latents(vae, pixels.flip(-1), show_progress=False).cpu()
+            for latents in encoded.values():  # the in-memory cache's check, on both orientations
+                check_latents_finite(latents, self.size)
             if masks is not None:
                 encoded["mask"] = on_latent_grid(masks, encoded["latents"])
                 if augment.random_flip:
                     encoded["mask_flipped"] = on_latent_grid(masks.flip(-1), encoded["latents"])
-            check_latents_finite(encoded["latents"], self.size)
-            for i, position in enumerate(chunk.tolist()):
-                cache.write(files[position], {name: tensor[i] for name, tensor in encoded.items()})
+            cache.write(files[position], {name: tensor[0] for name, tensor in encoded.items()})
         self.latents = LatentFiles(files, "latents")
         self.latent_masks = None if self.mask_covers is None else LatentFiles(files, "mask")
         self.covers = self.mask_covers = None
