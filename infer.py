@@ -40,7 +40,6 @@ from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
 from flux_qlora.lora import (
     LORA_WEIGHT_NAME,
-    check_lora_finite,
     check_lora_matches,
     lora_rank,
     resolve_lora_file,
@@ -165,7 +164,6 @@ def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
         file = kohya_as_diffusers(resolve_lora_file(source, args.weight_name, args.cache_dir))
-        check_lora_finite(file)
         loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
     warn_about_base_precision(loras, "NF4" if args.quantize else "FP8" if args.fp8 else args.dtype)
     if args.hotswap == "adapter":

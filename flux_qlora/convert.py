@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from flux_qlora.errors import UserError
+from flux_qlora.lora import lora_file_keys, read_lora_metadata, read_lora_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +162,6 @@ def _part_rows(part: int | None, parts: int, rows: int) -> slice:
     return slice(width * sum(units[:part]), width * sum(units[: part + 1]))
 
 
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as error:  # safetensors' own error types for missing or damaged files
-        raise UserError(f"{path} is not a readable safetensors LoRA ({error}).") from None
-
-
 def kohya_as_diffusers(file: Path) -> Path:
     """A kohya/ComfyUI-layout LoRA (other trainers', ComfyUI's) converted into the diffusers layout in a temporary
     folder, so every way infer.py serves LoRAs (load, fuse, both hotswaps) reads one layout, at any model width
@@ -182,9 +173,9 @@ def kohya_as_diffusers(file: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    state, _ = read_lora(file)
-    if not any(k.startswith(KOHYA_PREFIX) for k in state):
+    if not any(k.startswith(KOHYA_PREFIX) for k in lora_file_keys(file)):  # the names only: no tensor read
         return file
+    state = read_lora_tensors(file)
     transformer_part = {k: v.float() for k, v in state.items() if k.startswith(KOHYA_PREFIX)}
     try:
         converted = to_diffusers(transformer_part)
@@ -202,16 +193,14 @@ def kohya_as_diffusers(file: Path) -> Path:
 
 def convert_file(source: Path, target: Path, to: str) -> Path:
     """Converts the LoRA file `source` into layout `to` (comfyui = kohya, or diffusers) at `target`."""
-    import json
-
     from safetensors.torch import save_file
 
-    state, metadata = read_lora(source)
+    state = read_lora_tensors(source)
     is_kohya = any(k.startswith(KOHYA_PREFIX) for k in state)
     if to in ("kohya", "comfyui"):
         if is_kohya:
             raise UserError(f"{source} is already in the kohya/ComfyUI layout.")
-        config = json.loads(metadata.get("transformer_lora_adapter_metadata", "{}") or "{}")
+        config = read_lora_metadata(source)  # the LoRA config diffusers stores (alpha: the scale is alpha / rank)
         alpha = config.get("lora_alpha")
         if config.get("alpha_pattern") or config.get("rank_pattern"):
             raise UserError(f"{source} has per-layer ranks or alphas in its metadata, which this converter doesn't "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,11 +116,33 @@ def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
                         f"e.g. {unexpected[0]}); resume with the same --rank and --lora_layers.")
 
 
-def read_lora_metadata(path: str | Path) -> dict:
-    """The LoRA config stored in a safetensors file by `save_lora` (empty if none)."""
+@contextmanager
+def open_lora_file(path: str | Path):
+    """A LoRA safetensors file opened lazily (safetensors' `safe_open`): a missing or damaged file is one clear
+    line. The one way the package reads LoRA files."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path} is not a readable safetensors LoRA ({error}).") from None
+
+
+def read_lora_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    with open_lora_file(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def lora_file_keys(path: str | Path) -> list[str]:
+    """The tensor names only (nothing read but the header)."""
+    with open_lora_file(path) as f:
+        return list(f.keys())
+
+
+def read_lora_metadata(path: str | Path) -> dict:
+    """The LoRA config stored in a safetensors file by `save_lora` (empty if none)."""
+    with open_lora_file(path) as f:
         metadata = f.metadata() or {}
     # diffusers stores {"transformer.r": 4, "transformer.lora_alpha": 4, ...} under "lora_adapter_metadata".
     raw = json.loads(metadata.get("lora_adapter_metadata", "{}"))
@@ -150,20 +173,17 @@ def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: st
                         f"({error.__class__.__name__}); check the id, --weight_name and your connection.") from None
 
 
-def _lora_tensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(file)
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{file} is not a readable safetensors LoRA ({error}).") from None
-
-
 def lora_rank(file: Path) -> int:
-    """The highest rank among the LoRA's layers (the shape of its down projections)."""
-    ranks = [t.shape[0] for k, t in _lora_tensors(file).items() if ("lora_A" in k or "lora_down" in k) and t.dim() == 2]
+    """The highest rank among the LoRA's layers (the shape of its down projections), read with the check that the
+    file is a usable LoRA: LoRA weights, all finite (NaN/inf ones would make black images)."""
+    state = read_lora_tensors(file)
+    ranks = [t.shape[0] for k, t in state.items() if ("lora_A" in k or "lora_down" in k) and t.dim() == 2]
     if not ranks:
         raise UserError(f"{file} holds no LoRA weights (no lora_A / lora_down tensors).")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"LoRA {file} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is broken; use an "
+                        "earlier checkpoint's LoRA.")
     return max(ranks)
 
 
@@ -184,19 +204,11 @@ def trained_base_precision(file: Path) -> str | None:
     return base_precision_label(config.get("base_precision", "nf4"), bool(config.get("do_fp8_training")))
 
 
-def check_lora_finite(file: Path) -> None:
-    """A LoRA holding NaN/inf would make black images: refused."""
-    bad = [k for k, t in _lora_tensors(file).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"LoRA {file} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is broken; use an "
-                        "earlier checkpoint's LoRA.")
-
-
 def check_lora_matches(file: Path, transformer: nn.Module) -> None:
     """Refuses a LoRA for another model family (no FLUX.1 layer names: e.g. an SDXL UNet's) and a diffusers-format
     LoRA made for another model (layers missing or of other sizes); other FLUX.1 layouts (kohya, BFL) are converted
     and checked by diffusers itself."""
-    state = _lora_tensors(file)
+    state = read_lora_tensors(file)
     if not any(name in key for key in state for name in FLUX_LAYER_NAMES):
         raise UserError(f"LoRA {file} has no FLUX.1 layers (e.g. {next(iter(state))}): it is for another model "
                         "family (SD 1.5/SDXL UNet?); give a LoRA trained for FLUX.1.")

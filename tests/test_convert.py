@@ -148,3 +148,25 @@ def test_trainer_exports_comfyui_the_card_says_how_and_infer_warns_of_another_ba
                         "--height", "32", "--width", "32", "--num_inference_steps", "1", "--output_dir",
                         tmp_path / "out")
     assert "trained on a NF4 base and is served on a bf16 base" in result.stderr
+
+
+def test_a_lora_saved_with_alpha_other_than_rank_converts_at_its_strength(tiny_model, tmp_path):
+    """A diffusers file whose alpha (in its saved LoRA config) is not its rank, as a checkpoint's LoRA is: the
+    converter applies alpha / rank, so it gives the kohya file of the same LoRA saved with alpha folded in."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    torch.manual_seed(0)
+    add_lora(transformer, 4, 8, "gaussian", LORA_TARGET_PRESETS["attention"])
+    for module in transformer.modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    unfolded = save_lora(transformer, tmp_path / "unfolded")
+    folded = save_lora(transformer, tmp_path / "folded", fold_alpha=True)
+    for path in (unfolded, folded):
+        convert_file(path, path.parent / "kohya.safetensors", "kohya")
+    from_unfolded = load_file(tmp_path / "unfolded" / "kohya.safetensors")
+    from_folded = load_file(tmp_path / "folded" / "kohya.safetensors")
+    assert from_unfolded.keys() == from_folded.keys()
+    for key in from_folded:
+        torch.testing.assert_close(from_unfolded[key], from_folded[key], rtol=0, atol=0)
