@@ -45,10 +45,10 @@ def validation_embeddings(table, prompts: list[str], model: str, device: torch.d
     on_gpu = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] / 2**30 >= TEXT_ENCODERS_GIB
     where = str(device) if on_gpu else "cpu"
     pipe = load_text_pipeline(model, where, dtype=None if on_gpu else torch.bfloat16, **hub_kwargs)
-    for prompt in missing:
-        prompt_embeds, pooled, _ = pipe.encode_prompt([prompt], prompt_2=None,
-                                                      max_sequence_length=table.prompt_embeds.shape[1])
-        embeddings[prompt] = (prompt_embeds.float().cpu(), pooled.float().cpu())
+    prompt_embeds, pooled, _ = pipe.encode_prompt(missing, prompt_2=None,
+                                                  max_sequence_length=table.prompt_embeds.shape[1])  # one pass
+    for i, prompt in enumerate(missing):
+        embeddings[prompt] = (prompt_embeds[i : i + 1].float().cpu(), pooled[i : i + 1].float().cpu())
     del pipe
     if on_gpu:
         torch.cuda.empty_cache()
