@@ -27,12 +27,15 @@ import torch
 
 from flux_qlora.cli import (
     add_attention_backend_arg,
+    add_compile_cache_arg,
     add_model_args,
+    check_compile_cache_dir,
     hub_kwargs,
     parse_args_with_config,
     run_main,
     setup_logging,
 )
+from flux_qlora.compile_cache import load_compile_cache, save_compile_cache
 from flux_qlora.convert import kohya_as_diffusers
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
@@ -100,6 +103,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                       help="torch.compile the transformer: 'regional' (default; compiles one block of each kind, "
                            "reused by all: fast warm-up), 'full' (fullgraph), or 'all': regional, plus T5's blocks "
                            "and the VAE decoder (a little faster per image, a longer warm-up: BENCHMARKS.md).")
+    add_compile_cache_arg(fast)
     fast.add_argument("--fp8", type=str, nargs="?", const="row", default=None, choices=["row", "tensor"],
                       help="torchao float8 dynamic quantization of the transformer's linears (compute capability "
                            ">= 8.9: Ada, Hopper, Blackwell), with per-row (default, more accurate) or per-tensor "
@@ -143,6 +147,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.cuda_graphs and (args.cpu_offload or args.compile == "full"):
         raise UserError("--cuda_graphs replays fixed weights and wraps the compiled blocks: drop --cpu_offload, and "
                         "use --compile regional or all rather than --compile full.")
+    check_compile_cache_dir(args)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be at least 1.")
 
@@ -264,6 +269,8 @@ def speed_up(pipe, args, server: LoraServer) -> None:
         quantize_(pipe.transformer, config, filter_fn=fp8_eligible)
         server.use_fp8(config)
         logger.info("Transformer linears quantized to float8 (torchao, per-%s scales)", args.fp8)
+    if args.compile:
+        load_compile_cache(args.compile_cache_dir)
     if args.compile in ("regional", "all"):
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     elif args.compile == "full":
@@ -366,6 +373,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     server.start()
     speed_up(pipe, args, server)
     results = serve(pipe, server, prompts, args, device)
+    save_compile_cache(args.compile_cache_dir)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"
         path.write_text(json.dumps(results, indent=2))

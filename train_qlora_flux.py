@@ -43,6 +43,7 @@ from flux_qlora.checkpoints import (
     save_checkpoint,
 )
 from flux_qlora.cli import (
+    add_base_precision_args,
     add_dataset_args,
     add_flow_matching_args,
     add_image_args,
@@ -64,12 +65,12 @@ from flux_qlora.cli import (
     setup_logging,
     sizes_text,
     timestep_sampling,
-    tracker_config,
     training_shape,
     training_sizes,
     warn_about_pitfalls,
     write_config,
 )
+from flux_qlora.compile_cache import load_compile_cache, save_compile_cache
 from flux_qlora.convert import COMFYUI_WEIGHT_NAME, convert_file
 from flux_qlora.data import load_samples
 from flux_qlora.embeddings import check_embeddings_fit, match_embeddings, read_embeddings
@@ -97,6 +98,8 @@ from flux_qlora.reports import (
     StepClock,
     StepProfiler,
     allocated_gib,
+    launch_seconds,
+    log_run_start,
     peak_memory_gib,
     plot_loss,
     push_to_hub,
@@ -127,21 +130,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_df_path", type=str, required=True, help="The parquet of compute_embeddings.py.")
     parser.add_argument("--output_dir", type=str, default="flux-qlora-output", help="LoRA, checkpoints, samples, logs.")
     add_image_args(parser)
-
-    parser.add_argument("--base_precision", type=str, default="nf4", choices=["nf4", "bf16"],
-                        help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
-                             "LoRA in the --mixed_precision dtype, ~24 GB: for big GPUs).")
-
-    parser.add_argument("--do_fp8_training", action="store_true",
-                        help="Run the frozen base's big linears in float8 (torchao) with --base_precision bf16 on a "
-                             "GPU of compute capability >= 8.9 (speed and memory: BENCHMARKS.md).")
-
+    add_base_precision_args(parser)
     add_lora_args(parser)
-
     add_optimisation_args(parser)
-
     add_flow_matching_args(parser)
-
     add_output_args(parser)
     return parse_args_with_config(parser, input_args)
 
@@ -300,6 +292,7 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
         # (eval loss, sample images); past dynamo's limit of 8 per block a block would silently run eagerly.
         sizes = sum(len(s) for s in training_sizes(args))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * sizes + 8)
+        load_compile_cache(args.compile_cache_dir)
         compile_blocks(transformer)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval, compiled=args.compile)
@@ -366,6 +359,15 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
     return in_cuda_graph(micro_step, args.cuda_graphs)
 
 
+def first_step_done(args: argparse.Namespace, stats: RunStats, device: torch.device, main_process: bool) -> None:
+    """Start-up is over: how long it took, and (--compile_cache_dir) the graphs compiled for it kept for next time."""
+    stats.startup["first_step"] = launch_seconds(device)
+    logger.info("First optimizer step done %.0f s after launch (data loaded at %.0f s, model at %.0f s)",
+                stats.startup["first_step"], stats.startup["data_loaded"], stats.startup["model_loaded"])
+    if main_process:
+        save_compile_cache(args.compile_cache_dir)
+
+
 def optimizer_step(run: Run, max_grad_norm: float) -> bool:
     """One step of the fp32 master weights (clipped), then the compute copy follows and the LR moves on. Returns
     whether fp16 loss scaling skipped the step (inf/NaN gradients: the scale is lowered and the weights kept)."""
@@ -406,6 +408,8 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                 continue
             step += 1
             elapsed = clock.lap()
+            if step == stats.start_step + 1:
+                first_step_done(args, stats, device, accelerator.is_main_process)
             if not profiler.profiling(step):  # the profiler's own overhead stays out of the timing
                 stats.step_times.append(elapsed)
             stop = False  # Ctrl-C / SIGTERM: a checkpoint at this step, then stop (agreed by all processes)
@@ -494,6 +498,7 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
                         convert_file(lora_path, output_dir / COMFYUI_WEIGHT_NAME, "comfyui"))
     samples_after = generate_samples(args, run, args.max_train_steps)
     if accelerator.is_main_process:
+        save_compile_cache(args.compile_cache_dir)  # graphs compiled after the first step (other buckets)
         if stats.losses:
             plot_loss(stats.losses, output_dir / "loss.png", stats.eval_losses)
         summary = {
@@ -519,19 +524,6 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
     return summary
 
 
-def log_run_start(args: argparse.Namespace, run: Run, start_step: int) -> None:
-    accelerator, order = run.accelerator, run.order
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("flux-qlora", config=tracker_config(args))
-    logger.info("***** Running training *****")
-    logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", len(run.data), args.repeats,
-                order.micro_steps_per_epoch)
-    logger.info("  batch per device = %d, processes = %d, accumulation = %d -> effective batch %d",
-                args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
-                order.global_batch * args.gradient_accumulation_steps)
-    logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
-
-
 def main(args: argparse.Namespace) -> dict:
     validate_args(args)
     check_bf16("--mixed_precision", args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
@@ -551,6 +543,7 @@ def main(args: argparse.Namespace) -> dict:
                            int(plan.lora_gib * 2**30) + 2**20)
 
     data, vae = load_train_data(args, accelerator, weight_dtype, config)
+    startup = {"data_loaded": launch_seconds(accelerator.device)}
     order = make_sample_order(args, accelerator, data)
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch
@@ -561,7 +554,7 @@ def main(args: argparse.Namespace) -> dict:
                      leave_out={"width", "height"} if args.resolution else set())
 
     transformer = load_transformer_with_lora(args, accelerator.device, weight_dtype, attention_backend)
-    model_gib = allocated_gib(accelerator.device)
+    model_gib, startup["model_loaded"] = allocated_gib(accelerator.device), launch_seconds(accelerator.device)
     transformer = accelerator.prepare(transformer)
     # Flattened after DDP wraps the model: flattening before made a 2-process run drift from the 1-process one.
     flat_lora = FlatLora(lora_parameters(transformer), lora_compute_dtype(accelerator.num_processes, weight_dtype))
@@ -583,8 +576,9 @@ def main(args: argparse.Namespace) -> dict:
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,
-                     predicted_peak_gib=plan.peak_gib, eval_losses=list(resumed.get("eval_losses", [])))
-    log_run_start(args, run, stats.start_step)
+                     predicted_peak_gib=plan.peak_gib, eval_losses=list(resumed.get("eval_losses", [])),
+                     startup=startup)
+    log_run_start(args, accelerator, len(data), order, stats.start_step)
     samples_before = generate_samples(args, run, 0) if stats.start_step == 0 else []
     if stats.start_step == 0:
         evaluate(args, run, stats, 0)

@@ -94,6 +94,23 @@ def add_attention_backend_arg(group, default: str) -> None:
                             f"(default: {default}).")
 
 
+def add_compile_cache_arg(group) -> None:
+    group.add_argument("--compile_cache_dir", type=str, default=None,
+                       help="With --compile: keep the compiled graphs in this folder (e.g. on Google Drive) and load "
+                            "them at start, so a fresh machine skips most of the compilation (BENCHMARKS.md).")
+
+
+def add_base_precision_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's frozen base: NF4 (QLoRA) or bf16, optionally with FP8 compute."""
+    group = parser.add_argument_group("base model precision")
+    group.add_argument("--base_precision", type=str, default="nf4", choices=["nf4", "bf16"],
+                       help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
+                            "LoRA in the --mixed_precision dtype, ~24 GB: for big GPUs).")
+    group.add_argument("--do_fp8_training", action="store_true",
+                       help="Run the frozen base's big linears in float8 (torchao) with --base_precision bf16 on a "
+                            "GPU of compute capability >= 8.9 (speed and memory: BENCHMARKS.md).")
+
+
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """The dataset flags shared by compute_embeddings.py and train_qlora_flux.py."""
     group = parser.add_argument_group("dataset (a Hub dataset or a local folder)")
@@ -202,6 +219,7 @@ def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
                      help="torch.compile each transformer block (regional compilation: one graph reused by all "
                           "blocks of a kind; NF4 layers become fused kernels, checkpointed blocks recompute inside "
                           "their compiled backward); the first step waits for the compilation (BENCHMARKS.md).")
+    add_compile_cache_arg(opt)
     opt.add_argument("--cuda_graphs", action="store_true",
                      help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
                           "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
@@ -325,6 +343,7 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
     if args.validation_split and args.eval_data_dir:
         raise UserError("give --validation_split (hold out a share of the training images) or --eval_data_dir (a "
                         "folder of held-out images), not both.")
+    check_compile_cache_dir(args)
     if args.cuda_graphs and args.offload_activations:
         raise UserError("--cuda_graphs and --offload_activations don't combine (the offload's copies are decided "
                         "on the CPU at every step): drop one.")
@@ -334,6 +353,14 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
         except ImportError:
             raise UserError("To use 8-bit Adam, please install the bitsandbytes library: "
                             "`pip install bitsandbytes`.") from None
+
+
+def check_compile_cache_dir(args: argparse.Namespace) -> None:
+    """--compile_cache_dir keeps what --compile compiles: without it there is nothing to keep."""
+    if args.compile_cache_dir and not args.compile:
+        raise UserError("--compile_cache_dir keeps the graphs that --compile makes: add --compile, or drop the flag.")
+    if args.compile_cache_dir and Path(args.compile_cache_dir).exists() and not Path(args.compile_cache_dir).is_dir():
+        raise UserError(f"--compile_cache_dir {args.compile_cache_dir} is a file: give a folder.")
 
 
 def check_optimizer_values(args: argparse.Namespace) -> None:

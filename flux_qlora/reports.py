@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora.compile_cache import compile_cache_hits
 from flux_qlora.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ class StepProfiler:
                         self.kernel_s_per_step, self.folder)
 
 
+def launch_seconds(device: torch.device) -> float:
+    """Seconds since this process started, the GPU's queued work done (this syncs: for start-up moments only). The
+    imports count, as they count in a user's wait for the first step."""
+    import psutil
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(time.time() - psutil.Process().create_time(), 2)
+
+
 class StepClock:
     """Seconds per optimizer step; steps the profiler is recording stay out (its overhead is not the step's)."""
 
@@ -135,6 +146,7 @@ class RunStats:
     skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
     compiles: CompileCounter = field(default_factory=CompileCounter)
     cuda_graphs_captured: int = 0  # one per training size with --cuda_graphs
+    startup: dict[str, float] = field(default_factory=dict)  # launch_seconds() at data_loaded, model_loaded, ...
 
     def median_s_per_step(self) -> float | None:
         times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
@@ -150,11 +162,29 @@ class RunStats:
             "model_gpu_memory_gib": round(self.model_gib, 3), "gpu_kernel_s_per_step": kernel_s,
             "skipped_steps": self.skipped_steps, "training_sizes": len(self.compiles.sizes_seen),
             "graphs_compiled": self.compiles.compiles, "recompiles": self.compiles.recompiles,
-            "cuda_graphs_captured": self.cuda_graphs_captured,
+            "cuda_graphs_captured": self.cuda_graphs_captured, "compile_cache_hits": compile_cache_hits(),
+            "seconds_since_launch": self.startup,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None, "eval_losses": self.eval_losses,
         }
+
+
+def log_run_start(args, accelerator, images: int, order, start_step: int) -> None:
+    """The trackers started, and the run's shape in the log: images, micro steps, batches, optimizer steps."""
+    from flux_qlora.cli import tracker_config
+
+    if not accelerator.is_main_process:
+        return
+    if args.report_to != "none":
+        accelerator.init_trackers("flux-qlora", config=tracker_config(args))
+    logger.info("***** Running training *****")
+    logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", images, args.repeats,
+                order.micro_steps_per_epoch)
+    logger.info("  batch per device = %d, processes = %d, accumulation = %d -> effective batch %d",
+                args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+                order.global_batch * args.gradient_accumulation_steps)
+    logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
 
 
 def plot_loss(losses: list[float], path: Path, eval_losses: list[list[float]] | None = None) -> None:

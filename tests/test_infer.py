@@ -158,10 +158,12 @@ def test_cli_hotswap_compiled_counts_no_new_graphs(mode, tiny_model, loras, tmp_
     (fa, _), (fb, _) = loras["a"], loras["b"]
     run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--hotswap", mode, "--lora", fa, "--lora", fb,
                "--compile", "--prompt", "a red circle", "--height", "32", "--width", "32",
-               "--num_inference_steps", "2", "--output_dir", tmp_path / "out", "--dtype", "fp32")
+               "--num_inference_steps", "2", "--output_dir", tmp_path / "out", "--dtype", "fp32",
+               "--compile_cache_dir", tmp_path / "cache")
     rounds = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert [r["lora"] for r in rounds] == [str(fa), str(fb)]
     assert rounds[0]["new_graphs"] > 0 and rounds[1]["new_graphs"] == 0
+    assert len(list((tmp_path / "cache").glob("*.torchcompile"))) == 1  # what the next run loads (test_train)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
@@ -246,6 +248,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has 
     pytest.param(["--lora", "{other}"], ["doesn't fit", "another model"], id="other_model"),
     pytest.param(["--lora", "{other}", "--hotswap", "fused"], ["doesn't fit", "another model"], id="fused_other_model"),
     pytest.param(["--lora", "{tmp}/nope.safetensors"], ["nope.safetensors", "no such file"], id="missing"),
+    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"],
+                 id="compile_cache_without_compile"),
     pytest.param(["--fp8"], ["--fp8", "8.9"], id="fp8_on_cpu", marks=NO_GPU),
     pytest.param(["--lora_scale", "0.5", "--lora_scale", "0.5"], ["--lora_scale"], id="scales"),
     pytest.param(["--cuda_graphs", "--device", "cpu"], ["--cuda_graphs", "NVIDIA GPU"], id="graphs_on_cpu"),

@@ -205,6 +205,10 @@ def _file_as_output_dir(case: Case) -> None:
     (case.tmp / "out").write_text("a file, not a folder")
 
 
+def _a_text_file(case: Case) -> None:
+    (case.tmp / "file.txt").write_text("not a folder")
+
+
 def _bad_parquets(case: Case) -> None:
     """Next to the good embeddings: a truncated copy, a text file, one with NaN rows and one of other widths."""
     import pyarrow as pa
@@ -265,6 +269,10 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
                  id="graphs_with_offload"),
     pytest.param(["--cuda_graphs", "--mixed_precision", "fp16"], ["--cuda_graphs", "--mixed_precision bf16"], None,
                  id="graphs_with_fp16", marks=GPU),
+    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"], None,
+                 id="compile_cache_without_compile"),
+    pytest.param(["--compile", "--compile_cache_dir", "{tmp}/file.txt"], ["file.txt", "is a file"], _a_text_file,
+                 id="compile_cache_dir_is_a_file"),
     # Values torch or the run would take badly, refused before anything loads.
     pytest.param(["--checkpoints_total_limit", "-1"], ["--checkpoints_total_limit -1", "at least 1"], None,
                  id="total_limit_negative"),
@@ -446,6 +454,32 @@ def test_speed_ups_keep_the_step_zero_loss(plain_fp32_run, tiny_model, tiny_imag
         env=plain_fp32_run["env"])
     fast = json.loads((tmp_path / "fast" / "train_summary.json").read_text())["first_loss"]
     assert fast == pytest.approx(plain_fp32_run["summary"]["first_loss"], rel=1e-4)
+
+
+def test_compile_cache_dir_starts_a_fresh_machine_warm(plain_fp32_run, tiny_model, tiny_images_master,
+                                                       tiny_embeddings, tmp_path):
+    """--compile_cache_dir: the second run, on a "fresh machine" (empty local inductor caches), takes its graphs
+    from the folder instead of compiling, skips a damaged file there with a warning, and trains the same; both
+    report when start-up ended."""
+    folder = tmp_path / "compile-cache"
+    summaries = []
+    for run in ("first", "second"):
+        env = {**plain_fp32_run["env"], "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
+        result = run_script("train_qlora_flux.py", *train_args(
+            tiny_model, tiny_images_master, tiny_embeddings, tmp_path / run, "--max_train_steps", "1",
+            "--mixed_precision", "no", "--compile", "--compile_cache_dir", folder), env=env)
+        summaries.append(json.loads((tmp_path / run / "train_summary.json").read_text()))
+        if run == "first":
+            saved = sorted(folder.glob("*.torchcompile"))
+            (folder / "damaged.torchcompile").write_bytes(b"not a cache file")
+    assert len(saved) == 1  # (the first run has hits too: a graph compiled twice in it is found the second time)
+    assert summaries[1]["compile_cache_hits"] > summaries[0]["compile_cache_hits"]
+    assert "Skipping compile cache file" in result.stderr and "damaged.torchcompile" in result.stderr
+    assert sorted(folder.glob("*.torchcompile")) == sorted([*saved, folder / "damaged.torchcompile"])  # same graphs
+    assert summaries[1]["first_loss"] == pytest.approx(summaries[0]["first_loss"], rel=1e-6)
+    for summary in summaries:
+        moments = summary["seconds_since_launch"]
+        assert 0 < moments["data_loaded"] <= moments["model_loaded"] <= moments["first_step"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
