@@ -11,6 +11,12 @@ eager, rank-16 LoRA) and servers that take all three LoRAs in turn through one c
 (`configs` in main()), 1024x1024, 28 steps, guidance 3.5, VAE decode included. --diagnose adds an SDPA backend
 comparison, GPU time per pipeline stage and, with --profile_dir, kernel tables and each configuration's distance
 from the baseline's latents.
+
+    python bench/bench_infer.py --workdir /dev/shm/fi --gpu_profile t4 --configs nf4-fp16
+
+With --gpu_profile (bench/emulate_gpu.py: t4, 24gb, 12gb, 8gb) the pipeline is written to the workdir once and each
+configuration runs infer.py as a user would, loading from that folder, in a process whose GPU memory is capped to
+the profile's (the T4's capability too): whether it fits, s/image (the H200's speed) and the process's peak.
 """
 
 from __future__ import annotations
@@ -186,6 +192,52 @@ def latent_errors(folder: Path, configs: list[str]) -> dict[str, float]:
     return errors
 
 
+# Configurations for the emulated smaller GPUs (--gpu_profile): the rank-16 LoRA fused, then the transformer
+# re-quantized to NF4, T5 in NF4; fp16 for the T4 (no bf16 there), bf16 elsewhere.
+CAPPED_CONFIGS = {
+    "nf4-fp16": ["--fuse", "--quantize", "nf4", "--quantize_t5", "--dtype", "fp16"],
+    "nf4-bf16": ["--fuse", "--quantize", "nf4", "--quantize_t5", "--dtype", "bf16"],
+    "nf4-bf16-t5": ["--fuse", "--quantize", "nf4", "--dtype", "bf16"],  # T5 in bf16 (9.5 GB): for 24 GB cards
+}
+
+
+def write_pipeline(folder: Path) -> Path:
+    """The FLUX.1-dev-shaped pipeline on disk (bf16 shards, ~33 GB), as infer.py loads a real one; built once."""
+    if not (folder / "model_index.json").exists():
+        start = time.time()
+        pipe = build_pipeline(folder.parent / "tokenizers")
+        pipe.save_pretrained(folder, max_shard_size="10GB")
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"pipeline written to {folder} in {time.time() - start:.0f} s", flush=True)
+    return folder
+
+
+def run_capped(name: str, flags: list, profile: str, workdir: Path, lora: Path, images: int) -> list[dict]:
+    """infer.py in its own process under the profile's memory cap, loading the pipeline from disk."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = workdir / "out" / f"{profile}-{name}"
+    command = [sys.executable, str(root / "bench" / "emulate_gpu.py"), profile, str(root / "infer.py"),
+               "--pretrained_model_name_or_path", str(write_pipeline(workdir / "pipeline")), "--lora", str(lora),
+               "--prompt", PROMPT, "--height", "1024", "--width", "1024", "--num_inference_steps", "28",
+               "--guidance_scale", "3.5", "--benchmark", str(images), "--output_dir", str(out), *flags]
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.time() - start
+    if result.returncode != 0:
+        print(f"{profile}/{name} FAILED ({result.returncode}) after {wall:.0f} s:\n{result.stderr[-3000:]}", flush=True)
+        return [{"config": f"{profile}/{name}", "failed": result.stderr.strip().splitlines()[-1:]}]
+    rounds = json.loads((out / "benchmark.json").read_text())
+    for r in rounds:
+        r.update(config=f"{profile}/{name}", wall_s_with_loading=round(wall, 1))
+        print(json.dumps({k: v for k, v in r.items() if k != "files"}), flush=True)
+    return rounds
+
+
 def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None = None,
               diagnostics: list | None = None) -> list[dict]:
     """infer.main on a freshly built pipeline (its own LoRA, FP8 and compile code paths; only loading skipped)."""
@@ -229,6 +281,8 @@ def main() -> None:
                         help="Also: SDPA backends at the 1024x1024 shape, GPU time per stage of one image.")
     parser.add_argument("--profile_dir", type=Path, default=None,
                         help="With --diagnose: profile one more image per configuration, kernel tables here.")
+    parser.add_argument("--gpu_profile", type=str, default=None, choices=["t4", "24gb", "12gb", "8gb"],
+                        help="Run CAPPED_CONFIGS through infer.py under this emulated GPU (bench/emulate_gpu.py).")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -251,6 +305,13 @@ def main() -> None:
         "optimized-tensor": [*optimized, "tensor"],
         "optimized-full": ["--hotswap", *all_loras, "--compile", "full", "--fp8"],
     }
+    if args.gpu_profile:
+        results = [r for name in args.configs
+                   for r in run_capped(name, CAPPED_CONFIGS[name], args.gpu_profile, args.workdir, loras[-1],
+                                       args.images)]
+        if args.results:
+            args.results.write_text(json.dumps({"runs": results}, indent=2))
+        return
     results, diagnostics = [], ([] if args.diagnose else None)
     if args.diagnose:
         diagnostics.append({"sdpa_1x24x4608x128": attention_microbench()})

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Which SDPA backends train Flux's attention correctly: forward + backward at FLUX.1-dev's shapes, per backend,
+input layout and dtype, against an fp32 math-kernel reference.
+
+    python bench/attention_backward.py --tokens 2048 4608 --results /tmp/attention.json
+
+Why: PyTorch's cuDNN attention was ~10% faster than flash at 1024x1024 in training, but with bf16 inputs its
+backward gave all-zero LoRA updates (tiny model) or an illegal memory access (NF4 base) on the H100/H200
+(BENCHMARKS.md), so the trainer defaults to flash. Suspects, each a case here: the layout diffusers hands SDPA
+(B, S, H, D projections permuted to B, H, S, D: not contiguous), a grad_output whose strides differ from the
+output's (what flattening the heads back produces; cuDNN 9.5.0 assumed them equal), and the sequence length.
+Each case runs in its own process: an illegal memory access poisons the CUDA context for everything after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HEADS, HEAD_DIM = 24, 128
+BACKENDS = ["cudnn", "flash", "efficient"]
+LAYOUTS = {
+    "bhsd": "q, k, v made as (B, H, S, D), contiguous",
+    "bshd-permuted": "q, k, v made as (B, S, H*D) like the projections, viewed and permuted to (B, H, S, D)",
+}
+GRADS = {
+    "contiguous": "grad_output contiguous in (B, H, S, D)",
+    "from-flatten": "grad_output from (B, S, H*D) permuted back: the strides the heads' flatten produces",
+}
+
+
+def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str) -> dict:
+    """One forward + backward; gradients compared with the math kernel in fp32 on the same inputs."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    g = torch.Generator("cuda").manual_seed(0)
+    dt = getattr(torch, dtype)
+
+    def inputs() -> list[torch.Tensor]:
+        if layout == "bhsd":
+            made = [torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g) for _ in range(3)]
+        else:
+            made = [torch.randn(1, tokens, HEADS * HEAD_DIM, device="cuda", generator=g)
+                    .view(1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3) for _ in range(3)]
+        return made
+
+    base = inputs()
+    if grad == "contiguous":
+        grad_out = torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g)
+    else:
+        grad_out = torch.randn(1, tokens, HEADS * HEAD_DIM, device="cuda", generator=g).view(
+            1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3)
+
+    def grads(kernel: str, precision: torch.dtype) -> list[torch.Tensor]:
+        leaves = [t.detach().to(precision).requires_grad_() for t in base]
+        # the non-contiguous layout kept: .to() of a permuted tensor keeps its strides (preserve_format)
+        with sdpa_kernel(kernels[kernel]):
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        strides = {"q": list(leaves[0].stride()), "out": list(out.stride())}
+        out.backward(grad_out.to(precision))
+        torch.cuda.synchronize()
+        return [t.grad.float() for t in leaves], strides
+
+    reference, _ = grads("math", torch.float32)
+    try:
+        tested, strides = grads(backend, dt)
+    except RuntimeError as error:
+        return {"error": str(error).splitlines()[0][:300]}
+    errors = [float((t - r).norm() / r.norm()) for t, r in zip(tested, reference)]
+    return {"rel_err_dq_dk_dv": [round(e, 5) for e in errors], "zero_grads": any(float(t.abs().max()) == 0
+                                                                                 for t in tested),
+            "strides": strides}
+
+
+def run_block_case(backend: str, tokens: int, compiled: bool) -> dict:
+    """A FLUX.1-dev-width double block and single block (random bf16 weights) through diffusers' attention
+    dispatcher with `backend`, forward + backward under bf16 autocast as the trainer runs them; the input
+    gradients compared with the same blocks on _native_math."""
+    import torch
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+
+    torch.manual_seed(0)
+    dim, text = HEADS * HEAD_DIM, 512
+    with torch.device("cuda"):
+        double = FluxTransformerBlock(dim, HEADS, HEAD_DIM).to(torch.bfloat16)
+        single = FluxSingleTransformerBlock(dim, HEADS, HEAD_DIM).to(torch.bfloat16)
+        image = torch.randn(1, tokens - text, dim, dtype=torch.bfloat16)
+        context = torch.randn(1, text, dim, dtype=torch.bfloat16)
+        temb = torch.randn(1, dim, dtype=torch.bfloat16)
+        angles = torch.randn(tokens, HEAD_DIM // 2)
+    rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+
+    def input_grads(name: str) -> list[torch.Tensor]:
+        for block in (double, single):
+            block.attn.set_attention_backend(name)
+        run_double, run_single = (torch.compile(double), torch.compile(single)) if compiled else (double, single)
+        x, c = image.clone().requires_grad_(), context.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            c_out, x_out = run_double(x, c, temb, image_rotary_emb=rotary)
+            c_out, x_out = run_single(x_out, c_out, temb, image_rotary_emb=rotary)
+        torch.cat([c_out, x_out], 1).float().square().mean().backward()
+        torch.cuda.synchronize()
+        return [x.grad.float(), c.grad.float()]
+
+    reference = input_grads("_native_math")
+    torch._dynamo.reset()
+    try:
+        tested = input_grads(backend)
+    except RuntimeError as error:
+        return {"error": str(error).splitlines()[0][:300]}
+    errors = [float((t - r).norm() / r.norm()) for t, r in zip(tested, reference)]
+    return {"rel_err_dimage_dtext": [round(e, 5) for e in errors],
+            "zero_grads": any(float(t.abs().max()) == 0 for t in tested)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4608],
+                        help="Sequence lengths: 2048 = 512x768 + 512 text tokens, 4608 = 1024x1024 + 512.")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--blocks", action="store_true",
+                        help="Also: a Flux double + single block through diffusers' dispatcher (_native_cudnn, "
+                             "_native_flash, _native_efficient), eager and compiled, as the trainer runs them.")
+    parser.add_argument("--case", type=str, default=None, help=argparse.SUPPRESS)  # one case, in a child process
+    args = parser.parse_args()
+    if args.case:
+        kind, *fields = args.case.split(",")
+        if kind == "block":
+            backend, tokens, compiled = fields
+            print(json.dumps(run_block_case(backend, int(tokens), compiled == "compiled")))
+        else:
+            backend, layout, grad, tokens, dtype = fields
+            print(json.dumps(run_case(backend, layout, grad, int(tokens), dtype)))
+        return
+
+    import torch
+
+    cases = [({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "dtype": d}, f"sdpa,{b},{lay},{g},{t},{d}")
+             for t, d, b, lay, g in itertools.product(args.tokens, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
+    if args.blocks:
+        cases += [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c}, f"block,_native_{b},{t},{c}")
+                  for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])]
+    rows = []
+    for fields, case in cases:
+        child = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+        lines = child.stdout.strip().splitlines()
+        outcome = json.loads(lines[-1]) if child.returncode == 0 and lines else {
+            "error": f"exit {child.returncode}: {(child.stderr.strip().splitlines() or ['?'])[-1][:300]}"}
+        rows.append({**fields, **outcome})
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+              "gpu": torch.cuda.get_device_name(), "layouts": LAYOUTS, "grads": GRADS, "cases": rows}
+    if args.results:
+        args.results.write_text(json.dumps(report, indent=2))
+    bad = [r for r in rows if "error" in r or r.get("zero_grads")
+           or max(r.get("rel_err_dq_dk_dv") or r["rel_err_dimage_dtext"]) > 0.05]
+    print(f"{len(rows) - len(bad)} of {len(rows)} cases correct (relative gradient error <= 5% of fp32 math)")
+    for r in bad:
+        print("  wrong:", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
