@@ -86,10 +86,10 @@ from flux_qlora.models import (
     compile_blocks,
     count_nf4_layers,
     enable_fp8_training,
-    enable_gradient_checkpointing,
     load_transformer,
     load_vae,
     read_transformer_config,
+    route_block_calls,
     set_attention_backend,
 )
 from flux_qlora.reports import (
@@ -294,8 +294,9 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * sizes + 8)
         load_compile_cache(args.compile_cache_dir)
         compile_blocks(transformer)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer, args.gradient_checkpointing_interval, compiled=args.compile)
+    if args.gradient_checkpointing or args.compile:
+        route_block_calls(transformer, args.gradient_checkpointing_interval if args.gradient_checkpointing else 0,
+                          compiled=args.compile)
     transformer.train()
     trainable = sum(p.numel() for p in lora_parameters(transformer))
     logger.info("LoRA rank %d on %s: %.2fM trainable parameters; %d NF4 layers", args.rank, args.lora_layers,

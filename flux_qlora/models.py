@@ -317,8 +317,10 @@ def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
-def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, compiled: bool = False) -> None:
-    """Recomputes the activations of every `interval`-th block in the backward pass (1: every block).
+def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, compiled: bool = False) -> None:
+    """Every block call of a training forward goes through here: every `checkpoint_interval`-th block (1: all,
+    0: none) recomputes its activations in the backward, and under `compiled` each block kind sees one kind of
+    input, so it compiles once.
 
     Checkpointing all 57 Flux blocks costs a third forward pass; with memory to spare, checkpointing every 2nd or
     3rd block keeps most of the saving for part of the cost. `compiled`: the checkpoint itself goes through
@@ -330,7 +332,7 @@ def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, com
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     blocks = repeated_blocks(transformer)
-    checkpointed = {id(block) for i, block in enumerate(blocks) if i % interval == 0}
+    checkpointed = {id(block) for i, block in enumerate(blocks) if checkpoint_interval and i % checkpoint_interval == 0}
 
     def recompute_everything(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_RECOMPUTE
@@ -347,12 +349,26 @@ def enable_gradient_checkpointing(transformer: nn.Module, interval: int = 1, com
     if compiled:
         run_checkpointed = torch.compile(run_checkpointed, dynamic=False)
 
-    def checkpoint_every_nth(block, *args):
+    def call_block(block, *args):
+        if compiled:
+            args = streams_alike(args)
         if id(block) in checkpointed:
             return run_checkpointed(block, *args)
         return block(*args)
 
-    transformer.enable_gradient_checkpointing(checkpoint_every_nth)
+    transformer.enable_gradient_checkpointing(call_block)
+
+
+def streams_alike(args: tuple) -> tuple:
+    """A block's two residual streams (image and text tokens), as every block of its kind gets them: contiguous
+    and requiring grad. The first double block's come from frozen embedders (no grad) and the first single block's
+    as slices of a longer sequence (another batch stride); each difference was a compilation of its own (4 graphs instead of 2, compile time
+    measured: BENCHMARKS.md). The price: the first block's input gradients, computed and dropped."""
+    def alike(tensor):
+        tensor = tensor.contiguous().flatten().view(tensor.shape)  # also the batch dim's stride (dynamo guards it)
+        return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
+
+    return (*map(alike, args[:2]), *args[2:])
 
 
 def compile_blocks(transformer: nn.Module) -> None:

@@ -323,7 +323,7 @@ def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_i
 
 def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_model):
     from flux_qlora.lora import add_lora, lora_parameters
-    from flux_qlora.models import enable_gradient_checkpointing, load_transformer
+    from flux_qlora.models import load_transformer, route_block_calls
 
     def grads_and_saved_bytes(interval: int | None):
         torch.manual_seed(0)
@@ -332,7 +332,7 @@ def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_mod
         for p in lora_parameters(transformer):
             torch.nn.init.normal_(p, std=0.1)  # non-zero B too, so every LoRA weight gets a gradient
         if interval:
-            enable_gradient_checkpointing(transformer, interval)
+            route_block_calls(transformer, interval)
         transformer.train()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
@@ -354,7 +354,7 @@ def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_mod
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 def test_offloaded_activations_give_the_same_gradients(tiny_model, device):
     from flux_qlora.lora import add_lora, lora_parameters
-    from flux_qlora.models import enable_gradient_checkpointing, load_transformer
+    from flux_qlora.models import load_transformer, route_block_calls
     from flux_qlora.step import ActivationOffload, offload_activations
 
     torch.manual_seed(0)
@@ -362,7 +362,7 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model, device):
     add_lora(transformer, 4, None, "gaussian", ["to_k", "to_q", "to_v", "to_out.0"])
     for p in lora_parameters(transformer):
         torch.nn.init.normal_(p, std=0.1)
-    enable_gradient_checkpointing(transformer)
+    route_block_calls(transformer, 1)
     transformer.train()
 
     def grads(offload):
@@ -477,6 +477,7 @@ def test_compile_cache_dir_starts_a_fresh_machine_warm(plain_fp32_run, tiny_mode
     assert "Skipping compile cache file" in result.stderr and "damaged.torchcompile" in result.stderr
     assert sorted(folder.glob("*.torchcompile")) == sorted([*saved, folder / "damaged.torchcompile"])  # same graphs
     assert summaries[1]["first_loss"] == pytest.approx(summaries[0]["first_loss"], rel=1e-6)
+    assert summaries[0]["graphs_compiled"] == 2  # one per block kind (models.streams_alike)
     for summary in summaries:
         moments = summary["seconds_since_launch"]
         assert 0 < moments["data_loaded"] <= moments["model_loaded"] <= moments["first_step"]
