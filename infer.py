@@ -48,7 +48,13 @@ from flux_qlora.lora import (
     resolve_lora_file,
     trained_base_precision,
 )
-from flux_qlora.models import DTYPES, fp8_eligible, quantize_to_nf4, set_attention_backend
+from flux_qlora.models import (
+    DTYPES,
+    compile_blocks_for_inference,
+    fp8_eligible,
+    quantize_to_nf4,
+    set_attention_backend,
+)
 from flux_qlora.serving import Lora, LoraServer, make_server
 
 logger = logging.getLogger("infer")
@@ -272,7 +278,7 @@ def speed_up(pipe, args, server: LoraServer) -> None:
     if args.compile:
         load_compile_cache(args.compile_cache_dir)
     if args.compile in ("regional", "all"):
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        compile_blocks_for_inference(pipe.transformer)
     elif args.compile == "full":
         pipe.transformer.compile(fullgraph=True)
     if args.compile == "all":  # eager, T5 took 30-60 ms per image and the VAE decode 93 ms (slow group norms)

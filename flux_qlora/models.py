@@ -360,15 +360,38 @@ def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, comp
 
 
 def streams_alike(args: tuple) -> tuple:
-    """A block's two residual streams (image and text tokens), as every block of its kind gets them: contiguous
-    and requiring grad. The first double block's come from frozen embedders (no grad) and the first single block's
-    as slices of a longer sequence (another batch stride); each difference was a compilation of its own (4 graphs instead of 2, compile time
-    measured: BENCHMARKS.md). The price: the first block's input gradients, computed and dropped."""
+    """A block's two residual streams (image and text tokens), as every block of its kind gets them in training:
+    contiguous and requiring grad. The first double block's come from frozen embedders (no grad) and the first
+    single block's as slices of a longer sequence (another batch stride); each difference was a compilation of its
+    own (4 graphs instead of 2, compile time measured: BENCHMARKS.md). The price: the first block's input
+    gradients, computed and dropped."""
     def alike(tensor):
-        tensor = tensor.contiguous().flatten().view(tensor.shape)  # also the batch dim's stride (dynamo guards it)
+        tensor = canonical_strides(tensor)
         return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
 
     return (*map(alike, args[:2]), *args[2:])
+
+
+def canonical_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous with the strides of a fresh tensor, the batch dimension's too (dynamo guards it even at batch 1,
+    where a slice of a longer sequence has another): a view, no copy, when already contiguous."""
+    return tensor.contiguous().flatten().view(tensor.shape)
+
+
+def compile_blocks_for_inference(transformer: nn.Module) -> None:
+    """Regional compilation as diffusers' `compile_repeated_blocks(fullgraph=True)` does it (each block's forward
+    compiled, one graph per block kind), with the single blocks' streams given canonical strides first, outside
+    the graph: the first single block gets whole tensors, the others slices of the previous block's joint
+    sequence, and that difference cost a second single-block graph in the warm-up (3 graphs instead of 2)."""
+    def canonical_streams(module, args, kwargs):
+        return (tuple(canonical_strides(a) if i < 2 else a for i, a in enumerate(args)),
+                {k: canonical_strides(v) if k in ("hidden_states", "encoder_hidden_states") else v
+                 for k, v in kwargs.items()})
+
+    for block in repeated_blocks(transformer):
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+    for block in transformer.single_transformer_blocks:
+        block.register_forward_pre_hook(canonical_streams, with_kwargs=True)
 
 
 def compile_blocks(transformer: nn.Module) -> None:

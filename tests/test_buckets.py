@@ -140,8 +140,8 @@ def test_caption_dropout_needs_the_empty_caption_row(tiny_model, tiny_images_mas
 
 def test_compiled_buckets_compile_once_per_size(tiny_model, mixed_aspect_data, tmp_path):
     """--compile with three buckets: each size compiles on its first step (one graph per block kind and sequence
-    length), never again (no recompiles counted); on a GPU with --cuda_graphs, one graph is captured per bucket (18 steps: each bucket
-    steps at least 3 times)."""
+    length), never again (no recompiles counted); on a GPU with --cuda_graphs, one graph is captured per bucket
+    (18 steps: each bucket steps at least 3 times)."""
     images, embeddings = mixed_aspect_data
     gpu = torch.cuda.is_available()
     flags = ["--max_train_steps", "18", "--compile", "--mixed_precision", "bf16" if gpu else "no",
