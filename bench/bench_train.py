@@ -111,7 +111,8 @@ def launcher(gpu_profile: str | None) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / "emulate_gpu.py"), gpu_profile]
 
 
-def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None) -> dict:
+def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None,
+               fresh_compile_cache: bool = False) -> dict:
     if name in BUCKET_CONFIGS:  # buckets of about resolution^2 pixels over the mixed-aspect images
         resolution, flags = BUCKET_CONFIGS[name]
         width = height = resolution
@@ -133,7 +134,13 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
         *flags, *extra,
     ]
     start = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = None
+    if fresh_compile_cache:  # a local inductor cache of its own, empty: what a new machine starts with
+        import os
+        import tempfile
+
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=workdir)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"config": name, "error": result.stderr[-2000:]}
     summary = json.loads((output / "train_summary.json").read_text())
@@ -143,6 +150,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "gpu_profile": gpu_profile, "predicted_gib": summary["predicted_peak_gpu_memory_gib"],
             "skipped_steps": summary["skipped_steps"], "training_sizes": summary["training_sizes"],
             "recompiles": summary["recompiles"], "cuda_graphs_captured": summary["cuda_graphs_captured"],
+            "graphs_compiled": summary["graphs_compiled"], "compile_cache_hits": summary["compile_cache_hits"],
+            "seconds_since_launch": summary["seconds_since_launch"],
             "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
             "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
@@ -176,6 +185,9 @@ def main() -> None:
     parser.add_argument("--skip_reference", action="store_true",
                         help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--fresh_compile_cache", action="store_true",
+                        help="Each run with empty local inductor caches (a new machine's cold start): --extra "
+                             "'--compile_cache_dir DIR' then measures a warm start from DIR alone.")
     parser.add_argument("--gpu_profile", type=str, default=None, choices=["t4", "24gb", "12gb", "8gb"],
                         help="Run the trainer on an emulated smaller GPU (bench/emulate_gpu.py: memory cap; the T4's "
                              "compute capability 7.5 and fp16).")
@@ -195,7 +207,8 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     for extra in ([] if args.skip_plain else [""]) + args.extra:
         for name in args.configs:
-            results.append(run_config(name, args.workdir, args.steps, extra.split(), args.gpu_profile))
+            results.append(run_config(name, args.workdir, args.steps, extra.split(), args.gpu_profile,
+                                      args.fresh_compile_cache))
             base = reference.get(results[-1].get("resolution"), {})
             if "s_per_step" in base and "s_per_step" in results[-1]:
                 results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]

@@ -33,6 +33,7 @@ def main() -> None:
     from peft import LoraConfig, prepare_model_for_kbit_training
 
     from flux_qlora import flow
+    from flux_qlora.reports import launch_seconds
 
     device = torch.device("cuda")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -73,7 +74,10 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # the example logs the loss every step
         times.append(time.perf_counter() - start)
+        if len(times) == 1:  # start-up as the trainer's summary counts it: process start to the first step done
+            first_step_s = launch_seconds(device)
     print(json.dumps({"config": "reference", "resolution": f"{args.width}x{args.height}",
+                      "seconds_since_launch": {"first_step": first_step_s},
                       "s_per_step": statistics.median(times[3:]), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                       "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "model_gib": model_gib,
                       "final_loss": losses[-1]}))
