@@ -112,7 +112,7 @@ def launcher(gpu_profile: str | None) -> list[str]:
 
 
 def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None,
-               fresh_compile_cache: bool = False) -> dict:
+               fresh_compile_cache: bool = False, env_vars: dict[str, str] | None = None) -> dict:
     if name in BUCKET_CONFIGS:  # buckets of about resolution^2 pixels over the mixed-aspect images
         resolution, flags = BUCKET_CONFIGS[name]
         width = height = resolution
@@ -134,12 +134,12 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
         *flags, *extra,
     ]
     start = time.time()
-    env = None
-    if fresh_compile_cache:  # a local inductor cache of its own, empty: what a new machine starts with
-        import os
-        import tempfile
+    import os
+    import tempfile
 
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=workdir)}
+    env = {**os.environ, **(env_vars or {})}
+    if fresh_compile_cache:  # a local inductor cache of its own, empty: what a new machine starts with
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=workdir)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"config": name, "error": result.stderr[-2000:]}
@@ -156,7 +156,7 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
             "wall_s": time.time() - start, "final_loss": summary["final_loss"], "flags": " ".join(flags),
-            "extra": " ".join(extra)}
+            "extra": " ".join(extra), "env": " ".join(f"{k}={v}" for k, v in (env_vars or {}).items())}
 
 
 def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--skip_reference", action="store_true",
                         help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
     parser.add_argument("--results", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--env", type=str, action="append", default=[], metavar="KEY=VALUE",
+                        help="An environment variable for the trainer runs, e.g. TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 "
+                             "(inductor's Triton GEMM templates, into which it can fuse the NF4 dequantization).")
     parser.add_argument("--fresh_compile_cache", action="store_true",
                         help="Each run with empty local inductor caches (a new machine's cold start): --extra "
                              "'--compile_cache_dir DIR' then measures a warm start from DIR alone.")
@@ -208,7 +211,7 @@ def main() -> None:
     for extra in ([] if args.skip_plain else [""]) + args.extra:
         for name in args.configs:
             results.append(run_config(name, args.workdir, args.steps, extra.split(), args.gpu_profile,
-                                      args.fresh_compile_cache))
+                                      args.fresh_compile_cache, dict(kv.split("=", 1) for kv in args.env)))
             base = reference.get(results[-1].get("resolution"), {})
             if "s_per_step" in base and "s_per_step" in results[-1]:
                 results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
