@@ -51,7 +51,9 @@ from flux_qlora.lora import (
 from flux_qlora.models import (
     DTYPES,
     compile_blocks_for_inference,
+    count_nf4_layers,
     fp8_eligible,
+    load_transformer,
     quantize_to_nf4,
     set_attention_backend,
 )
@@ -213,7 +215,7 @@ def pick_device(args) -> torch.device:
     return device
 
 
-def load_pipeline(args):
+def load_pipeline(args, device: torch.device):
     from diffusers import FluxPipeline
 
     dtype = DTYPES[args.dtype]
@@ -226,6 +228,11 @@ def load_pipeline(args):
             args.pretrained_model_name_or_path, subfolder="text_encoder_2", **common,
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=dtype))
+    if args.quantize == "nf4" and not args.fuse:
+        # Straight to NF4 on the device, one tensor at a time: the full-precision transformer (24 GB for
+        # FLUX.1-dev) never sits in system RAM, which a Colab VM (12.7 GB) doesn't have.
+        extra["transformer"] = load_transformer(args.pretrained_model_name_or_path, device, dtype,
+                                                **hub_kwargs(args))
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
     logger.info("Loaded %s (%s)", args.pretrained_model_name_or_path, args.dtype)
     return pipe
@@ -236,7 +243,7 @@ def apply_loras(pipe, loras: list[Lora], args, device) -> LoraServer:
     rounds to generate (with --hotswap fused nothing is merged yet: `server.start()` merges on the GPU)."""
     for lora in loras:  # all of them before any work, hotswapped ones too
         check_lora_matches(lora.file, pipe.transformer)
-    if args.quantize == "nf4" and not args.fuse:
+    if args.quantize == "nf4" and not args.fuse and not count_nf4_layers(pipe.transformer):  # (a pipe passed in)
         quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
     try:
         server = make_server(args.hotswap, pipe, loras, args.hotswap_target_rank)
@@ -371,7 +378,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     prompts = read_prompts(args)
     device = pick_device(args)
     loras = resolve_loras(args)
-    pipe = pipe if pipe is not None else load_pipeline(args)
+    pipe = pipe if pipe is not None else load_pipeline(args, device)
     server = apply_loras(pipe, loras, args, device)
     if not prompts:
         return []
