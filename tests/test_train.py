@@ -453,8 +453,9 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(pla
     file there with a warning, and trains the same; both report when start-up ended."""
     folder = tmp_path / "compile-cache"
     summaries = []
-    for run in ("first", "fresh-machine"):
-        env = {**plain_fp32_run["env"], "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
+    for run in ("first", "fresh-machine"):  # the first with this machine's inductor cache, the second with none
+        empty = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")} if run == "fresh-machine" else {}
+        env = {**plain_fp32_run["env"], **empty}
         result = run_script("train_qlora_flux.py", *train_args(
             tiny_model, tiny_images_master, tiny_embeddings, tmp_path / run, "--max_train_steps", "1",
             "--mixed_precision", "no", "--compile", "--gradient_checkpointing_interval", "2", "--offload_activations",
@@ -465,8 +466,10 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(pla
             (folder / "damaged.torchcompile").write_bytes(b"not a cache file")
     assert summaries[0]["first_loss"] == pytest.approx(plain_fp32_run["summary"]["first_loss"], rel=1e-4)
     assert summaries[1]["first_loss"] == pytest.approx(summaries[0]["first_loss"], rel=1e-6)
-    assert len(saved) == 1  # (the first run has hits too: a graph compiled twice in it is found the second time)
-    assert summaries[1]["compile_cache_hits"] > summaries[0]["compile_cache_hits"]
+    assert len(saved) == 1
+    # With empty local caches every graph was still found (cold, a run finds at most a graph it compiled twice).
+    assert summaries[1]["compile_cache_hits"] >= summaries[1]["graphs_compiled"] > 0
+    assert "Loaded 1 compile cache file(s)" in result.stderr
     assert "Skipping compile cache file" in result.stderr and "damaged.torchcompile" in result.stderr
     assert sorted(folder.glob("*.torchcompile")) == sorted([*saved, folder / "damaged.torchcompile"])  # same graphs
     for summary in summaries:
