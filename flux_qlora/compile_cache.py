@@ -52,20 +52,30 @@ def load_compile_cache(folder: str | None) -> int:
 
 def save_compile_cache(folder: str | None) -> Path | None:
     """Writes the artifacts this process compiled or used to `folder` (atomically), named by their keys: the same
-    graphs give the same file, so repeated runs don't grow the folder. Keeps the `KEEP_FILES` newest files."""
+    graphs give the same file, so repeated runs don't grow the folder. Keeps the `KEEP_FILES` newest files. A
+    failure is one warning: the run's own results never depend on it."""
     if not folder:
         return None
+    try:
+        return _write_artifacts(Path(folder))
+    except Exception as error:  # noqa: BLE001 - a full disk or an unwritable folder must not fail the run
+        logger.warning("Could not save the compiled graphs to --compile_cache_dir %s (%s): the next run compiles "
+                       "them again.", folder, str(error).splitlines()[0][:160] if str(error) else type(error).__name__)
+        return None
+
+
+def _write_artifacts(folder: Path) -> Path | None:
     saved = torch.compiler.save_cache_artifacts()
     if not saved or not any(saved[1].artifacts.values()):
         return None
     data, info = saved
     keys = sorted(f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys)
-    path = Path(folder) / (hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] + SUFFIX)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] + SUFFIX)
+    folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
-    for old in sorted(path.parent.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]:
+    for old in sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]:
         old.unlink(missing_ok=True)
     logger.info("Saved the compiled graphs to %s (%.1f MB): the next run with --compile_cache_dir %s starts warm",
                 path, len(data) / 1e6, folder)
