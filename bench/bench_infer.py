@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE  # bench/ is the script's folder
+from bench_train import (  # bench/ is the script's folder
+    FLUX_DEV_SCHEDULER,
+    FLUX_DEV_TRANSFORMER,
+    FLUX_DEV_VAE,
+    ROOT,
+    launcher,
+)
 
 from flux_qlora.reports import kernel_seconds, write_profile_tables
 
@@ -218,11 +224,9 @@ def write_pipeline(folder: Path) -> Path:
 def run_capped(name: str, flags: list, profile: str, workdir: Path, lora: Path, images: int) -> list[dict]:
     """infer.py in its own process under the profile's memory cap, loading the pipeline from disk."""
     import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[1]
     out = workdir / "out" / f"{profile}-{name}"
-    command = [sys.executable, str(root / "bench" / "emulate_gpu.py"), profile, str(root / "infer.py"),
+    command = [*launcher(profile), str(ROOT / "infer.py"),
                "--pretrained_model_name_or_path", str(write_pipeline(workdir / "pipeline")), "--lora", str(lora),
                "--prompt", PROMPT, "--height", "1024", "--width", "1024", "--num_inference_steps", "28",
                "--guidance_scale", "3.5", "--benchmark", str(images), "--output_dir", str(out), *flags]

@@ -71,6 +71,9 @@ def _write_artifacts(folder: Path) -> Path | None:
     data, info = saved
     keys = sorted(f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys)
     path = folder / (hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] + SUFFIX)
+    if path.exists():  # these graphs are there already (the end of a run, a repeated run): only newest again
+        os.utime(path)
+        return path
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
