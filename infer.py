@@ -40,7 +40,7 @@ from flux_qlora.convert import kohya_as_diffusers
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
-from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
+from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.lora import (
     LORA_WEIGHT_NAME,
     check_lora_matches,
@@ -98,8 +98,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
     gen.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
     gen.add_argument("--output_dir", type=str, default="outputs", help="Where the PNGs go.")
-    gen.add_argument("--dtype", type=str, default="bf16", choices=["bf16", "fp16", "fp32"],
-                     help="Weight dtype of the pipeline.")
+    gen.add_argument("--dtype", type=str, default=None, choices=["bf16", "fp16", "fp32"],
+                     help="Weight dtype of the pipeline (default: bf16, or fp16 on GPUs without bf16: T4, V100).")
     gen.add_argument("--device", type=str, default=None, help="Device (default: cuda if available).")
 
     fast = parser.add_argument_group("memory and speed")
@@ -204,6 +204,10 @@ def pick_device(args) -> torch.device:
     """The device, with what it can't run refused before anything loads."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hardware = Device.of(device)
+    if args.dtype is None:
+        args.dtype = default_dtype(hardware)
+        if args.dtype != "bf16":
+            logger.info("%s has no bf16: generating in %s (--dtype).", hardware.describe(), args.dtype)
     check_bf16("--dtype", args.dtype, hardware)
     pick_attention_backend(args.attention_backend, hardware, DTYPES[args.dtype], training=False)
     if args.fp8:

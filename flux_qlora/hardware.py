@@ -102,6 +102,12 @@ def pick_attention_backend(requested: str | None, device: Device, dtype: torch.d
     return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"
 
 
+def default_dtype(device: Device) -> str:
+    """The half precision this device computes in: bf16 on the CPU and from compute capability 8.0, fp16 on GPUs
+    without bf16 (Colab's T4, V100), where Flux and T5 clip their activations to fp16's range themselves."""
+    return "bf16" if device.has_bf16 else "fp16"
+
+
 def check_bf16(flag: str, value: str, device: Device) -> None:
     """bf16 asked for (`flag value`) on a GPU without it (T4, V100) stops here with the fix, before a library's
     less helpful error; fp16 is the precision those GPUs have."""

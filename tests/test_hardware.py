@@ -7,7 +7,7 @@ import torch
 from conftest import run_script, train_args
 
 from flux_qlora.errors import UserError
-from flux_qlora.hardware import Device, check_bf16, check_fp8_device, pick_attention_backend
+from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
 from flux_qlora.models import FLUX_DEV_CONFIG
 
@@ -50,6 +50,12 @@ def test_explicit_attention_backend_is_refused_where_it_has_no_kernel(backend, d
     assert f"--attention_backend {backend}" in str(error.value)
     for fragment in expect:
         assert fragment in str(error.value)
+
+
+def test_infer_defaults_to_the_half_precision_the_device_has():
+    assert [default_dtype(d) for d in (CPU, T4, V100, RTX3090, H100)] == ["bf16", "fp16", "fp16", "bf16", "bf16"]
+    for device in (T4, V100):
+        check_bf16("--dtype", default_dtype(device), device)  # the default is never the refused bf16
 
 
 def test_bf16_and_fp8_checks_name_the_fix():
