@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--blocks", action="store_true",
                         help="Also: a Flux double + single block through diffusers' dispatcher (_native_cudnn, "
                              "_native_flash, _native_efficient), eager and compiled, as the trainer runs them.")
+    parser.add_argument("--only_blocks", action="store_true",
+                        help="Only the block cases (the SDPA ones were all correct on the H200, BENCHMARKS.md).")
     parser.add_argument("--case", type=str, default=None, help=argparse.SUPPRESS)  # one case, in a child process
     args = parser.parse_args()
     if args.case:
@@ -146,9 +148,10 @@ def main() -> None:
 
     import torch
 
-    cases = [({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "dtype": d}, f"sdpa,{b},{lay},{g},{t},{d}")
-             for t, d, b, lay, g in itertools.product(args.tokens, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
-    if args.blocks:
+    cases = [] if args.only_blocks else [
+        ({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "dtype": d}, f"sdpa,{b},{lay},{g},{t},{d}")
+        for t, d, b, lay, g in itertools.product(args.tokens, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
+    if args.blocks or args.only_blocks:
         cases += [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c}, f"block,_native_{b},{t},{c}")
                   for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])]
     rows = []
