@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora.files import written_atomically
+
 logger = logging.getLogger(__name__)
 
 KEEP_FILES = 8  # one per set of graphs (resolution, flags); the least recently written go first
@@ -75,9 +77,8 @@ def _write_artifacts(folder: Path) -> Path | None:
         os.utime(path)
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    with written_atomically(path) as partial:
+        partial.write_bytes(data)
     for old in sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]:
         old.unlink(missing_ok=True)
     logger.info("Saved the compiled graphs to %s (%.1f MB): the next run with --compile_cache_dir %s starts warm",

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 
 from flux_qlora.data import Sample
 from flux_qlora.errors import UserError
+from flux_qlora.files import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +163,8 @@ def _keys_and_captions(path: Path) -> dict[str, str]:
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as partial:
+        pq.write_table(table, partial)
 
 
 def readable_parquet(read: Callable) -> Callable:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from flux_qlora.errors import UserError
+from flux_qlora.files import written_atomically
 
 LAYOUT_VERSION = 1
 
@@ -59,9 +59,8 @@ class LatentCache:
         from safetensors.torch import save_file
 
         file.parent.mkdir(exist_ok=True)
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")  # several processes may write the same file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, file)
+        with written_atomically(file) as partial:  # several processes may write the same file
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
 
 
 class LatentFiles:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
+from flux_qlora.files import written_atomically
 from flux_qlora.models import base_precision_label, looks_like_hub_id
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -83,11 +83,9 @@ def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str =
     if bad:
         raise UserError(f"the LoRA holds non-finite values (NaN/inf, e.g. in {bad[0]}): not saved. Lower "
                         "--learning_rate or use bf16 instead of fp16.")
-    # Written under a temporary name, then renamed: an interrupted save never leaves half a LoRA behind.
-    temporary = f".{weight_name}.tmp"
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=temporary,
-                                   transformer_lora_adapter_metadata=config)
-    os.replace(Path(output_dir) / temporary, Path(output_dir) / weight_name)
+    with written_atomically(Path(output_dir) / weight_name) as partial:
+        FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=partial.name,
+                                       transformer_lora_adapter_metadata=config)
     return Path(output_dir) / weight_name
 
 

@@ -24,7 +24,7 @@ def test_one_file_per_set_of_graphs_the_newest_kept_and_failures_are_warnings(tm
     assert first is not None and first.exists() and save_compile_cache(str(folder)) == first  # same graphs, same file
     kept = sorted(p.name for p in folder.glob(f"*{SUFFIX}"))
     assert len(kept) == KEEP_FILES and first.name in kept and "old0" + SUFFIX not in kept  # the oldest went
-    assert not list(folder.glob("*.partial"))
+    assert not list(folder.glob(".*.tmp"))
 
     with caplog.at_level(logging.WARNING):
         assert load_compile_cache(str(folder)) == 1  # the real file; the others are damaged: skipped, one line each

@@ -32,7 +32,7 @@ def test_disk_cache_trains_like_memory_and_reuses_only_what_is_unchanged(tiny_mo
 
     # An interrupted encoding: one file never written (and a temporary left behind) is encoded, nothing else.
     files[0].unlink()
-    files[1].with_name(files[1].name + ".123.tmp").write_bytes(b"half")
+    files[1].with_name(f".{files[1].name}.123.tmp").write_bytes(b"half")
     log, resumed = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "third", cache)
     assert "1 encoded, 5 reused" in log and resumed == losses
 
