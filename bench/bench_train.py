@@ -12,6 +12,7 @@ Results: BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -191,9 +192,9 @@ def main() -> None:
     parser.add_argument("--fresh_compile_cache", action="store_true",
                         help="Each run with empty local inductor caches (a new machine's cold start): --extra "
                              "'--compile_cache_dir DIR' then measures a warm start from DIR alone.")
-    parser.add_argument("--gpu_profile", type=str, default=None, choices=["t4", "24gb", "12gb", "8gb"],
-                        help="Run the trainer on an emulated smaller GPU (bench/emulate_gpu.py: memory cap; the T4's "
-                             "compute capability 7.5 and fp16).")
+    parser.add_argument("--gpu_profile", type=str, nargs="+", default=[None], choices=["t4", "24gb", "12gb", "8gb"],
+                        help="Run the trainer on emulated smaller GPUs (bench/emulate_gpu.py: memory cap; the T4's "
+                             "compute capability 7.5 and fp16), each profile over each of --configs.")
     args = parser.parse_args()
 
     if "matrix" in args.configs:
@@ -208,16 +209,16 @@ def main() -> None:
             reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps)
             results.append(reference[f"{w}x{h}"])
             print(json.dumps(results[-1]), flush=True)
-    for extra in ([] if args.skip_plain else [""]) + args.extra:
-        for name in args.configs:
-            results.append(run_config(name, args.workdir, args.steps, extra.split(), args.gpu_profile,
-                                      args.fresh_compile_cache, dict(kv.split("=", 1) for kv in args.env)))
-            base = reference.get(results[-1].get("resolution"), {})
-            if "s_per_step" in base and "s_per_step" in results[-1]:
-                results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
-            print(json.dumps(results[-1]), flush=True)
-    if args.results:
-        args.results.write_text(json.dumps(results, indent=2))
+    passes = ([] if args.skip_plain else [""]) + args.extra
+    for extra, profile, name in itertools.product(passes, args.gpu_profile, args.configs):
+        results.append(run_config(name, args.workdir, args.steps, extra.split(), profile,
+                                  args.fresh_compile_cache, dict(kv.split("=", 1) for kv in args.env)))
+        base = reference.get(results[-1].get("resolution"), {})
+        if "s_per_step" in base and "s_per_step" in results[-1]:
+            results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
+        print(json.dumps(results[-1]), flush=True)
+        if args.results:  # after every run: a long invocation cut short keeps what it measured
+            args.results.write_text(json.dumps(results, indent=2))
     print_table(results)
 
 
