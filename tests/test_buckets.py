@@ -138,6 +138,7 @@ def test_caption_dropout_needs_the_empty_caption_row(tiny_model, tiny_images_mas
     assert json.loads((tmp_path / "ok" / "train_summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow
 def test_compiled_buckets_compile_once_per_size(tiny_model, mixed_aspect_data, tmp_path):
     """--compile with three buckets: each size compiles on its first step (one graph per block kind and sequence
     length), never again (no recompiles counted); on a GPU with --cuda_graphs, one graph is captured per bucket

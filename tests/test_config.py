@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import VALIDATION, assert_one_line_error, run_script, train_args
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 LORA = "pytorch_lora_weights.safetensors"
 
 
+@pytest.mark.slow
 def test_the_written_config_reruns_the_same_training(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "a",
                                                   "--max_train_steps", "3", "--learning_rate", "1e-3", "--rank", "8",

@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 
+import pytest
 from conftest import ROOT, assert_same_lora, run_script, train_args
 
 
@@ -26,6 +27,7 @@ CPU = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
 COMMON = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "no")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, ddp, *COMMON,

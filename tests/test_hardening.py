@@ -102,6 +102,7 @@ def test_the_hub_token_reaches_no_wandb_file(tiny_model, tiny_images_master, tin
     assert TOKEN.encode() not in _all_bytes(tmp_path / "wandb") + _all_bytes(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_model, tiny_images_master,
                                                                          tiny_embeddings, tmp_path):
     flags = ["--max_train_steps", "40", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import GOLDEN_FLAGS, GOLDEN_LOSSES, run_script, train_args
 from PIL import Image
@@ -18,6 +19,7 @@ def train(tiny_model, images, embeddings, output, cache, *extra):
     return result.stderr, losses
 
 
+@pytest.mark.slow
 def test_disk_cache_trains_like_memory_and_reuses_only_what_is_unchanged(tiny_model, tiny_images, tiny_embeddings,
                                                                          tmp_path):
     cache = tmp_path / "latents"

@@ -81,6 +81,7 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_mode
     assert (tiny_forward(pipe.transformer) - before).abs().max() > 1e-4  # and the LoRA does change the output
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     one = tmp_path / "one"
     one.mkdir()
@@ -111,6 +112,7 @@ def test_first_losses_match_the_golden_values(plain_fp32_run):
                                rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     # bf16: the LoRA computes in a bf16 copy while its fp32 master weights, saved in the checkpoint, are trained.
     common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
@@ -444,6 +446,7 @@ def test_bf16_base_trains_without_nf4_layers(tiny_model, tiny_images_master, tin
     assert load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
 
 
+@pytest.mark.slow
 def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(plain_fp32_run, tiny_model,
                                                                              tiny_images_master, tiny_embeddings,
                                                                              tmp_path):
