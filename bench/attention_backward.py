@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 HEADS, HEAD_DIM = 24, 128
+TINY_HEADS, TINY_HEAD_DIM = 4, 16  # flux_qlora.tiny's transformer, where cuDNN gave all-zero LoRA updates
 BACKENDS = ["cudnn", "flash", "efficient"]
 LAYOUTS = {
     "bhsd": "q, k, v made as (B, H, S, D), contiguous",
@@ -33,7 +34,8 @@ GRADS = {
 }
 
 
-def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str) -> dict:
+def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str, heads: int = HEADS,
+             head_dim: int = HEAD_DIM) -> dict:
     """One forward + backward; gradients compared with the math kernel in fp32 on the same inputs."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -45,18 +47,18 @@ def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str) -> d
 
     def inputs() -> list[torch.Tensor]:
         if layout == "bhsd":
-            made = [torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g) for _ in range(3)]
+            made = [torch.randn(1, heads, tokens, head_dim, device="cuda", generator=g) for _ in range(3)]
         else:
-            made = [torch.randn(1, tokens, HEADS * HEAD_DIM, device="cuda", generator=g)
-                    .view(1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3) for _ in range(3)]
+            made = [torch.randn(1, tokens, heads * head_dim, device="cuda", generator=g)
+                    .view(1, tokens, heads, head_dim).permute(0, 2, 1, 3) for _ in range(3)]
         return made
 
     base = inputs()
     if grad == "contiguous":
-        grad_out = torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g)
+        grad_out = torch.randn(1, heads, tokens, head_dim, device="cuda", generator=g)
     else:
-        grad_out = torch.randn(1, tokens, HEADS * HEAD_DIM, device="cuda", generator=g).view(
-            1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3)
+        grad_out = torch.randn(1, tokens, heads * head_dim, device="cuda", generator=g).view(
+            1, tokens, heads, head_dim).permute(0, 2, 1, 3)
 
     def grads(kernel: str, precision: torch.dtype) -> list[torch.Tensor]:
         leaves = [t.detach().to(precision).requires_grad_() for t in base]
@@ -134,6 +136,9 @@ def main() -> None:
                              "_native_flash, _native_efficient), eager and compiled, as the trainer runs them.")
     parser.add_argument("--only_blocks", action="store_true",
                         help="Only the block cases (the SDPA ones were all correct on the H200, BENCHMARKS.md).")
+    parser.add_argument("--tiny", action="store_true",
+                        help="Also the SDPA cases at the tiny test model's shapes (4 heads of 16, 28 and 32 tokens), "
+                             "where cuDNN's backward gave all-zero LoRA updates.")
     parser.add_argument("--case", type=str, default=None, help=argparse.SUPPRESS)  # one case, in a child process
     args = parser.parse_args()
     if args.case:
@@ -142,18 +147,21 @@ def main() -> None:
             backend, tokens, compiled = fields
             print(json.dumps(run_block_case(backend, int(tokens), compiled == "compiled")))
         else:
-            backend, layout, grad, tokens, dtype = fields
-            print(json.dumps(run_case(backend, layout, grad, int(tokens), dtype)))
+            backend, layout, grad, tokens, dtype, heads, head_dim = fields
+            print(json.dumps(run_case(backend, layout, grad, int(tokens), dtype, int(heads), int(head_dim))))
         return
 
     import torch
 
-    cases = [] if args.only_blocks else [
-        ({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "dtype": d}, f"sdpa,{b},{lay},{g},{t},{d}")
-        for t, d, b, lay, g in itertools.product(args.tokens, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
-    if args.blocks or args.only_blocks:
-        cases += [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c}, f"block,_native_{b},{t},{c}")
-                  for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])]
+    shapes = [] if args.only_blocks else [(t, HEADS, HEAD_DIM) for t in args.tokens]
+    if args.tiny:  # 64x48 on the tiny model: 12 image + 16 text tokens; 64x64: 16 + 16
+        shapes += [(t, TINY_HEADS, TINY_HEAD_DIM) for t in (28, 32)]
+    cases = [({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "heads": h, "head_dim": hd, "dtype": d},
+              f"sdpa,{b},{lay},{g},{t},{d},{h},{hd}")
+             for (t, h, hd), d, b, lay, g in itertools.product(shapes, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
+    if args.blocks or args.only_blocks:  # first: the open question (BENCHMARKS.md)
+        cases = [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c}, f"block,_native_{b},{t},{c}")
+                 for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])] + cases
     rows = []
     for fields, case in cases:
         child = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
