@@ -18,9 +18,23 @@ from PIL import Image
 
 from flux_qlora.batches import load_buckets
 from flux_qlora.data import image_hash, load_local_samples
+from flux_qlora.files import written_atomically
 from flux_qlora.reports import write_summary
 
 TOKEN = "hf_flux_qlora_test_SECRET_4d1c"
+
+
+def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
+    """What every LoRA, parquet, latent and compile-cache write goes through: all or nothing under the name."""
+    target = tmp_path / "pytorch_lora_weights.safetensors"
+    target.write_bytes(b"the earlier LoRA")
+    with pytest.raises(KeyboardInterrupt), written_atomically(target) as partial:
+        partial.write_bytes(b"half of the new")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+    assert target.read_bytes() == b"the earlier LoRA" and list(tmp_path.iterdir()) == [target]
+    with written_atomically(target) as partial:
+        partial.write_bytes(b"the new LoRA")
+    assert target.read_bytes() == b"the new LoRA" and list(tmp_path.iterdir()) == [target]
 
 
 def test_a_diverging_run_stops_and_saves_no_nan_lora(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
