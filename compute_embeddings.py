@@ -121,4 +121,4 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging(args.debug)
-    run_main(main, args)
+    run_main(main, args, memory_fix="Use less: --t5_8bit, a smaller --batch_size, or --device cpu.")

@@ -401,4 +401,5 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging(args.debug)
-    run_main(main, args)
+    run_main(main, args, memory_fix="Use less: --quantize nf4 --quantize_t5 (for 16-24 GB cards), --cpu_offload, or a "
+             "smaller --height/--width.")

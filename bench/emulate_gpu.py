@@ -4,10 +4,11 @@
     python bench/emulate_gpu.py t4 train_qlora_flux.py --mixed_precision fp16 ...
 
 Profiles: `t4` = Colab's T4 (15 GiB, compute capability 7.5: no bf16, no flash or cuDNN attention, no FP8), `24gb`
-(23 GiB), `12gb` (11.5 GiB), `8gb` (7.5 GiB); the last three keep the GPU's own capabilities. The memory cap is
-`torch.cuda.set_per_process_memory_fraction` (the memory plan reads it too); for `t4` torch reports the T4's
-capability and name, so the scripts' own rules pick what a T4 can run, and PyTorch's flash and cuDNN attention
-kernels are switched off. Time is the host GPU's, not the card's: the profiles show memory and whether it runs.
+(23 GiB), `12gb` (11.5 GiB), `8gb` (7.5 GiB), or a number of GiB; all but `t4` keep the GPU's own capabilities.
+The memory cap is `torch.cuda.set_per_process_memory_fraction` (the memory plan reads it too); for `t4` torch
+reports the T4's capability and name, so the scripts' own rules pick what a T4 can run, and PyTorch's flash and
+cuDNN attention kernels are switched off. Time is the host GPU's, not the card's: the profiles show memory and
+whether it runs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PROFILES = {
 
 
 def emulate(profile: str) -> None:
-    gib, capability, name = PROFILES[profile]
+    gib, capability, name = PROFILES[profile] if profile in PROFILES else (float(profile), None, None)
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(gib / total)
     if capability is not None:
@@ -41,8 +42,8 @@ def emulate(profile: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 3 or sys.argv[1] not in PROFILES:
-        sys.exit(f"usage: {sys.argv[0]} {{{','.join(PROFILES)}}} SCRIPT [ARGS...]")
+    if len(sys.argv) < 3 or not (sys.argv[1] in PROFILES or sys.argv[1].replace(".", "", 1).isdigit()):
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(PROFILES)},GIB}} SCRIPT [ARGS...]")
     emulate(sys.argv[1])
     script = sys.argv[2]
     sys.argv = sys.argv[2:]

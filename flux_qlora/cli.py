@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +28,21 @@ def setup_logging(debug: bool = False) -> None:
                         level=logging.DEBUG if debug else logging.INFO)
 
 
-def run_main(main: Callable, args: argparse.Namespace) -> None:
-    """Runs `main(args)`; a `UserError` becomes one `error: ...` line on stderr and exit code 2.
+def run_main(main: Callable, args: argparse.Namespace, memory_fix: str = "") -> None:
+    """Runs `main(args)`; a `UserError` becomes one `error: ...` line on stderr and exit code 2, and so does running
+    out of GPU memory, with `memory_fix` (the script's flags that use less).
 
     With `--debug` the full traceback is shown instead.
     """
+    import torch
+
     try:
         main(args)
+    except torch.OutOfMemoryError as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: out of GPU memory ({describe_out_of_memory(error)}). {memory_fix}".rstrip(), file=sys.stderr)
+        sys.exit(2)
     except (UserError, OSError) as error:
         if getattr(args, "debug", False) or (isinstance(error, OSError) and not _is_file_problem(error)):
             raise
@@ -45,6 +54,19 @@ def run_main(main: Callable, args: argparse.Namespace) -> None:
         print(f"stopped: {stop or 'interrupted; nothing saved since the last checkpoint'}",
               file=sys.stderr)
         sys.exit(130)
+
+
+def describe_out_of_memory(error: Exception) -> str:
+    """torch's paragraph about a failed allocation, as the few words a user needs: how much, of how much."""
+    text, size = str(error), r"([\d.]+ (?:bytes|KiB|MiB|GiB|TiB))"
+    asked = re.search(rf"Tried to allocate {size}", text)
+    allowed = re.search(rf"{size} allowed", text)  # a per-process cap (set_per_process_memory_fraction)
+    total = re.search(rf"total capacity of {size} of which {size} is free", text)
+    if not asked:
+        return text.split(". ")[0].strip()
+    if allowed:
+        return f"{asked[1]} more needed, {allowed[1]} allowed to this process"
+    return f"{asked[1]} more needed" + (f", {total[2]} free of {total[1]}" if total else "")
 
 
 def _is_file_problem(error: OSError) -> bool:

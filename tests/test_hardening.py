@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,15 +14,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, assert_one_line_error, assert_same_lora, run_script, train_args
 from PIL import Image
 
 from flux_qlora.batches import load_buckets
+from flux_qlora.cli import describe_out_of_memory, run_main
 from flux_qlora.data import image_hash, load_local_samples
 from flux_qlora.files import written_atomically
 from flux_qlora.reports import write_summary
 
 TOKEN = "hf_flux_qlora_test_SECRET_4d1c"
+
+
+# torch's message for a failed CUDA allocation (c10/cuda/CUDACachingAllocator.cpp), without and with a per-process cap
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 14.74 GiB of which 1.06 GiB is "
+       "free. Including non-PyTorch memory, this process has 13.68 GiB memory in use. {allowed}Of the allocated memory "
+       "13.20 GiB is allocated by PyTorch, and 300.11 MiB is reserved by PyTorch but unallocated. If reserved but "
+       "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_out_of_gpu_memory_is_one_line_with_the_sizes_and_the_scripts_fix(capsys):
+    """The handler every script's main runs under (the real allocation failure: test_infer, on the GPU machine)."""
+    free = "2.00 GiB more needed, 1.06 GiB free of 14.74 GiB"
+    assert describe_out_of_memory(Exception(OOM.format(allowed=""))) == free
+    assert describe_out_of_memory(Exception(OOM.format(allowed="7.50 GiB allowed; "))) == \
+        "2.00 GiB more needed, 7.50 GiB allowed to this process"
+
+    def main(args):
+        raise torch.OutOfMemoryError(OOM.format(allowed=""))
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, argparse.Namespace(debug=False), memory_fix="Use less: --gradient_checkpointing.")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: out of GPU memory ({free}). Use less: --gradient_checkpointing.\n"
+    with pytest.raises(torch.OutOfMemoryError):  # --debug: the traceback
+        run_main(main, argparse.Namespace(debug=True))
 
 
 def test_an_interrupted_write_leaves_the_earlier_file_and_no_temporary(tmp_path):

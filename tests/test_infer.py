@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script, tiny_forward
+from conftest import ROOT, assert_one_line_error, run_script, tiny_forward
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -259,6 +260,18 @@ def _lora_for_another_model(folder, tmp_path) -> str:
 
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real out-of-memory needs a GPU (the device machine)")
+def test_running_out_of_gpu_memory_is_one_line_naming_flags_that_use_less(tiny_model, loras, tmp_path):
+    """Capped at 1 MiB (bench/emulate_gpu.py) the tiny pipeline can't even move to the GPU: torch's OOM paragraph
+    and traceback become one line with the sizes and this script's flags that use less."""
+    folder, _ = loras["a"]
+    result = run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--lora", folder, "--prompt", "a",
+                        "--height", "32", "--width", "32", "--num_inference_steps", "2", "--output_dir", tmp_path,
+                        check=False, launcher=[sys.executable, str(ROOT / "bench" / "emulate_gpu.py"), "0.001"])
+    assert_one_line_error(result, "out of GPU memory", "more needed", "allowed to this process", "--quantize nf4",
+                          "--cpu_offload")
 
 
 @pytest.mark.parametrize("flags, expect", [
