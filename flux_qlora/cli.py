@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from flux_qlora import flow
 from flux_qlora.buckets import bucket_lists, parse_resolutions
 from flux_qlora.embeddings import parquet_rows, text_tokens
@@ -34,8 +36,6 @@ def run_main(main: Callable, args: argparse.Namespace, memory_fix: str = "") -> 
 
     With `--debug` the full traceback is shown instead.
     """
-    import torch
-
     try:
         main(args)
     except torch.OutOfMemoryError as error:
