@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -124,6 +125,7 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
     if gpu_profile:
         extra = [*extra, "--mixed_precision", "fp16" if gpu_profile == "t4" else "bf16"]
     tag = "".join(f.strip("-")[:3] for f in extra if f.startswith("--")) + (f"-{gpu_profile}" if gpu_profile else "")
+    tag += "".join(f"-{k[:8].lower()}{v}" for k, v in (env_vars or {}).items())  # passes differing only in env
     output = workdir / "runs" / f"{name}{'-' + tag if tag else ''}"
     command = [
         *launcher(gpu_profile),
@@ -160,6 +162,12 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "extra": " ".join(extra), "env": " ".join(f"{k}={v}" for k, v in (env_vars or {}).items())}
 
 
+def split_env(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
+    """An --extra pass's trainer flags and its environment variables (the NAME=VALUE tokens, NAME in capitals)."""
+    env = dict(t.split("=", 1) for t in tokens if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", t))
+    return [t for t in tokens if not re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", t)], env
+
+
 def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
     """bench/reference_recipe.py: the libraries' standard QLoRA calls, on the same model and sizes."""
     command = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(workdir / "model"),
@@ -181,7 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="Optimizer steps per configuration.")
     parser.add_argument("--extra", type=str, action="append", default=[],
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
-                             "the plain flags always run first).")
+                             "the plain flags always run first); NAME=VALUE tokens set that pass's environment, e.g. "
+                             "--extra='TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 --compile'.")
     parser.add_argument("--skip_plain", action="store_true", help="Run only the --extra passes.")
     parser.add_argument("--skip_reference", action="store_true",
                         help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
@@ -211,8 +220,9 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     passes = ([] if args.skip_plain else [""]) + args.extra
     for extra, profile, name in itertools.product(passes, args.gpu_profile, args.configs):
-        results.append(run_config(name, args.workdir, args.steps, extra.split(), profile,
-                                  args.fresh_compile_cache, dict(kv.split("=", 1) for kv in args.env)))
+        flags, env = split_env(extra.split())
+        results.append(run_config(name, args.workdir, args.steps, flags, profile, args.fresh_compile_cache,
+                                  {**dict(kv.split("=", 1) for kv in args.env), **env}))
         base = reference.get(results[-1].get("resolution"), {})
         if "s_per_step" in base and "s_per_step" in results[-1]:
             results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]

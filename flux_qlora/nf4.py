@@ -11,6 +11,8 @@ so loading, saving, LoRA merging and the eager path are unchanged.
 
 from __future__ import annotations
 
+import os
+
 import bitsandbytes as bnb
 import torch
 from torch import nn
@@ -28,6 +30,29 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: to
     return (code[codes.long()] * absmax[:, None]).view(shape).to(dtype)
 
 
+def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                            absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
+                            shape: tuple[int, int], blocksize: int, blocksize2: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """The same weights, bit for bit, through a table per block of its 16 values (code x block scale in fp32,
+    rounded to `dtype`, as bitsandbytes rounds them): per weight only a nibble and a lookup are left, no arithmetic,
+    which inductor's heuristics let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
+    a byte per weight against the two bytes of a bf16 weight written and read again. An experiment for issue 18
+    (`FLUX_QLORA_NF4_DEQUANT=table`, BENCHMARKS.md); `dequantize_nf4` stays the default until it is measured."""
+    n_blocks = absmax_q.numel()
+    block_of_scale = torch.arange(n_blocks, device=packed.device) // blocksize2
+    absmax = absmax_code[absmax_q.long()] * absmax_scale[block_of_scale] + absmax_offset
+    table = (absmax[:, None] * code[None, :]).to(dtype).view(-1)  # (block, nibble) -> value
+    position = torch.arange(shape[0] * shape[1], device=packed.device).view(shape)
+    byte = packed.view(-1)[position // 2]
+    nibble = torch.where(position % 2 == 0, byte >> 4, byte & 0xF)  # high nibble first
+    return table[(position // blocksize) * code.numel() + nibble.long()]
+
+
+# The dequantization the compiled NF4 layers run (read at each call, so a test can switch it).
+DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT") == "table" else dequantize_nf4
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x @ dequant(W).T, saving only the packed weight for the backward (the bf16 weight would be 4x its size)."""
 
@@ -37,11 +62,11 @@ class _NF4Matmul(torch.autograd.Function):
         quant = (packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code)
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
-        return x @ dequantize_nf4(*quant, shape, blocksize, blocksize2, x.dtype).t()
+        return x @ DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight = dequantize_nf4(*ctx.saved_tensors, *ctx.layout)
+        weight = DEQUANTIZE(*ctx.saved_tensors, *ctx.layout)
         return grad_out @ weight, None, None, None, None, None, None, None, None, None
 
 

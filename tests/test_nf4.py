@@ -8,8 +8,9 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from flux_qlora import nf4
 from flux_qlora.models import _nf4_linear, _nf4_weight
-from flux_qlora.nf4 import CompilableLinear4bit, dequantize_nf4, make_nf4_compilable
+from flux_qlora.nf4 import CompilableLinear4bit, dequantize_nf4, dequantize_nf4_by_table, make_nf4_compilable
 
 # On a GPU machine the same tests check bitsandbytes' CUDA kernels.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -26,14 +27,18 @@ def nf4_model(out_features: int, in_features: int, dtype=torch.float32, device: 
     return model
 
 
+DEQUANTIZATIONS = [dequantize_nf4, dequantize_nf4_by_table]
+
+
+@pytest.mark.parametrize("dequantize", DEQUANTIZATIONS, ids=["weight", "table"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(64, 192), (384, 256)])  # 192 scales (< one outer block), 1536 (six blocks)
-def test_dequantization_equals_bitsandbytes_bit_for_bit(shape, device):
+def test_dequantization_equals_bitsandbytes_bit_for_bit(shape, device, dequantize):
     model = nf4_model(*shape, dtype=torch.bfloat16, device=device)
     expected = bnb.functional.dequantize_4bit(model.to_q.weight.data, model.to_q.weight.quant_state)
     assert make_nf4_compilable(model) == 1 and isinstance(model.to_q, CompilableLinear4bit)
     layer = model.to_q
-    weight = dequantize_nf4(layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
+    weight = dequantize(layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
                             layer.nf4_absmax_offset, layer.nf4_code, *layer.nf4_layout, torch.bfloat16)
     assert weight.dtype == expected.dtype and torch.equal(weight, expected)
     assert not any(key.startswith("to_q.nf4_") for key in model.state_dict())  # views, never saved twice
@@ -73,8 +78,10 @@ def test_lora_training_matches_bitsandbytes_and_saves_no_dequantized_weight(devi
     assert any(t.dtype == torch.uint8 and t.numel() == 384 * 256 // 2 for t in saved)
 
 
+@pytest.mark.parametrize("dequantize", DEQUANTIZATIONS, ids=["weight", "table"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_layer_equals_eager(device):
+def test_compiled_layer_equals_eager(device, dequantize, monkeypatch):
+    monkeypatch.setattr(nf4, "DEQUANTIZE", dequantize)
     model = nf4_model(384, 256, device=device)
     make_nf4_compilable(model)
     x = torch.randn(3, 256, device=device)
