@@ -593,5 +593,5 @@ if __name__ == "__main__":
     setup_logging(args.debug)
     logging.getLogger("train_qlora_flux").setLevel(logging.INFO)
     run_main(main, args, memory_fix="Use less: --gradient_checkpointing, --offload_activations, a smaller "
-             "--resolution, --train_batch_size 1 (--dry_run prints the memory plan); resume from the last "
-             "checkpoint with --resume_from_checkpoint latest.")
+             "--resolution, --train_batch_size 1 (--dry_run prints the memory plan); checkpoints already written "
+             "resume with --resume_from_checkpoint latest.")
