@@ -26,11 +26,11 @@ GOLDEN_FLAGS = ("--max_train_steps", "6", "--mixed_precision", "no", "--learning
                 "1000")
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first (a stable sort: otherwise in file order). pytest-xdist hands out tests in this order,
     so the two workers start with the long end-to-end runs and finish together on short ones."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
