@@ -36,7 +36,7 @@ def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax
                             dtype: torch.dtype) -> torch.Tensor:
     """The same weights, bit for bit, through a table per block of its 16 values (code x block scale in fp32,
     rounded to `dtype`, as bitsandbytes rounds them): per weight only a nibble and a lookup are left, no arithmetic,
-    which inductor's heuristics let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
+    which inductor's rules may let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
     a byte per weight against the two bytes of a bf16 weight written and read again. An experiment for issue 18
     (`FLUX_QLORA_NF4_DEQUANT=table`, BENCHMARKS.md); `dequantize_nf4` stays the default until it is measured."""
     n_blocks = absmax_q.numel()
