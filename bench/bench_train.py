@@ -162,10 +162,13 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "extra": " ".join(extra), "env": " ".join(f"{k}={v}" for k, v in (env_vars or {}).items())}
 
 
+ENV_TOKEN = re.compile(r"[A-Z][A-Z0-9_]*=.*")  # NAME=VALUE in an --extra pass
+
+
 def split_env(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
     """An --extra pass's trainer flags and its environment variables (the NAME=VALUE tokens, NAME in capitals)."""
-    env = dict(t.split("=", 1) for t in tokens if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", t))
-    return [t for t in tokens if not re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", t)], env
+    env = dict(t.split("=", 1) for t in tokens if ENV_TOKEN.fullmatch(t))
+    return [t for t in tokens if not ENV_TOKEN.fullmatch(t)], env
 
 
 def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:

@@ -18,15 +18,20 @@ import torch
 from torch import nn
 
 
+def block_scales(absmax_q: torch.Tensor, absmax_code: torch.Tensor, absmax_scale: torch.Tensor,
+                 absmax_offset: torch.Tensor, blocksize2: int) -> torch.Tensor:
+    """Each block's fp32 scale: its 8-bit code, scaled per `blocksize2` blocks, plus the offset."""
+    block_of_scale = torch.arange(absmax_q.numel(), device=absmax_q.device) // blocksize2
+    return absmax_code[absmax_q.long()] * absmax_scale[block_of_scale] + absmax_offset
+
+
 def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
                    absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
                    shape: tuple[int, int], blocksize: int, blocksize2: int, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' double-quantized NF4 layout, in torch ops: two 4-bit codes per byte (high nibble first),
     one 8-bit scale per `blocksize` weights, itself scaled per `blocksize2` scales plus an offset."""
-    n_blocks = absmax_q.numel()
-    block_of_scale = torch.arange(n_blocks, device=packed.device) // blocksize2
-    absmax = absmax_code[absmax_q.long()] * absmax_scale[block_of_scale] + absmax_offset
-    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(n_blocks, blocksize)
+    absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(absmax.numel(), blocksize)
     return (code[codes.long()] * absmax[:, None]).view(shape).to(dtype)
 
 
@@ -39,9 +44,7 @@ def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax
     which inductor's rules may let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
     a byte per weight against the two bytes of a bf16 weight written and read again. An experiment for issue 18
     (`FLUX_QLORA_NF4_DEQUANT=table`, BENCHMARKS.md); `dequantize_nf4` stays the default until it is measured."""
-    n_blocks = absmax_q.numel()
-    block_of_scale = torch.arange(n_blocks, device=packed.device) // blocksize2
-    absmax = absmax_code[absmax_q.long()] * absmax_scale[block_of_scale] + absmax_offset
+    absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2)
     table = (absmax[:, None] * code[None, :]).to(dtype).view(-1)  # (block, nibble) -> value
     position = torch.arange(shape[0] * shape[1], device=packed.device).view(shape)
     byte = packed.view(-1)[position // 2]
