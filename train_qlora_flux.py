@@ -282,7 +282,7 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
     if args.do_fp8_training:
         enable_fp8_training(transformer)
-    set_attention_backend(transformer, attention_backend)
+    set_attention_backend(transformer, attention_backend, training=True)
     if args.compile:
         # A process-wide switch, set here where --compile is handled: AOTAutograd's common-subexpression
         # elimination merged the backward's NF4 dequantization with the forward's and then kept every block's bf16

@@ -10,6 +10,14 @@ backward gave all-zero LoRA updates (tiny model) or an illegal memory access (NF
 (B, S, H, D projections permuted to B, H, S, D: not contiguous), a grad_output whose strides differ from the
 output's (what flattening the heads back produces; cuDNN 9.5.0 assumed them equal), and the sequence length.
 Each case runs in its own process: an illegal memory access poisons the CUDA context for everything after it.
+
+The cause, read in PyTorch's source (aten/src/ATen/native/cudnn/MHA.cpp, torch 2.11): the backward caches its cuDNN
+graph under a key of q/k/v's shapes and strides and builds it with the first call's grad_output strides. In Flux the
+double blocks' grad_output is contiguous per token (a row of 3072), the single blocks' a slice of a 5x wider
+gradient (the attention output is concatenated with the MLP's): one graph then reads the other's memory. `--cache`
+runs that pair in one process, both orders, with and without the fix the trainer applies (the single blocks'
+gradient copied contiguous: `models.give_single_blocks_contiguous_attention_gradients`); the block cases run the
+cuDNN blocks with and without it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +90,42 @@ def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str, head
             "strides": strides}
 
 
-def run_block_case(backend: str, tokens: int, compiled: bool) -> dict:
+def run_cache_case(order: str, fixed: bool, tokens: int) -> dict:
+    """Two cuDNN backward calls in one process on the same q/k/v shapes: grad_output as a double block's (a
+    contiguous (B, S, H*D) gradient, heads split) and as a single block's (the first H*D of a (B, S, 5*H*D) one), in
+    `order`; each call's gradients against the fp32 math kernel. `fixed`: the single block's copied contiguous first."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator("cuda").manual_seed(0)
+    width = HEADS * HEAD_DIM
+    base = [torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g) for _ in range(3)]
+    rows = {"double": torch.randn(1, tokens, width, device="cuda", generator=g),
+            "single": torch.randn(1, tokens, 5 * width, device="cuda", generator=g)[..., :width]}
+    if fixed:
+        rows["single"] = rows["single"].contiguous()
+
+    def grads(kernel, precision: torch.dtype, row: torch.Tensor) -> list[torch.Tensor]:
+        leaves = [t.detach().to(precision).requires_grad_() for t in base]
+        with sdpa_kernel(kernel):
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        grad_out = row.to(precision) if precision == torch.float32 else row.bfloat16()
+        out.backward(grad_out.view(1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3))
+        torch.cuda.synchronize()
+        return [t.grad.float() for t in leaves]
+
+    result = {}
+    for kind in order.split("-"):
+        reference = grads(SDPBackend.MATH, torch.float32, rows[kind])
+        try:
+            tested = grads(SDPBackend.CUDNN_ATTENTION, torch.bfloat16, rows[kind])
+        except RuntimeError as error:
+            return {**result, kind: str(error).splitlines()[0][:300]}
+        result[kind] = [round(float((t - r).norm() / r.norm()), 5) for t, r in zip(tested, reference)]
+    return result
+
+
+def run_block_case(backend: str, tokens: int, compiled: bool, fixed: bool = False) -> dict:
     """A FLUX.1-dev-width double block and single block (random bf16 weights) through diffusers' attention
     dispatcher with `backend`, forward + backward under bf16 autocast as the trainer runs them; the input
     gradients compared with the same blocks on _native_math."""
@@ -101,6 +145,13 @@ def run_block_case(backend: str, tokens: int, compiled: bool) -> dict:
         temb = torch.randn(1, dim, dtype=torch.bfloat16)
         angles = torch.randn(tokens, HEAD_DIM // 2)
     rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+
+    if fixed:
+        from types import SimpleNamespace
+
+        from flux_qlora.models import give_single_blocks_contiguous_attention_gradients
+
+        give_single_blocks_contiguous_attention_gradients(SimpleNamespace(single_transformer_blocks=[single]))
 
     def input_grads(name: str) -> list[torch.Tensor]:
         for block in (double, single):
@@ -125,6 +176,14 @@ def run_block_case(backend: str, tokens: int, compiled: bool) -> dict:
             "zero_grads": any(float(t.abs().max()) == 0 for t in tested)}
 
 
+def errors_of(row: dict) -> list[float]:
+    """A case's relative gradient errors (an error message counts as 1.0: wrong)."""
+    if "cache_order" in row:
+        return [e for kind in ("single", "double") for e in
+                (row[kind] if isinstance(row.get(kind), list) else [1.0])]
+    return row.get("rel_err_dq_dk_dv") or row["rel_err_dimage_dtext"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4608],
@@ -139,13 +198,19 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="Also the SDPA cases at the tiny test model's shapes (4 heads of 16, 28 and 32 tokens), "
                              "where cuDNN's backward gave all-zero LoRA updates.")
+    parser.add_argument("--cache", action="store_true",
+                        help="First: the two grad_output strides of Flux's blocks through one cuDNN graph cache, both "
+                             "orders, with and without the trainer's fix (the suspected cause, see above).")
     parser.add_argument("--case", type=str, default=None, help=argparse.SUPPRESS)  # one case, in a child process
     args = parser.parse_args()
     if args.case:
         kind, *fields = args.case.split(",")
-        if kind == "block":
-            backend, tokens, compiled = fields
-            print(json.dumps(run_block_case(backend, int(tokens), compiled == "compiled")))
+        if kind == "cache":
+            order, fixed, tokens = fields
+            print(json.dumps(run_cache_case(order, fixed == "fixed", int(tokens))))
+        elif kind == "block":
+            backend, tokens, compiled, fixed = fields
+            print(json.dumps(run_block_case(backend, int(tokens), compiled == "compiled", fixed == "fixed")))
         else:
             backend, layout, grad, tokens, dtype, heads, head_dim = fields
             print(json.dumps(run_case(backend, layout, grad, int(tokens), dtype, int(heads), int(head_dim))))
@@ -159,12 +224,24 @@ def main() -> None:
     cases = [({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "heads": h, "head_dim": hd, "dtype": d},
               f"sdpa,{b},{lay},{g},{t},{d},{h},{hd}")
              for (t, h, hd), d, b, lay, g in itertools.product(shapes, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
-    if args.blocks or args.only_blocks:  # first: the open question (BENCHMARKS.md)
-        cases = [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c}, f"block,_native_{b},{t},{c}")
-                 for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])] + cases
+    if args.blocks or args.only_blocks:  # first: the open question (BENCHMARKS.md); cuDNN with and without the fix
+        cases = [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c, "fixed": f},
+                  f"block,_native_{b},{t},{c},{f}")
+                 for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])
+                 for f in (["unfixed", "fixed"] if b == "cudnn" else ["unfixed"])] + cases
+    if args.cache:
+        cases = [({"cache_order": o, "fixed": f, "tokens": t}, f"cache,{o},{f},{t}")
+                 for t, o, f in itertools.product(args.tokens, ["single-double", "double-single"],
+                                                  ["unfixed", "fixed"])] + cases
     rows = []
     for fields, case in cases:
-        child = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True)
+        try:  # a hung kernel costs this case, not the run
+            child = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True,
+                                   timeout=150, env={**os.environ, "CUDA_LAUNCH_BLOCKING": "1"})
+        except subprocess.TimeoutExpired:
+            rows.append({**fields, "error": "timed out after 150 s"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         lines = child.stdout.strip().splitlines()
         outcome = json.loads(lines[-1]) if child.returncode == 0 and lines else {
             "error": f"exit {child.returncode}: {(child.stderr.strip().splitlines() or ['?'])[-1][:300]}"}
@@ -174,8 +251,7 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(), "layouts": LAYOUTS, "grads": GRADS, "cases": rows}
     if args.results:
         args.results.write_text(json.dumps(report, indent=2))
-    bad = [r for r in rows if "error" in r or r.get("zero_grads")
-           or max(r.get("rel_err_dq_dk_dv") or r["rel_err_dimage_dtext"]) > 0.05]
+    bad = [r for r in rows if "error" in r or r.get("zero_grads") or max(errors_of(r)) > 0.05]
     print(f"{len(rows) - len(bad)} of {len(rows)} cases correct (relative gradient error <= 5% of fp32 math)")
     for r in bad:
         print("  wrong:", json.dumps(r))

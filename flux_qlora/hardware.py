@@ -98,7 +98,8 @@ def pick_attention_backend(requested: str | None, device: Device, dtype: torch.d
         return None
     # The cuDNN kernel PyTorch would pick on the H100 broke in the backward with bf16 inputs (bf16 base:
     # "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA gradients): flash trains
-    # correctly (BENCHMARKS.md).
+    # correctly (BENCHMARKS.md). An explicit _native_cudnn gets the workaround for its graph cache
+    # (models.give_single_blocks_contiguous_attention_gradients); it becomes the default once measured there.
     return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"
 
 

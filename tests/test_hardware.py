@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_script, train_args
+from conftest import run_script, tiny_forward, train_args
 
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
-from flux_qlora.models import FLUX_DEV_CONFIG
+from flux_qlora.models import FLUX_DEV_CONFIG, give_single_blocks_contiguous_attention_gradients
 
 CPU = Device("cpu")
 T4 = Device("cuda", (7, 5), "Tesla T4", 15.0)
@@ -50,6 +50,32 @@ def test_explicit_attention_backend_is_refused_where_it_has_no_kernel(backend, d
     assert f"--attention_backend {backend}" in str(error.value)
     for fragment in expect:
         assert fragment in str(error.value)
+
+
+def test_cudnn_training_hands_single_blocks_attention_gradients_contiguous(tiny_model):
+    """PyTorch's cuDNN attention backward reuses one cuDNN graph for every grad_output stride (models.py); the single
+    blocks' attention output, concatenated with their MLP's, gets its gradient as a slice unless it is copied
+    contiguous. The copy changes no gradient."""
+    from diffusers import FluxTransformer2DModel
+
+    grads, contiguous = {}, {}
+    for fixed in (False, True):
+        transformer = FluxTransformer2DModel.from_pretrained(tiny_model / "transformer")
+        seen = contiguous[fixed] = []
+
+        def probe(module, inputs, output, seen=seen):  # sees the gradient the attention's backward gets
+            output.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+
+        for block in transformer.single_transformer_blocks:
+            block.attn.register_forward_hook(probe)
+        if fixed:
+            give_single_blocks_contiguous_attention_gradients(transformer)
+        tiny_forward(transformer, grad=True).square().sum().backward()
+        grads[fixed] = {n: p.grad for n, p in transformer.named_parameters()}
+    blocks = len(transformer.single_transformer_blocks)
+    assert contiguous == {False: [False] * blocks, True: [True] * blocks}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0)
 
 
 def test_infer_defaults_to_the_half_precision_the_device_has():
