@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="Also the SDPA cases at the tiny test model's shapes (4 heads of 16, 28 and 32 tokens), "
                              "where cuDNN's backward gave all-zero LoRA updates.")
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS,
+                        help="The backends of the block and SDPA cases.")
     parser.add_argument("--cache", action="store_true",
                         help="First: the two grad_output strides of Flux's blocks through one cuDNN graph cache, both "
                              "orders, with and without the trainer's fix (the suspected cause, see above).")
@@ -223,11 +225,11 @@ def main() -> None:
         shapes += [(t, TINY_HEADS, TINY_HEAD_DIM) for t in (28, 32)]
     cases = [({"backend": b, "layout": lay, "grad_output": g, "tokens": t, "heads": h, "head_dim": hd, "dtype": d},
               f"sdpa,{b},{lay},{g},{t},{d},{h},{hd}")
-             for (t, h, hd), d, b, lay, g in itertools.product(shapes, args.dtypes, BACKENDS, LAYOUTS, GRADS)]
+             for (t, h, hd), d, b, lay, g in itertools.product(shapes, args.dtypes, args.backends, LAYOUTS, GRADS)]
     if args.blocks or args.only_blocks:  # first: the open question (BENCHMARKS.md); cuDNN with and without the fix
         cases = [({"block_backend": f"_native_{b}", "tokens": t, "compiled": c, "fixed": f},
                   f"block,_native_{b},{t},{c},{f}")
-                 for t, b, c in itertools.product(args.tokens, BACKENDS, ["eager", "compiled"])
+                 for t, b, c in itertools.product(args.tokens, args.backends, ["eager", "compiled"])
                  for f in (["unfixed", "fixed"] if b == "cudnn" else ["unfixed"])] + cases
     if args.cache:
         cases = [({"cache_order": o, "fixed": f, "tokens": t}, f"cache,{o},{f},{t}")

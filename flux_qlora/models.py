@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -327,27 +329,17 @@ def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, comp
     torch.compile, so each block's recomputation is fused into its compiled backward (one compiled call per
     block and direction instead of three, none of the checkpoint's Python bookkeeping at run time).
     """
-    from functools import partial
-
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import checkpoint
 
     blocks = repeated_blocks(transformer)
     checkpointed = {id(block) for i, block in enumerate(blocks) if checkpoint_interval and i % checkpoint_interval == 0}
 
-    def recompute_everything(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_RECOMPUTE
-
     def run_checkpointed(block, *args):
-        if compiled:
-            # Compiled, a plain checkpoint lets the partitioner keep the GEMM outputs (+5 GiB at 512x768,
-            # measured); this policy makes it keep only the block's inputs, as the eager checkpoint does.
-            return checkpoint(block, *args, use_reentrant=False,
-                              context_fn=partial(create_selective_checkpoint_contexts, recompute_everything))
         # The blocks draw no random numbers (no dropout): no RNG state to save and restore per block.
         return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
 
     if compiled:
-        run_checkpointed = torch.compile(run_checkpointed, dynamic=False)
+        run_checkpointed = compile_checkpointed(checkpoint_recomputing_everything)
 
     def call_block(block, *args):
         if compiled:
@@ -357,6 +349,43 @@ def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, comp
         return block(*args)
 
     transformer.enable_gradient_checkpointing(call_block)
+
+
+# AOTAutograd's common-subexpression elimination in the checkpointed blocks' graphs (process-wide it is off:
+# train_qlora_flux.py). There the NF4 dequantization of the recomputed forward and the backward's become one: two
+# passes over the weights per step instead of three, no weight kept between forward and backward (checked on the
+# CPU: test_nf4), at the price of each block's bf16 weights held through its own backward. Opt-in until measured
+# on the GPU (issue 18, BENCHMARKS.md).
+CSE_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_CSE") == "1"
+
+
+def checkpoint_recomputing_everything(block: nn.Module, *args):
+    """`block(*args)` under a selective checkpoint that keeps nothing but the inputs. Compiled, a plain checkpoint
+    lets the partitioner keep the GEMM outputs (+5 GiB at 512x768, measured); this policy makes it keep only the
+    block's inputs, as the eager checkpoint does."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def recompute_everything(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_RECOMPUTE
+
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, recompute_everything))
+
+
+def compile_checkpointed(run: Callable, cse: bool | None = None, **compile_kwargs) -> Callable:
+    """`run` (a block under the selective checkpoint) compiled once per input shape, with AOTAutograd's CSE on if
+    `cse` (default: `CSE_IN_CHECKPOINTS`); the switch is read when the graphs are made, at the first call."""
+    compiled = torch.compile(run, dynamic=False, **compile_kwargs)
+    if not (CSE_IN_CHECKPOINTS if cse is None else cse):
+        return compiled
+
+    def run_with_cse(*args):
+        with torch._functorch.config.patch(cse=True):
+            return compiled(*args)
+
+    return run_with_cse
 
 
 def streams_alike(args: tuple) -> tuple:

@@ -108,3 +108,63 @@ def test_nf4_layers_follow_autocast_like_nn_linear(compiled_layer, device):
     with torch.autocast(device, torch.bfloat16):
         assert model(x).dtype == torch.bfloat16 == nn.Linear(192, 64, device=device)(x).dtype
     assert model(x).dtype == torch.float32  # outside autocast: the input's dtype, as before
+
+
+class TwoNF4Layers(nn.Module):
+    """Two NF4 layers with LoRA, as in a Flux block: the first one's output is needed again in the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nf4_model(256, 256), nf4_model(256, 256)
+
+    def forward(self, x):
+        return self.second(torch.nn.functional.gelu(self.first(x)))
+
+
+@pytest.mark.parametrize("cse, backward_dequantizations", [(False, 3), (True, 2)])
+def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, backward_dequantizations):
+    """Under the trainer's compiled selective checkpoint, CSE makes the recomputed forward and the input gradient
+    share one dequantization per weight (2 here instead of 3: the second layer's output is not recomputed), keeps no
+    dequantized weight from the forward, and changes no gradient (FLUX_QLORA_CHECKPOINT_CSE, issue 18)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from flux_qlora.models import checkpoint_recomputing_everything, compile_checkpointed
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(graph_module, inputs):
+            graphs[kind] = graph_module.graph
+            return graph_module.forward
+        return compiler
+
+    # inductor's partitioner, the graphs left as they are so that the dequantizations can be counted
+    recorder = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                            partition_fn=min_cut_rematerialization_partition)
+    block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False), TwoNF4Layers())
+    make_nf4_compilable(block)
+    x = torch.randn(4, 256)
+
+    def gradients(call) -> list[torch.Tensor]:  # the input's and the LoRA weights'
+        inputs = x.clone().requires_grad_()
+        call(inputs).square().sum().backward()
+        lora = [p.grad for n, p in block.named_parameters() if "lora_" in n]
+        block.zero_grad(set_to_none=True)
+        return [inputs.grad, *lora]
+
+    eager = gradients(block)
+    with torch._functorch.config.patch(cse=False):  # process-wide off, as the trainer sets it
+        run = compile_checkpointed(checkpoint_recomputing_everything, cse=cse, backend=recorder)
+        compiled = gradients(lambda inputs: run(block, inputs))
+
+    def dequantizations(graph):  # one right shift (the high nibble) per dequantized weight
+        return sum(node.op == "call_function" and "rshift" in str(node.target) for node in graph.nodes)
+
+    assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
+    saved = [node.meta["val"] for node in graphs["forward"].find_nodes(op="output")[0].args[0]
+             if hasattr(node, "meta") and isinstance(node.meta.get("val"), torch.Tensor)]
+    assert not [t for t in saved if t.numel() >= 256 * 256]  # no dequantized weight kept for the backward
+    assert len(compiled) == len(eager) == 5
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected)
