@@ -515,7 +515,9 @@ def test_cudnn_attention_trains_like_flash(compile_flags, tiny_model, tiny_image
         loras[backend] = torch.cat([v.flatten().float() for k, v in sorted(weights.items()) if "lora_B" in k])
     flash, cudnn = loras["_native_flash"], loras["_native_cudnn"]
     assert flash.abs().max() > 0  # it trained
-    assert float((cudnn - flash).norm() / flash.norm()) < 0.05  # bf16 kernels' rounding, not another gradient
+    # Adam's first steps move each weight by about +-lr whatever the gradient's size, so the two kernels' bf16
+    # rounding flips a few near-zero gradients' steps; another gradient (or none) points elsewhere: cosine ~0.
+    assert float(torch.nn.functional.cosine_similarity(cudnn, flash, dim=0)) > 0.9
 
 
 def test_overwrite_output_dir_starts_over_without_mixing_runs(trained, tiny_model, tiny_images_master,
