@@ -188,7 +188,8 @@ def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype
     return plan
 
 
-def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype, config: dict):
+def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype, config: dict,
+                    startup: dict[str, float]):
     """Images + their embeddings, matched by image hash; latents cached (VAE then moved to the CPU) with
     --cache_latents. Returns (data, vae)."""
     samples = load_samples(**dataset_kwargs(args))
@@ -205,6 +206,7 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     augment = Augment(args.crop, args.random_flip, args.seed)
     data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
     vae = load_vae(args.pretrained_model_name_or_path, accelerator.device, weight_dtype, **hub_kwargs(args))
+    startup["vae_loaded"] = launch_seconds(accelerator.device)
     data.held_out = load_held_out_data(args, samples, held_out, embeddings, table, weight_dtype)
     if data.held_out:  # center crops, latents encoded now: the same inputs at every evaluation
         data.held_out.cache_latents(vae, show_progress=False)
@@ -526,6 +528,7 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
 
 
 def main(args: argparse.Namespace) -> dict:
+    startup = {"main_started": launch_seconds(torch.device("cpu"))}  # after Python and the top imports
     validate_args(args)
     check_bf16("--mixed_precision", args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                Device.for_launch())
@@ -543,8 +546,8 @@ def main(args: argparse.Namespace) -> dict:
         prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
                            int(plan.lora_gib * 2**30) + 2**20)
 
-    data, vae = load_train_data(args, accelerator, weight_dtype, config)
-    startup = {"data_loaded": launch_seconds(accelerator.device)}
+    data, vae = load_train_data(args, accelerator, weight_dtype, config, startup)
+    startup["data_loaded"] = launch_seconds(accelerator.device)
     order = make_sample_order(args, accelerator, data)
     if args.max_train_steps is None:
         args.max_train_steps = math.ceil(args.num_train_epochs * order.micro_steps_per_epoch

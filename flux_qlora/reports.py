@@ -146,7 +146,7 @@ class RunStats:
     skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
     compiles: CompileCounter = field(default_factory=CompileCounter)
     cuda_graphs_captured: int = 0  # one per training size with --cuda_graphs
-    startup: dict[str, float] = field(default_factory=dict)  # launch_seconds() at data_loaded, model_loaded, ...
+    startup: dict[str, float] = field(default_factory=dict)  # launch_seconds() at main_started, vae_loaded, ...
 
     def median_s_per_step(self) -> float | None:
         times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
