@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)`'s result, built once per test run: under pytest-xdist the first worker builds it and the
+    others wait for it and read it (each worker building its own cost ~1 min apiece on a 14-worker GPU run). The
+    results are read-only for the tests, as a session fixture's always were."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / "built-once" / name  # the run's folder, shared by its workers
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        done = folder.with_suffix(".done")
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
+    return built_once(tmp_path_factory, "models", lambda folder: build_tiny_pipeline(folder / "tiny-flux"))
 
 
 @pytest.fixture(scope="session")
 def tiny_images_master(tmp_path_factory) -> Path:
-    return build_tiny_images(tmp_path_factory.mktemp("data") / "images", count=6)
+    return built_once(tmp_path_factory, "data", lambda folder: build_tiny_images(folder / "images", count=6))
 
 
 @pytest.fixture
@@ -50,12 +70,15 @@ def tiny_images(tiny_images_master, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_embeddings(tiny_model, tiny_images_master, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("embeddings") / "embeddings.parquet"
-    run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
-               "--instance_data_dir", tiny_images_master, "--output_path", output,
-               "--validation_prompt", VALIDATION, "--max_sequence_length", "16",
-               "--device", "cpu")  # the same fp32 embeddings on every machine: the training tests' inputs
-    return output
+    def build(folder: Path) -> Path:
+        output = folder / "embeddings.parquet"
+        run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model,
+                   "--instance_data_dir", tiny_images_master, "--output_path", output,
+                   "--validation_prompt", VALIDATION, "--max_sequence_length", "16",
+                   "--device", "cpu")  # the same fp32 embeddings on every machine: the training tests' inputs
+        return output
+
+    return built_once(tmp_path_factory, "embeddings", build)
 
 
 def train_args(model, images, embeddings, output_dir, *extra, size=("--width", "64", "--height", "48"),

@@ -126,6 +126,7 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
     """Under the trainer's compiled selective checkpoint, CSE makes the recomputed forward and the input gradient
     share one dequantization per weight (2 here instead of 3: the second layer's output is not recomputed), keeps no
     dequantized weight from the forward, and changes no gradient (FLUX_QLORA_CHECKPOINT_CSE, issue 18)."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -136,7 +137,7 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
     def keep(kind):
         def compiler(graph_module, inputs):
             graphs[kind] = graph_module.graph
-            return graph_module.forward
+            return make_boxed_func(graph_module.forward)
         return compiler
 
     # inductor's partitioner, the graphs left as they are so that the dequantizations can be counted
