@@ -428,10 +428,14 @@ def test_prequantized_nf4_checkpoint_loads_without_requantizing(tiny_model, tmp_
     torch.testing.assert_close(tiny_forward(reloaded), tiny_forward(quantized))
 
 
-def test_fp16_trains_and_counts_skipped_steps(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
-    """fp16 (T4, V100): NF4 computing in fp16, 8-bit AdamW; on a GPU through accelerate's loss scaler."""
+@pytest.mark.parametrize("compile_flags", [[], ["--compile"]])
+def test_fp16_trains_and_counts_skipped_steps(compile_flags, tiny_model, tiny_images_master, tiny_embeddings,
+                                              tmp_path):
+    """fp16 (T4, V100): NF4 computing in fp16, 8-bit AdamW, eager and compiled; on a GPU through accelerate's loss
+    scaler."""
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
-                                                  "--max_train_steps", "3", "--mixed_precision", "fp16"))
+                                                  "--max_train_steps", "3", "--mixed_precision", "fp16",
+                                                  *compile_flags))
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert len(summary["losses"]) == 3 and all(0 < loss < 10 for loss in summary["losses"])
     assert summary["skipped_steps"] <= 1  # the scaler's first scale (65536) may overflow once on a GPU
