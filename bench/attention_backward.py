@@ -43,14 +43,33 @@ GRADS = {
 }
 
 
+def sdpa_grads(kernel, base: list, precision, grad_out) -> tuple[list, dict]:
+    """q/k/v's gradients of one SDPA forward + backward with `kernel` (an SDPBackend) on `base` cast to `precision`
+    (a permuted layout kept: .to() of a dense tensor keeps its strides), and the strides of q and of the output."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    leaves = [t.detach().to(precision).requires_grad_() for t in base]
+    with sdpa_kernel(kernel):
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves)
+    strides = {"q": list(leaves[0].stride()), "out": list(out.stride())}
+    out.backward(grad_out)
+    torch.cuda.synchronize()
+    return [t.grad.float() for t in leaves], strides
+
+
+def relative_errors(tested: list, reference: list) -> list[float]:
+    return [round(float((t - r).norm() / r.norm()), 5) for t, r in zip(tested, reference)]
+
+
 def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str, heads: int = HEADS,
              head_dim: int = HEAD_DIM) -> dict:
     """One forward + backward; gradients compared with the math kernel in fp32 on the same inputs."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
     g = torch.Generator("cuda").manual_seed(0)
     dt = getattr(torch, dtype)
 
@@ -69,25 +88,13 @@ def run_case(backend: str, layout: str, grad: str, tokens: int, dtype: str, head
         grad_out = torch.randn(1, tokens, heads * head_dim, device="cuda", generator=g).view(
             1, tokens, heads, head_dim).permute(0, 2, 1, 3)
 
-    def grads(kernel: str, precision: torch.dtype) -> list[torch.Tensor]:
-        leaves = [t.detach().to(precision).requires_grad_() for t in base]
-        # the non-contiguous layout kept: .to() of a permuted tensor keeps its strides (preserve_format)
-        with sdpa_kernel(kernels[kernel]):
-            out = torch.nn.functional.scaled_dot_product_attention(*leaves)
-        strides = {"q": list(leaves[0].stride()), "out": list(out.stride())}
-        out.backward(grad_out.to(precision))
-        torch.cuda.synchronize()
-        return [t.grad.float() for t in leaves], strides
-
-    reference, _ = grads("math", torch.float32)
+    reference, _ = sdpa_grads(SDPBackend.MATH, base, torch.float32, grad_out)
     try:
-        tested, strides = grads(backend, dt)
+        tested, strides = sdpa_grads(kernels[backend], base, dt, grad_out.to(dt))
     except RuntimeError as error:
         return {"error": str(error).splitlines()[0][:300]}
-    errors = [float((t - r).norm() / r.norm()) for t, r in zip(tested, reference)]
-    return {"rel_err_dq_dk_dv": [round(e, 5) for e in errors], "zero_grads": any(float(t.abs().max()) == 0
-                                                                                 for t in tested),
-            "strides": strides}
+    return {"rel_err_dq_dk_dv": relative_errors(tested, reference),
+            "zero_grads": any(float(t.abs().max()) == 0 for t in tested), "strides": strides}
 
 
 def run_cache_case(order: str, fixed: bool, tokens: int) -> dict:
@@ -95,33 +102,29 @@ def run_cache_case(order: str, fixed: bool, tokens: int) -> dict:
     contiguous (B, S, H*D) gradient, heads split) and as a single block's (the first H*D of a (B, S, 5*H*D) one), in
     `order`; each call's gradients against the fp32 math kernel. `fixed`: the single block's copied contiguous first."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     g = torch.Generator("cuda").manual_seed(0)
     width = HEADS * HEAD_DIM
     base = [torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", generator=g) for _ in range(3)]
     rows = {"double": torch.randn(1, tokens, width, device="cuda", generator=g),
-            "single": torch.randn(1, tokens, 5 * width, device="cuda", generator=g)[..., :width]}
-    if fixed:
-        rows["single"] = rows["single"].contiguous()
+            "single": torch.randn(1, tokens, 5 * width, device="cuda", generator=g)}
 
-    def grads(kernel, precision: torch.dtype, row: torch.Tensor) -> list[torch.Tensor]:
-        leaves = [t.detach().to(precision).requires_grad_() for t in base]
-        with sdpa_kernel(kernel):
-            out = torch.nn.functional.scaled_dot_product_attention(*leaves)
-        grad_out = row.to(precision) if precision == torch.float32 else row.bfloat16()
-        out.backward(grad_out.view(1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3))
-        torch.cuda.synchronize()
-        return [t.grad.float() for t in leaves]
+    def grad_output(kind: str, precision: torch.dtype) -> torch.Tensor:
+        # Cast before slicing: .to() of a slice (not dense) would return a contiguous copy, hiding the stride.
+        row = rows[kind].to(precision)[..., :width]
+        row = row.contiguous() if fixed else row
+        return row.view(1, tokens, HEADS, HEAD_DIM).permute(0, 2, 1, 3)
 
     result = {}
     for kind in order.split("-"):
-        reference = grads(SDPBackend.MATH, torch.float32, rows[kind])
+        reference, _ = sdpa_grads(SDPBackend.MATH, base, torch.float32, grad_output(kind, torch.float32))
         try:
-            tested = grads(SDPBackend.CUDNN_ATTENTION, torch.bfloat16, rows[kind])
+            tested, strides = sdpa_grads(SDPBackend.CUDNN_ATTENTION, base, torch.bfloat16,
+                                         grad_output(kind, torch.bfloat16))
         except RuntimeError as error:
             return {**result, kind: str(error).splitlines()[0][:300]}
-        result[kind] = [round(float((t - r).norm() / r.norm()), 5) for t, r in zip(tested, reference)]
+        result[kind] = relative_errors(tested, reference)
     return result
 
 
@@ -171,8 +174,7 @@ def run_block_case(backend: str, tokens: int, compiled: bool, fixed: bool = Fals
         tested = input_grads(backend)
     except RuntimeError as error:
         return {"error": str(error).splitlines()[0][:300]}
-    errors = [float((t - r).norm() / r.norm()) for t, r in zip(tested, reference)]
-    return {"rel_err_dimage_dtext": [round(e, 5) for e in errors],
+    return {"rel_err_dimage_dtext": relative_errors(tested, reference),
             "zero_grads": any(float(t.abs().max()) == 0 for t in tested)}
 
 

@@ -222,10 +222,11 @@ def main() -> None:
             results.append(reference[f"{w}x{h}"])
             print(json.dumps(results[-1]), flush=True)
     passes = ([] if args.skip_plain else [""]) + args.extra
+    common_env = dict(kv.split("=", 1) for kv in args.env)
     for extra, profile, name in itertools.product(passes, args.gpu_profile, args.configs):
         flags, env = split_env(extra.split())
         results.append(run_config(name, args.workdir, args.steps, flags, profile, args.fresh_compile_cache,
-                                  {**dict(kv.split("=", 1) for kv in args.env), **env}))
+                                  {**common_env, **env}))
         base = reference.get(results[-1].get("resolution"), {})
         if "s_per_step" in base and "s_per_step" in results[-1]:
             results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
