@@ -246,7 +246,8 @@ def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
                      help="Capture each micro step (forward, backward, gradient gather) in a CUDA graph after two "
                           "warm-up steps and replay it: the CPU no longer launches thousands of kernels per step. "
                           "One GPU, --mixed_precision bf16/fp16; best with --compile.")
-    add_attention_backend_arg(opt, "_native_flash where the GPU has it in this dtype, else _native_efficient")
+    add_attention_backend_arg(opt, "_native_cudnn from compute capability 9.0, else _native_flash where the GPU has "
+                                   "it in this dtype, else _native_efficient")
     opt.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Compute dtype (default: accelerate's config, bf16 in accelerate.yaml).")
     opt.add_argument("--seed", type=int, default=0, help="Seed of the sample order, noise and LoRA init.")

@@ -83,9 +83,9 @@ def backend_problem(backend: str, device: Device, dtype: torch.dtype, head_dim: 
 def pick_attention_backend(requested: str | None, device: Device, dtype: torch.dtype, head_dim: int = 128,
                            training: bool = True) -> str | None:
     """The attention backend to use: `requested` if it can run here (else one line saying why and what would), or
-    the default. Training defaults to PyTorch's flash kernel on GPUs that have it in this dtype and to the
-    memory-efficient kernel on the others (T4, V100, fp32), which always has one; inference and the CPU keep
-    PyTorch SDPA's own choice (None)."""
+    the default. Training defaults to PyTorch's cuDNN kernel from Hopper on, its flash kernel on the other GPUs
+    that have it in this dtype and the memory-efficient kernel on the rest (T4, V100, fp32), which always has one;
+    inference and the CPU keep PyTorch SDPA's own choice (None)."""
     if requested:
         problem = backend_problem(requested, device, dtype, head_dim)
         if problem:
@@ -96,10 +96,11 @@ def pick_attention_backend(requested: str | None, device: Device, dtype: torch.d
         return requested
     if device.type != "cuda" or not training:
         return None
-    # The cuDNN kernel PyTorch would pick on the H100 broke in the backward with bf16 inputs (bf16 base:
-    # "mha_graph.execute ... is_good()"; NF4 base: illegal memory access, zero LoRA gradients): flash trains
-    # correctly (BENCHMARKS.md). An explicit _native_cudnn gets the workaround for its graph cache
-    # (models.give_single_blocks_contiguous_attention_gradients); it becomes the default once measured there.
+    # From Hopper on, PyTorch's cuDNN kernel: faster than flash at Flux's long sequences (BENCHMARKS.md), and correct
+    # once its backward gets contiguous gradients from the single blocks (set_attention_backend sees to it);
+    # measured on H100/H200 only, so Ampere and Ada keep flash.
+    if device.capability >= (9, 0) and backend_problem("_native_cudnn", device, dtype, head_dim) is None:
+        return "_native_cudnn"
     return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"
 
 

@@ -21,7 +21,9 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.mark.parametrize("device, dtype, expected", [
-    pytest.param(H100, BF16, "_native_flash", id="h100-bf16"),
+    pytest.param(H100, BF16, "_native_cudnn", id="h100-bf16"),
+    pytest.param(H100, FP16, "_native_cudnn", id="h100-fp16"),
+    pytest.param(RTX4090, BF16, "_native_flash", id="4090-bf16"),
     pytest.param(RTX3090, FP16, "_native_flash", id="3090-fp16"),
     pytest.param(H100, FP32, "_native_efficient", id="h100-fp32-no-flash-kernel"),
     pytest.param(T4, FP16, "_native_efficient", id="t4-fp16-no-flash-before-ampere"),
