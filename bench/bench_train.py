@@ -208,6 +208,8 @@ def main() -> None:
                         help="Run the trainer on emulated smaller GPUs (bench/emulate_gpu.py: memory cap; the T4's "
                              "compute capability 7.5 and fp16), each profile over each of --configs.")
     args = parser.parse_args()
+    if args.skip_plain and not args.extra:
+        parser.error("--skip_plain runs only the --extra passes, and there are none: add --extra='...' or drop it")
 
     if "matrix" in args.configs:
         args.configs = MATRIX
