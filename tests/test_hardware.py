@@ -130,6 +130,9 @@ def test_a_gpu_too_small_gets_the_flags_that_fit():
     # 512x768 without checkpointing needs ~13.7 GiB: on an 8 GB card, checkpointing or offloading would fit
     fits = plans_that_fit(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, gradient_checkpointing=False), 7.5)
     assert fits == ["--gradient_checkpointing", "--offload_activations"]
+    # the `8gb` profile at 1024x1024 with the blog's flags (~8.0 GiB against 7.5): offloading or a smaller size
+    assert plans_that_fit(FLUX_DEV_CONFIG, TrainingShape(1024, 1024, 77), 7.5) == \
+        ["--offload_activations", "--width 512 --height 512"]
     assert plans_that_fit(FLUX_DEV_CONFIG, TrainingShape(1024, 1024, 77), 4.0) == []  # the weights alone don't fit
 
 
