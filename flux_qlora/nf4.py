@@ -54,6 +54,17 @@ def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax
 
 # The dequantization the compiled NF4 layers run (read at each call, so a test can switch it).
 DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT") == "table" else dequantize_nf4
+# "triton": the GEMMs read the 4-bit weight themselves (nf4_gemm.py; an experiment for issue 18, BENCHMARKS.md).
+GEMM = os.environ.get("FLUX_QLORA_NF4_GEMM", "torch")
+
+
+def _fused_gemm(x: torch.Tensor, shape: tuple[int, int], blocksize: int):
+    """The nf4_gemm module when GEMM is "triton" and its kernels take this input and weight, else None."""
+    if GEMM != "triton":
+        return None
+    from flux_qlora import nf4_gemm
+
+    return nf4_gemm if nf4_gemm.available(x.device) and nf4_gemm.supports(shape, blocksize, x.dtype) else None
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -65,12 +76,21 @@ class _NF4Matmul(torch.autograd.Function):
         quant = (packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code)
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
+        ctx.fused = _fused_gemm(x, shape, blocksize) is not None
+        if ctx.fused:
+            out = torch.ops.flux_qlora.nf4_x_wt(x.reshape(-1, shape[1]), *quant, *shape, blocksize, blocksize2)
+            return out.view(*x.shape[:-1], shape[0])
         return x @ DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight = DEQUANTIZE(*ctx.saved_tensors, *ctx.layout)
-        return grad_out @ weight, None, None, None, None, None, None, None, None, None
+        shape, blocksize, blocksize2, _ = ctx.layout
+        if ctx.fused:
+            grad_in = torch.ops.flux_qlora.nf4_g_w(grad_out.reshape(-1, shape[0]), *ctx.saved_tensors, *shape,
+                                                   blocksize, blocksize2).view(*grad_out.shape[:-1], shape[1])
+        else:
+            grad_in = grad_out @ DEQUANTIZE(*ctx.saved_tensors, *ctx.layout)
+        return grad_in, None, None, None, None, None, None, None, None, None
 
 
 class AutocastLinear4bit(bnb.nn.Linear4bit):

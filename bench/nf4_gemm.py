@@ -1,0 +1,120 @@
+"""The Triton NF4 GEMMs (flux_qlora/nf4_gemm.py) against the trainer's default, compiled dequantization + cuBLAS,
+at the shapes of FLUX.1-dev's NF4 layers (issue 18's first lever). On a GPU:
+
+    python bench/nf4_gemm.py --tokens 1613 4608
+
+For each weight (out x in) and token count: ms per forward product (x @ W.T) and per input gradient (g @ W) both
+ways, the speed-up, and the Triton result's relative L2 distance to the default's. Then, per training step, the
+sum over one step's layers (19 double + 38 single blocks, three passes per weight with checkpointing: forward,
+recompute, input gradient) of what each way costs (every layer at the total token count: the double blocks'
+text-side layers really see only the text tokens, so the sum slightly overcounts both ways).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch import nn
+
+from flux_qlora import nf4_gemm
+from flux_qlora.models import _nf4_linear, _nf4_weight
+from flux_qlora.nf4 import dequantize_nf4, make_nf4_compilable
+
+# FLUX.1-dev's block linears (out, in) and how many of each one step runs: a double block has image and text
+# attention (q, k, v, out: 8 of 3072x3072), two MLPs and two 6x modulations; a single block q, k, v, its MLP's
+# input, its 3x modulation and proj_out over attention and MLP together.
+SHAPES = {
+    (3072, 3072): 19 * 8 + 38 * 3,
+    (12288, 3072): 19 * 2 + 38,
+    (3072, 12288): 19 * 2,
+    (18432, 3072): 19 * 2,
+    (9216, 3072): 38,
+    (3072, 15360): 38,
+}
+
+
+def nf4_layer(out_features: int, in_features: int, device: torch.device) -> nn.Module:
+    linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.bfloat16)
+    layer = _nf4_linear(linear, torch.bfloat16)
+    layer.weight = _nf4_weight(linear.weight.data, layer, device)
+    model = nn.Sequential(layer)
+    make_nf4_compilable(model)
+    return model[0]
+
+
+def milliseconds(call, repeats: int = 20) -> float:
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def measure(out_features: int, in_features: int, tokens: int, device: torch.device) -> dict:
+    layer = nf4_layer(out_features, in_features, device)
+    quant = (layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
+             layer.nf4_absmax_offset, layer.nf4_code)
+    shape, blocksize, blocksize2 = layer.nf4_layout
+    x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16)
+    g = torch.randn(tokens, out_features, device=device, dtype=torch.bfloat16)
+
+    @torch.compile(fullgraph=True)
+    def default_forward(x):
+        return x @ dequantize_nf4(*quant, shape, blocksize, blocksize2, x.dtype).t()
+
+    @torch.compile(fullgraph=True)
+    def default_input_grad(g):
+        return g @ dequantize_nf4(*quant, shape, blocksize, blocksize2, g.dtype)
+
+    def fused_forward(x):
+        return torch.ops.flux_qlora.nf4_x_wt(x, *quant, *shape, blocksize, blocksize2)
+
+    def fused_input_grad(g):
+        return torch.ops.flux_qlora.nf4_g_w(g, *quant, *shape, blocksize, blocksize2)
+
+    row = {"weight": f"{out_features}x{in_features}", "tokens": tokens}
+    for name, default, fused, arg in (("forward", default_forward, fused_forward, x),
+                                      ("input_grad", default_input_grad, fused_input_grad, g)):
+        expected, got = default(arg).float(), fused(arg).float()
+        row[f"{name}_error"] = float((got - expected).norm() / expected.norm())
+        row[f"{name}_default_ms"] = milliseconds(lambda: default(arg))  # noqa: B023 (called right here)
+        row[f"{name}_triton_ms"] = milliseconds(lambda: fused(arg))  # noqa: B023
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1613, 4608],
+                        help="Rows of the products: 512x768 trains on 1,536 image + 77 text tokens, 1024x1024 on "
+                             "4,096 + 512 with T5's 512.")
+    parser.add_argument("--results", type=str, default=None, help="Write the rows as JSON here.")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    if not nf4_gemm.available(device):
+        raise SystemExit("error: needs a CUDA GPU and Triton")
+    rows = []
+    for tokens in args.tokens:
+        step = {"default": 0.0, "triton": 0.0}
+        for (out_features, in_features), count in SHAPES.items():
+            row = measure(out_features, in_features, tokens, device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            for way in step:  # with checkpointing: the forward twice (forward, recompute), the input gradient once
+                step[way] += count * (2 * row[f"forward_{way}_ms"] + row[f"input_grad_{way}_ms"])
+        rows.append({"tokens": tokens, "step_ms_default": step["default"], "step_ms_triton": step["triton"]})
+        print(f"{tokens} tokens: one step's NF4 products {step['default']:.1f} ms (dequantize + cuBLAS) -> "
+              f"{step['triton']:.1f} ms (Triton): {step['default'] / step['triton']:.2f}x", flush=True)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
