@@ -39,10 +39,13 @@ if triton is not None:
     # fp32 to bf16 by truncation. There the weights are rounded by hand and the tiles, already rounded, widened to
     # fp32 for tl.dot; on a GPU the tensor cores take them as they are. Same numbers, other instructions.
     # A few tile shapes for Flux's GEMMs (M = tokens: 1.6-4.6 k; N, K: 3,072-15,360); one for the interpreter.
+    # Each program dequantizes its weight tiles itself, so a weight is dequantized once per BLOCK_M rows: about as
+    # many ALU operations per weight as the tensor cores need clocks for BLOCK_M = 128 rows of it; 256-row tiles
+    # halve that share.
     _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)] if INTERPRETED else [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
-                                 (64, 128, 64, 4, 4)]
+        for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                 (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
     ]
 
     @triton.jit
