@@ -35,7 +35,7 @@ from flux_qlora.cli import (
     run_main,
     setup_logging,
 )
-from flux_qlora.compile_cache import load_compile_cache, save_compile_cache
+from flux_qlora.compile_cache import load_compile_cache, save_compile_cache, start_compile_workers
 from flux_qlora.convert import kohya_as_diffusers
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
@@ -381,6 +381,8 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     validate_args(args)
     prompts = read_prompts(args)
     device = pick_device(args)
+    if args.compile:
+        start_compile_workers(device)
     loras = resolve_loras(args)
     pipe = pipe if pipe is not None else load_pipeline(args, device)
     server = apply_loras(pipe, loras, args, device)

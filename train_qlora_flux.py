@@ -70,7 +70,7 @@ from flux_qlora.cli import (
     warn_about_pitfalls,
     write_config,
 )
-from flux_qlora.compile_cache import load_compile_cache, save_compile_cache
+from flux_qlora.compile_cache import load_compile_cache, save_compile_cache, start_compile_workers
 from flux_qlora.convert import COMFYUI_WEIGHT_NAME, convert_file
 from flux_qlora.data import load_samples
 from flux_qlora.embeddings import check_embeddings_fit, match_embeddings, read_embeddings
@@ -542,6 +542,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.dry_run:
         print(f"Memory plan: {plan.describe()}")
         return {"memory_plan": asdict(plan) | {"peak_gib": plan.peak_gib}}
+    if args.compile:
+        start_compile_workers(accelerator.device)  # ready by the first step, instead of starting then
     if accelerator.is_main_process:  # writable, room for a checkpoint, never mixed with another run
         prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
                            int(plan.lora_gib * 2**30) + 2**20)

@@ -25,6 +25,18 @@ KEEP_FILES = 8  # one per set of graphs (resolution, flags); the least recently 
 SUFFIX = ".torchcompile"
 
 
+def start_compile_workers(device: torch.device) -> None:
+    """Starts inductor's pool of compile processes now, in the background, rather than at the first compile.
+
+    Inductor starts the pool when dynamo hands it the first graph, and each worker imports torch before it compiles
+    a kernel; started at launch, the workers get ready while the data and the model load. On the CPU inductor
+    builds C++ kernels without the pool, so nothing is started there."""
+    if device.type == "cuda":
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+
+
 def load_compile_cache(folder: str | None) -> int:
     """Loads every cache file of `folder` into torch's local caches; call before anything compiles. Returns the
     number of files loaded. A damaged file is skipped with a warning: compiling again is always correct."""
