@@ -158,7 +158,8 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
             "model_gib": summary["model_gpu_memory_gib"],
             "gpu_busy_percent": summary["gpu_busy_percent"], "tokens_per_s": tokens / summary["median_s_per_step"],
-            "wall_s": time.time() - start, "final_loss": summary["final_loss"], "flags": " ".join(flags),
+            "wall_s": time.time() - start, "final_loss": summary["final_loss"], "losses": summary["losses"],
+            "flags": " ".join(flags),
             "extra": " ".join(extra), "env": " ".join(f"{k}={v}" for k, v in (env_vars or {}).items())}
 
 
@@ -193,7 +194,8 @@ def main() -> None:
     parser.add_argument("--extra", type=str, action="append", default=[],
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
                              "the plain flags always run first); NAME=VALUE tokens set that pass's environment, e.g. "
-                             "--extra='TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 --compile'.")
+                             "--extra='TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 --compile'. Each later pass's losses are "
+                             "compared step by step with the first pass's (largest relative difference).")
     parser.add_argument("--skip_plain", action="store_true", help="Run only the --extra passes.")
     parser.add_argument("--skip_reference", action="store_true",
                         help="Don't run the plain library recipe (bench/reference_recipe.py) at each NF4 size.")
@@ -232,15 +234,24 @@ def main() -> None:
         base = reference.get(results[-1].get("resolution"), {})
         if "s_per_step" in base and "s_per_step" in results[-1]:
             results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]
+        first = next(r for r in results if r["config"] == name and r.get("gpu_profile") == profile)
+        if "losses" in first and "losses" in results[-1] and first is not results[-1]:
+            results[-1]["loss_diff_vs_first_pass"] = largest_relative_difference(results[-1]["losses"],
+                                                                                 first["losses"])
         print(json.dumps(results[-1]), flush=True)
         if args.results:  # after every run: a long invocation cut short keeps what it measured
             args.results.write_text(json.dumps(results, indent=2))
     print_table(results)
 
 
+def largest_relative_difference(losses: list[float], baseline: list[float]) -> float:
+    """The largest |loss - baseline| / |baseline| over the steps both runs have: is a speed-up the same run?"""
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, baseline))
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\n{'config':<22} {'extra flags':<32} {'WxH':>18} {'s/step':>7} {'peak GiB':>8} {'reserved':>8} "
-          f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7} {'predicted':>9}")
+          f"{'model GiB':>9} {'GPU busy':>8} {'tokens/s':>8} {'vs ref':>7} {'predicted':>9} {'loss diff':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['config']:<22} {r.get('resolution', '')} ERROR: {r['error'][-300:]}")
@@ -249,7 +260,8 @@ def print_table(results: list[dict]) -> None:
         tokens = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
         print(f"{r['config']:<22} {r.get('extra', '')[:32]:<32} {r['resolution']:>18} {r['s_per_step']:>7.3f} "
               f"{r['peak_gib']:>8.2f} {r.get('reserved_gib', 0):>8.2f} {r['model_gib']:>9.2f} "
-              f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7} {r.get('predicted_gib') or 0:>9.2f}")
+              f"{r.get('gpu_busy_percent') or 0:>7.0f}% {tokens:>8} {speedup:>7} {r.get('predicted_gib') or 0:>9.2f} "
+              f"{r.get('loss_diff_vs_first_pass', float('nan')):>9.1e}")
 
 if __name__ == "__main__":
     main()
