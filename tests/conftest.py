@@ -94,16 +94,20 @@ def mixed_aspect_data(tiny_model, tiny_images_master, tmp_path_factory) -> tuple
     """(images, embeddings): the tiny images as landscapes, portraits and squares, for the aspect-ratio buckets."""
     from PIL import Image
 
-    folder = tmp_path_factory.mktemp("mixed") / "images"
-    folder.mkdir()
-    sizes = [(128, 64), (120, 60), (64, 128), (60, 120), (96, 96), (132, 66)]
-    for (width, height), png in zip(sizes, sorted(tiny_images_master.glob("*.png"))):
-        Image.open(png).convert("RGB").resize((width, height)).save(folder / png.name)
-        shutil.copy(png.with_suffix(".txt"), folder)
-    output = folder.parent / "embeddings.parquet"
-    run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", folder,
-               "--output_path", output, "--max_sequence_length", "16", "--device", "cpu")
-    return folder, output
+    def build(folder: Path) -> Path:
+        images = folder / "images"
+        images.mkdir()
+        sizes = [(128, 64), (120, 60), (64, 128), (60, 120), (96, 96), (132, 66)]
+        for (width, height), png in zip(sizes, sorted(tiny_images_master.glob("*.png"))):
+            Image.open(png).convert("RGB").resize((width, height)).save(images / png.name)
+            shutil.copy(png.with_suffix(".txt"), images)
+        run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir",
+                   images, "--output_path", folder / "embeddings.parquet", "--max_sequence_length", "16",
+                   "--device", "cpu")
+        return folder
+
+    folder = built_once(tmp_path_factory, "mixed", build)
+    return folder / "images", folder / "embeddings.parquet"
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:
