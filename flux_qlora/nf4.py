@@ -58,13 +58,13 @@ DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT")
 GEMM = os.environ.get("FLUX_QLORA_NF4_GEMM", "torch")
 
 
-def _fused_gemm(x: torch.Tensor, shape: tuple[int, int], blocksize: int):
-    """The nf4_gemm module when GEMM is "triton" and its kernels take this input and weight, else None."""
+def _use_fused_gemm(x: torch.Tensor, shape: tuple[int, int], blocksize: int) -> bool:
+    """Whether GEMM is "triton" and its kernels take this input and weight (the others stay on torch ops)."""
     if GEMM != "triton":
-        return None
-    from flux_qlora import nf4_gemm
+        return False
+    from flux_qlora import nf4_gemm  # registers the torch.ops.flux_qlora kernels
 
-    return nf4_gemm if nf4_gemm.available(x.device) and nf4_gemm.supports(shape, blocksize, x.dtype) else None
+    return nf4_gemm.available(x.device) and nf4_gemm.supports(shape, blocksize, x.dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -76,7 +76,7 @@ class _NF4Matmul(torch.autograd.Function):
         quant = (packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code)
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
-        ctx.fused = _fused_gemm(x, shape, blocksize) is not None
+        ctx.fused = _use_fused_gemm(x, shape, blocksize)
         if ctx.fused:
             out = torch.ops.flux_qlora.nf4_x_wt(x.reshape(-1, shape[1]), *quant, *shape, blocksize, blocksize2)
             return out.view(*x.shape[:-1], shape[0])

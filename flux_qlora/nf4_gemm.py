@@ -38,6 +38,7 @@ if triton is not None:
     # INTERPRETER: numpy, under Triton's interpreter, has no bf16: it multiplies bf16 tiles as integers and rounds
     # fp32 to bf16 by truncation. There the weights are rounded by hand and the tiles, already rounded, widened to
     # fp32 for tl.dot; on a GPU the tensor cores take them as they are. Same numbers, other instructions.
+    #
     # A few tile shapes for Flux's GEMMs (M = tokens: 1.6-4.6 k; N, K: 3,072-15,360); one for the interpreter.
     # Each program dequantizes its weight tiles itself, so a weight is dequantized once per BLOCK_M rows: about as
     # many ALU operations per weight as the tensor cores need clocks for BLOCK_M = 128 rows of it; 256-row tiles
@@ -67,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _round(values, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
-        """fp32 to DTYPE, to nearest even (by hand under the interpreter, see INTERPRETER below)."""
+        """fp32 to DTYPE, to nearest even (by hand under the interpreter, see INTERPRETER above)."""
         if INTERPRETER and DTYPE == tl.bfloat16:
             bits = values.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
