@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_script, tiny_forward
@@ -186,6 +187,25 @@ def test_cli_hotswap_compiled_counts_no_new_graphs(mode, tiny_model, loras, tmp_
     assert len(list((tmp_path / "cache").glob("*.torchcompile"))) == 1  # what the next run loads (test_train)
 
 
+def test_freed_text_encoders_draw_the_same_images(tiny_model, loras, tmp_path):
+    """--free_text_encoders: every prompt encoded first, T5 and CLIP freed, the images drawn from the embeddings:
+    pixel for pixel what the pipeline draws from the prompts, over hotswapped LoRAs and the timed images."""
+    (fa, _), (fb, _) = loras["a"], loras["b"]
+    common = ["--pretrained_model_name_or_path", tiny_model, "--hotswap", "--lora", fa, "--lora", fb,
+              "--prompt", "a red circle", "--prompt", "a blue square", "--height", "32", "--width", "48",
+              "--num_inference_steps", "2", "--dtype", "fp32", "--benchmark", "1"]
+    run_script("infer.py", *common, "--output_dir", tmp_path / "prompts")
+    result = run_script("infer.py", *common, "--free_text_encoders", "--output_dir", tmp_path / "embeddings")
+    assert "T5 and CLIP freed" in result.stderr
+    drawn = sorted(path.name for path in (tmp_path / "prompts").glob("*.png"))
+    assert len(drawn) == 4 and drawn == sorted(path.name for path in (tmp_path / "embeddings").glob("*.png"))
+    for name in drawn:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "prompts" / name)),
+                              np.asarray(Image.open(tmp_path / "embeddings" / name))), name
+    timed = json.loads((tmp_path / "embeddings" / "benchmark.json").read_text())
+    assert len(timed) == 2 and all(r["s_per_image"] > 0 for r in timed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
 def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, loras, tmp_path):
     """The graph is captured with LoRA a; after swapping in c (another rank and scale) replays must use c."""
@@ -298,6 +318,8 @@ def test_running_out_of_gpu_memory_is_one_line_naming_flags_that_use_less(tiny_m
     pytest.param(["--prompt_file", "{tmp}/nope.txt"], ["--prompt_file", "nope.txt", "does not exist"],
                  id="missing_prompt_file"),
     pytest.param(["--num_inference_steps", "0"], ["--num_inference_steps", "at least 1"], id="no_steps"),
+    pytest.param(["--free_text_encoders", "--cpu_offload"], ["--cpu_offload", "drop --free_text_encoders"],
+                 id="free_with_offload"),
 ])
 def test_bad_input_gives_one_clear_line(flags, expect, tiny_model, loras, tmp_path):
     """Each case adds its flags to a run with LoRA a (a case that names its own --lora runs that one alone)."""
