@@ -12,7 +12,7 @@ eager, rank-16 LoRA) and servers that take all three LoRAs in turn through one c
 comparison, GPU time per pipeline stage and, with --profile_dir, kernel tables and each configuration's distance
 from the baseline's latents.
 
-    python bench/bench_infer.py --workdir /dev/shm/fi --gpu_profile t4 --configs nf4-fp16
+    python bench/bench_infer.py --workdir /dev/shm/fi --gpu_profile t4 --configs nf4-fp16-free
 
 With --gpu_profile (bench/emulate_gpu.py: t4, 24gb, 12gb, 8gb) the pipeline is written to the workdir once and each
 configuration runs infer.py as a user would, loading from that folder, in a process whose GPU memory is capped to
@@ -203,6 +203,7 @@ def latent_errors(folder: Path, configs: list[str]) -> dict[str, float]:
 # VM has 12.7 GB of RAM); with --fuse it is merged in full precision, then re-quantized. fp16 on the T4.
 CAPPED_CONFIGS = {
     "nf4-fp16": ["--quantize", "nf4", "--quantize_t5", "--dtype", "fp16"],
+    "nf4-fp16-free": ["--quantize", "nf4", "--quantize_t5", "--free_text_encoders", "--dtype", "fp16"],  # the T4's
     "nf4-bf16": ["--quantize", "nf4", "--quantize_t5", "--dtype", "bf16"],
     "nf4-fused-bf16-t5": ["--fuse", "--quantize", "nf4", "--dtype", "bf16"],  # T5 in bf16 (9.5 GB): 24 GB cards
 }

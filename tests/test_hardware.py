@@ -12,7 +12,7 @@ from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
 from flux_qlora.models import FLUX_DEV_CONFIG, give_single_blocks_contiguous_attention_gradients
 
 CPU = Device("cpu")
-T4 = Device("cuda", (7, 5), "Tesla T4", 15.0)
+T4 = Device("cuda", (7, 5), "Tesla T4", 14.76)  # 15,843,721,216 bytes, as torch reports it
 V100 = Device("cuda", (7, 0), "Tesla V100", 16.0)
 RTX3090 = Device("cuda", (8, 6), "RTX 3090", 24.0)
 RTX4090 = Device("cuda", (8, 9), "RTX 4090", 24.0)
