@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -359,21 +360,62 @@ def generate(pipe, prompts: list[str], args, lora_tag: str, embeddings: dict | N
     return files
 
 
-def time_generations(pipe, prompt: str, args, device, embeddings: dict | None = None) -> dict:
-    """Seconds per image (median of --benchmark runs, after the warm-up; each run's too) and peak memory. With
-    --free_text_encoders the prompt was encoded before, so the times leave out T5 and CLIP."""
-    times = []
-    for i in range(args.benchmark):
-        _sync(device)
-        start = time.perf_counter()
-        pipe(**prompt_inputs(prompt, embeddings), height=args.height, width=args.width,
-             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-             max_sequence_length=args.max_sequence_length, generator=torch.Generator("cpu").manual_seed(i))
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+def time_generations(pipe, prompt: str, args, device, embeddings: dict | None, memory: MemoryPeaks) -> dict:
+    """Seconds per image (median of --benchmark runs, after the warm-up; each run's too) and peak memory: since
+    launch, and (on a GPU) within the timed images, up to the VAE decode and during it. With --free_text_encoders
+    the prompt was encoded before, so the times leave out T5 and CLIP."""
+    times, stages = [], {}
+    with memory.stages(pipe.vae.decoder, stages):
+        for i in range(args.benchmark):
+            _sync(device)
+            start = time.perf_counter()
+            pipe(**prompt_inputs(prompt, embeddings), height=args.height, width=args.width,
+                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                 max_sequence_length=args.max_sequence_length, generator=torch.Generator("cpu").manual_seed(i))
+            _sync(device)
+            times.append(time.perf_counter() - start)
     return {"s_per_image": sorted(times)[len(times) // 2], "times": [round(t, 3) for t in times],
-            "peak_memory_gib": round(peak, 2)}
+            "peak_memory_gib": round(memory.since_launch(), 2), **{key: round(gib, 2) for key, gib in stages.items()}}
+
+
+class MemoryPeaks:
+    """Peak GPU memory since launch, and per stage of the timed images. torch keeps one peak counter, which the
+    stages reset, so the launch peak is carried along here."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.before_resets = device, 0.0
+
+    def _read(self, reset: bool) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.before_resets = max(self.before_resets, gib)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return gib
+
+    def since_launch(self) -> float:
+        return max(self.before_resets, self._read(reset=False))
+
+    @contextmanager
+    def stages(self, decoder, peaks: dict[str, float]):
+        """Fills `peaks` with the peak (GiB) up to the VAE decode (text encoders, denoising: "denoising_peak_gib")
+        and during it ("decode_peak_gib"), over the images generated inside; nothing on the CPU."""
+        if self.device.type != "cuda":
+            yield
+            return
+
+        def record(key: str) -> None:
+            peaks[key] = max(peaks.get(key, 0.0), self._read(reset=True))
+
+        handles = [decoder.register_forward_pre_hook(lambda module, inputs: record("denoising_peak_gib")),
+                   decoder.register_forward_hook(lambda module, inputs, output: record("decode_peak_gib"))]
+        self._read(reset=True)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _sync(device) -> None:
@@ -394,7 +436,8 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[-60:] or "base"
 
 
-def serve(pipe, server: LoraServer, prompts: list[str], args, device, embeddings: dict | None = None) -> list[dict]:
+def serve(pipe, server: LoraServer, prompts: list[str], args, device, embeddings: dict | None,
+          memory: MemoryPeaks) -> list[dict]:
     """Generates (and with --benchmark times) each of the server's rounds: one, or one per hotswapped LoRA."""
     import torch._dynamo.utils as dynamo_utils
 
@@ -406,7 +449,7 @@ def serve(pipe, server: LoraServer, prompts: list[str], args, device, embeddings
         files = generate(pipe, prompts, args, tag, embeddings)  # the first image of the first round warms up
         result = {"lora": tag, "files": [str(f) for f in files], "first_image_s": time.perf_counter() - start}
         if args.benchmark:
-            result.update(time_generations(pipe, prompts[0], args, device, embeddings))
+            result.update(time_generations(pipe, prompts[0], args, device, embeddings, memory))
         result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
         results.append(result)
         logger.info("%s", json.dumps({k: v for k, v in result.items() if k != "files"}))
@@ -431,7 +474,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
         free_text_encoders(pipe)
     server.start()
     speed_up(pipe, args, server)
-    results = serve(pipe, server, prompts, args, device, embeddings)
+    results = serve(pipe, server, prompts, args, device, embeddings, MemoryPeaks(device))
     save_compile_cache(args.compile_cache_dir)
     if args.benchmark or args.hotswap:
         path = Path(args.output_dir) / "benchmark.json"
