@@ -246,7 +246,7 @@ def main() -> None:
 
 def largest_relative_difference(losses: list[float], baseline: list[float]) -> float:
     """The largest |loss - baseline| / |baseline| over the steps both runs have: is a speed-up the same run?"""
-    return max(abs(a - b) / abs(b) for a, b in zip(losses, baseline))
+    return max((abs(a - b) / abs(b) for a, b in zip(losses, baseline)), default=float("nan"))
 
 
 def print_table(results: list[dict]) -> None:
