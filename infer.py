@@ -365,7 +365,7 @@ def time_generations(pipe, prompt: str, args, device, embeddings: dict | None, m
     launch, and (on a GPU) within the timed images, up to the VAE decode and during it. With --free_text_encoders
     the prompt was encoded before, so the times leave out T5 and CLIP."""
     times, stages = [], {}
-    with memory.stages(pipe.vae.decoder, stages):
+    with memory.stages(pipe.vae, stages):
         for i in range(args.benchmark):
             _sync(device)
             start = time.perf_counter()
@@ -398,24 +398,27 @@ class MemoryPeaks:
         return max(self.before_resets, self._read(reset=False))
 
     @contextmanager
-    def stages(self, decoder, peaks: dict[str, float]):
+    def stages(self, vae, peaks: dict[str, float]):
         """Fills `peaks` with the peak (GiB) up to the VAE decode (text encoders, denoising: "denoising_peak_gib")
-        and during it ("decode_peak_gib"), over the images generated inside; nothing on the CPU."""
+        and during it ("decode_peak_gib"), over the images generated inside; nothing on the CPU. It wraps
+        `vae.decode`, outside what --compile all compiles (a hook inside the compiled decoder would recompile it)."""
         if self.device.type != "cuda":
             yield
             return
+        decode = vae.decode
 
-        def record(key: str) -> None:
-            peaks[key] = max(peaks.get(key, 0.0), self._read(reset=True))
+        def measured_decode(*args, **kwargs):
+            peaks["denoising_peak_gib"] = max(peaks.get("denoising_peak_gib", 0.0), self._read(reset=True))
+            output = decode(*args, **kwargs)
+            peaks["decode_peak_gib"] = max(peaks.get("decode_peak_gib", 0.0), self._read(reset=True))
+            return output
 
-        handles = [decoder.register_forward_pre_hook(lambda module, inputs: record("denoising_peak_gib")),
-                   decoder.register_forward_hook(lambda module, inputs, output: record("decode_peak_gib"))]
+        vae.decode = measured_decode
         self._read(reset=True)
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            del vae.decode  # the class's method again
 
 
 def _sync(device) -> None:
