@@ -225,7 +225,26 @@ def pick_device(args) -> torch.device:
         raise UserError("--cuda_graphs needs an NVIDIA GPU (this run is on the CPU): drop the flag.")
     if args.quantize_t5 and device.type != "cuda":
         raise UserError("--quantize_t5 needs a CUDA GPU (bitsandbytes NF4 inference); drop it on the CPU.")
+    if advice := small_gpu_advice(hardware, args):
+        logger.warning("%s", advice)
     return device
+
+
+SMALL_GPU_GIB = 20  # FLUX.1-dev's transformer alone is 23.8 GB in bf16; NF4 + NF4 T5 held 14.56 GiB at 1024x1024
+
+
+def small_gpu_advice(device: Device, args) -> str | None:
+    """One line, before anything loads, when a GPU under 20 GiB is asked to hold what FLUX.1-dev needs more room
+    for: the flags that make it fit (BENCHMARKS.md), or None."""
+    if device.type != "cuda" or not device.memory_gib or device.memory_gib >= SMALL_GPU_GIB or args.cpu_offload:
+        return None
+    wanted = [("--quantize nf4", args.quantize == "nf4" or args.fp8), ("--quantize_t5", args.quantize_t5),
+              ("--free_text_encoders", args.free_text_encoders)]
+    missing = [flag for flag, given in wanted if not given]
+    if not missing:
+        return None
+    return (f"{device.describe()} has {device.memory_gib:.1f} GiB: FLUX.1-dev fits it with {' '.join(missing)} "
+            "(or --cpu_offload, slower); without, expect to run out of GPU memory.")
 
 
 def load_pipeline(args, device: torch.device):

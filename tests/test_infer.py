@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import infer
 from flux_qlora import models
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
+from flux_qlora.hardware import Device
 from flux_qlora.lora import add_lora, save_lora
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -188,6 +189,20 @@ def test_cli_hotswap_compiled_counts_no_new_graphs(mode, tiny_model, loras, tmp_
     assert [r["lora"] for r in rounds] == [str(fa), str(fb)]
     assert rounds[0]["new_graphs"] == 2 and rounds[1]["new_graphs"] == 0  # one graph per block kind
     assert len(list((tmp_path / "cache").glob("*.torchcompile"))) == 1  # what the next run loads (test_train)
+
+
+def test_a_small_gpu_is_told_the_flags_that_fit_before_anything_loads():
+    t4, h100 = Device("cuda", (7, 5), "Tesla T4", 14.76), Device("cuda", (9, 0), "NVIDIA H100", 79.1)
+    advice = infer.small_gpu_advice(t4, infer.parse_args(["--prompt", "x"]))
+    assert advice == ("Tesla T4 (compute capability 7.5) has 14.8 GiB: FLUX.1-dev fits it with --quantize nf4 "
+                      "--quantize_t5 --free_text_encoders (or --cpu_offload, slower); without, expect to run out of "
+                      "GPU memory.")
+    assert "fits it with --free_text_encoders (" in infer.small_gpu_advice(
+        t4, infer.parse_args(["--prompt", "x", "--quantize", "nf4", "--quantize_t5"]))
+    for enough in (["--quantize", "nf4", "--quantize_t5", "--free_text_encoders"], ["--cpu_offload"]):
+        assert infer.small_gpu_advice(t4, infer.parse_args(["--prompt", "x", *enough])) is None
+    assert infer.small_gpu_advice(h100, infer.parse_args(["--prompt", "x"])) is None
+    assert infer.small_gpu_advice(Device("cpu"), infer.parse_args(["--prompt", "x"])) is None
 
 
 def test_freed_text_encoders_draw_the_same_images(tiny_model, loras, tmp_path):
