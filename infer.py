@@ -59,6 +59,7 @@ from flux_qlora.models import (
     quantize_to_nf4,
     set_attention_backend,
 )
+from flux_qlora.reports import peak_memory_gib
 from flux_qlora.serving import Lora, LoraServer, make_server
 
 logger = logging.getLogger("infer")
@@ -405,11 +406,9 @@ class MemoryPeaks:
         self.device, self.before_resets = device, 0.0
 
     def _read(self, reset: bool) -> float:
-        if self.device.type != "cuda":
-            return 0.0
-        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        gib = peak_memory_gib(self.device)
         self.before_resets = max(self.before_resets, gib)
-        if reset:
+        if reset and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return gib
 
