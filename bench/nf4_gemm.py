@@ -1,13 +1,15 @@
-"""The Triton NF4 GEMMs (flux_qlora/nf4_gemm.py) against the trainer's default, compiled dequantization + cuBLAS,
-at the shapes of FLUX.1-dev's NF4 layers (issue 18's first lever). On a GPU:
+"""The products with FLUX.1-dev's NF4 weights two ways, compiled as the trainer compiles them: the default
+(dequantize to bf16, then cuBLAS) and FLUX_QLORA_NF4_GEMM=fp8 (dequantize straight to e4m3 with per-output scales,
+quantize the activations per row, `torch._scaled_mm` on FP8 tensor cores). Issue 18's FP8 lever. On a GPU:
 
     python bench/nf4_gemm.py --tokens 1613 4608
 
 For each weight (out x in) and token count: ms per forward product (x @ W.T) and per input gradient (g @ W) both
-ways, the speed-up, and the Triton result's relative L2 distance to the default's. Then, per training step, the
-sum over one step's layers (19 double + 38 single blocks, three passes per weight with checkpointing: forward,
-recompute, input gradient) of what each way costs (every layer at the total token count: the double blocks'
-text-side layers really see only the text tokens, so the sum slightly overcounts both ways).
+ways, and the FP8 result's relative L2 distance to the default's. Then, per training step, the sum over one step's
+layers (19 double + 38 single blocks, three passes per weight with checkpointing: forward, recompute, input
+gradient) of what each way costs. The modulation layers see one row per image (batch 1); every other layer is
+timed at the total token count (the double blocks' text-side layers really see only the text tokens, so the sum
+slightly overcounts both ways).
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ import json
 import torch
 from torch import nn
 
-from flux_qlora import nf4_gemm
+from flux_qlora import nf4
 from flux_qlora.models import _nf4_linear, _nf4_weight
 from flux_qlora.nf4 import dequantize_nf4, make_nf4_compilable
 
-# FLUX.1-dev's block linears (out, in) and how many of each one step runs: a double block has image and text
-# attention (q, k, v, out: 8 of 3072x3072), two MLPs and two 6x modulations; a single block q, k, v, its MLP's
-# input, its 3x modulation and proj_out over attention and MLP together.
+# FLUX.1-dev's block linears (out, in): how many of each one step runs, and whether they see every token or one
+# row per image. A double block has image and text attention (q, k, v, out: 8 of 3072x3072), two MLPs and two 6x
+# modulations; a single block q, k, v, its MLP's input, its 3x modulation and proj_out over attention and MLP.
 SHAPES = {
-    (3072, 3072): 19 * 8 + 38 * 3,
-    (12288, 3072): 19 * 2 + 38,
-    (3072, 12288): 19 * 2,
-    (18432, 3072): 19 * 2,
-    (9216, 3072): 38,
-    (3072, 15360): 38,
+    (3072, 3072): (19 * 8 + 38 * 3, "tokens"),
+    (12288, 3072): (19 * 2 + 38, "tokens"),
+    (3072, 12288): (19 * 2, "tokens"),
+    (18432, 3072): (19 * 2, "images"),
+    (9216, 3072): (38, "images"),
+    (3072, 15360): (38, "tokens"),
 }
 
 
@@ -57,13 +59,13 @@ def milliseconds(call, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def measure(out_features: int, in_features: int, tokens: int, device: torch.device) -> dict:
+def measure(out_features: int, in_features: int, rows: int, device: torch.device) -> dict:
     layer = nf4_layer(out_features, in_features, device)
     quant = (layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
              layer.nf4_absmax_offset, layer.nf4_code)
     shape, blocksize, blocksize2 = layer.nf4_layout
-    x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16)
-    g = torch.randn(tokens, out_features, device=device, dtype=torch.bfloat16)
+    x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+    g = torch.randn(rows, out_features, device=device, dtype=torch.bfloat16)
 
     @torch.compile(fullgraph=True)
     def default_forward(x):
@@ -73,19 +75,21 @@ def measure(out_features: int, in_features: int, tokens: int, device: torch.devi
     def default_input_grad(g):
         return g @ dequantize_nf4(*quant, shape, blocksize, blocksize2, g.dtype)
 
-    def fused_forward(x):
-        return torch.ops.flux_qlora.nf4_x_wt(x, *quant, *shape, blocksize, blocksize2)
+    @torch.compile(fullgraph=True)
+    def fp8_forward(x):
+        return nf4._matmul_fp8(x, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False), True)
 
-    def fused_input_grad(g):
-        return torch.ops.flux_qlora.nf4_g_w(g, *quant, *shape, blocksize, blocksize2)
+    @torch.compile(fullgraph=True)
+    def fp8_input_grad(g):
+        return nf4._matmul_fp8(g, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=True), False)
 
-    row = {"weight": f"{out_features}x{in_features}", "tokens": tokens}
-    for name, default, fused, arg in (("forward", default_forward, fused_forward, x),
-                                      ("input_grad", default_input_grad, fused_input_grad, g)):
-        expected, got = default(arg).float(), fused(arg).float()
+    row = {"weight": f"{out_features}x{in_features}", "rows": rows}
+    for name, default, fp8, arg in (("forward", default_forward, fp8_forward, x),
+                                    ("input_grad", default_input_grad, fp8_input_grad, g)):
+        expected, got = default(arg).float(), fp8(arg).float()
         row[f"{name}_error"] = float((got - expected).norm() / expected.norm())
         row[f"{name}_default_ms"] = milliseconds(lambda: default(arg))  # noqa: B023 (called right here)
-        row[f"{name}_triton_ms"] = milliseconds(lambda: fused(arg))  # noqa: B023
+        row[f"{name}_fp8_ms"] = milliseconds(lambda: fp8(arg))  # noqa: B023
     return row
 
 
@@ -97,20 +101,21 @@ def main() -> None:
     parser.add_argument("--results", type=str, default=None, help="Write the rows as JSON here.")
     args = parser.parse_args()
     device = torch.device("cuda")
-    if not nf4_gemm.available(device):
-        raise SystemExit("error: needs a CUDA GPU and Triton")
+    if not (torch.cuda.is_available() and nf4.fp8_gemm_runs_here(device, (3072, 3072), 64, 256)):
+        raise SystemExit("error: needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or higher)")
+    torch._functorch.config.cse = False  # as the trainer compiles
     rows = []
     for tokens in args.tokens:
-        step = {"default": 0.0, "triton": 0.0}
-        for (out_features, in_features), count in SHAPES.items():
-            row = measure(out_features, in_features, tokens, device)
+        step = {"default": 0.0, "fp8": 0.0}
+        for (out_features, in_features), (count, kind) in SHAPES.items():
+            row = measure(out_features, in_features, tokens if kind == "tokens" else 1, device)
             rows.append(row)
             print(json.dumps(row), flush=True)
             for way in step:  # with checkpointing: the forward twice (forward, recompute), the input gradient once
                 step[way] += count * (2 * row[f"forward_{way}_ms"] + row[f"input_grad_{way}_ms"])
-        rows.append({"tokens": tokens, "step_ms_default": step["default"], "step_ms_triton": step["triton"]})
-        print(f"{tokens} tokens: one step's NF4 products {step['default']:.1f} ms (dequantize + cuBLAS) -> "
-              f"{step['triton']:.1f} ms (Triton): {step['default'] / step['triton']:.2f}x", flush=True)
+        rows.append({"tokens": tokens, "step_ms_default": step["default"], "step_ms_fp8": step["fp8"]})
+        print(f"{tokens} tokens: one step's NF4 products {step['default']:.1f} ms (dequantize + cuBLAS bf16) -> "
+              f"{step['fp8']:.1f} ms (FP8): {step['default'] / step['fp8']:.2f}x", flush=True)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(rows, f, indent=2)

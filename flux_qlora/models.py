@@ -427,13 +427,17 @@ def compile_blocks(transformer: nn.Module) -> None:
     """Regional compilation: each block through `torch.compile` (blocks of a kind share one graph). NF4 layers
     first become `CompilableLinear4bit`, so the blocks compile to fused kernels instead of calls into
     bitsandbytes' Python layer (which needs AOTAutograd's CSE off: see train_qlora_flux.py)."""
-    from flux_qlora.nf4 import make_nf4_compilable
+    from flux_qlora import nf4
 
-    switched = make_nf4_compilable(transformer)
+    switched = nf4.make_nf4_compilable(transformer)
     blocks = repeated_blocks(transformer)
     for block in blocks:
         block.compile(dynamic=False)
     logger.info("Compiling %d blocks (%d NF4 layers as fused torch ops)", len(blocks), switched)
+    if nf4.GEMM == "fp8":
+        fp8 = sum(getattr(layer, "nf4_fp8_runs_here", False) for layer in transformer.modules())
+        logger.info("FLUX_QLORA_NF4_GEMM=fp8: %d of the %d NF4 layers multiply on FP8 tensor cores in bf16 runs "
+                    "(the others, if any, have no FP8 GEMM here: nf4.fp8_gemm_runs_here)", fp8, switched)
 
 
 def set_attention_backend(transformer: nn.Module, backend: str | None, training: bool = False) -> None:

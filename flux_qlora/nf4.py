@@ -54,17 +54,58 @@ def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax
 
 # The dequantization the compiled NF4 layers run (read at each call, so a test can switch it).
 DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT") == "table" else dequantize_nf4
-# "triton": the GEMMs read the 4-bit weight themselves (nf4_gemm.py; an experiment for issue 18, BENCHMARKS.md).
+# "fp8": the products with the NF4 weights run on FP8 tensor cores (an experiment for issue 18, BENCHMARKS.md).
+# Read at each call, so a test can switch it; a layer whose GPU, dtype or shape has no FP8 GEMM keeps the default.
 GEMM = os.environ.get("FLUX_QLORA_NF4_GEMM", "torch")
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
 
-def _use_fused_gemm(x: torch.Tensor, shape: tuple[int, int], blocksize: int) -> bool:
-    """Whether GEMM is "triton" and its kernels take this input and weight (the others stay on torch ops)."""
-    if GEMM != "triton":
+
+def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor as e4m3 with one fp32 scale per row, (rows, 1): the left operand of a row-wise scaled GEMM."""
+    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def nf4_as_fp8(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor, absmax_scale: torch.Tensor,
+               absmax_offset: torch.Tensor, code: torch.Tensor, shape: tuple[int, int], blocksize: int,
+               blocksize2: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NF4 weight W (N, K) as e4m3, one byte per weight where bf16 takes two, with one fp32 scale per output of
+    the product it feeds: per row n for x @ W.T, returned as (N, K) with scales (1, N); per column k for g @ W,
+    returned as W.T laid out (K, N) (the column-major right operand `torch._scaled_mm` takes) with scales (1, K).
+    The scales come from the block scales, no pass over the weights: NF4's largest code is 1.0, so a block's
+    largest |weight| is its scale (for a column, the largest of its blocks' scales bounds it)."""
+    rows, cols = shape
+    absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2).view(rows, cols // blocksize)
+    largest = absmax.abs().amax(dim=0 if transposed else 1).clamp(min=1e-12)  # per column block, or per row
+    ratio = absmax * FP8_MAX / (largest[None, :] if transposed else largest[:, None])  # <= FP8_MAX
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(absmax.numel(), blocksize)
+    weight = (code[codes.long()] * ratio.view(-1, 1)).view(shape).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if transposed:
+        return weight.t().contiguous(), (largest / FP8_MAX).repeat_interleave(blocksize)[None, :]
+    return weight, (largest / FP8_MAX)[None, :]
+
+
+def fp8_gemm_runs_here(device: torch.device, shape: tuple[int, int], blocksize: int, blocksize2: int) -> bool:
+    """Row-wise scaled FP8 GEMMs: CUDA from compute capability 8.9 (Ada, Hopper) or the CPU, sides multiples of 16,
+    whole blocks per row, and the block scales in whole outer blocks (or one): every FLUX.1-dev layer. Inductor's
+    CPU loop splitting (torch 2.13) drops the tail of a loop over the others' scales (a 384 x 64 weight's 384 blocks
+    came out with 256 scales and 128 zeros), so they keep the default path."""
+    rows, cols = shape
+    blocks = rows * cols // blocksize
+    if rows % 16 or cols % 16 or cols % blocksize or (blocks > blocksize2 and blocks % blocksize2):
         return False
-    from flux_qlora import nf4_gemm  # registers the torch.ops.flux_qlora kernels
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
 
-    return nf4_gemm.available(x.device) and nf4_gemm.supports(shape, blocksize, x.dtype)
+
+def _matmul_fp8(a: torch.Tensor, weight_fp8: tuple[torch.Tensor, torch.Tensor], fast_accum: bool) -> torch.Tensor:
+    """a (..., K) @ the FP8 weight operand, rounded to a's dtype: a is scaled per row, the weight per output."""
+    weight, weight_scale = weight_fp8
+    a_fp8, a_scale = fp8_rows(a.reshape(-1, a.shape[-1]))
+    out = torch._scaled_mm(a_fp8, weight.t(), scale_a=a_scale, scale_b=weight_scale, out_dtype=a.dtype,
+                           use_fast_accum=fast_accum)
+    return out.view(*a.shape[:-1], out.shape[-1])
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -72,25 +113,24 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code, shape, blocksize,
-                blocksize2):
+                blocksize2, fp8):
         quant = (packed, absmax_q, absmax_code, absmax_scale, absmax_offset, code)
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
-        ctx.fused = _use_fused_gemm(x, shape, blocksize)
-        if ctx.fused:
-            out = torch.ops.flux_qlora.nf4_x_wt(x.reshape(-1, shape[1]), *quant, *shape, blocksize, blocksize2)
-            return out.view(*x.shape[:-1], shape[0])
+        ctx.fp8 = fp8
+        if fp8:  # fast accumulation in the forward, full in the gradient: as torchao's float8 training does
+            return _matmul_fp8(x, nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False), True)
         return x @ DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
         shape, blocksize, blocksize2, _ = ctx.layout
-        if ctx.fused:
-            grad_in = torch.ops.flux_qlora.nf4_g_w(grad_out.reshape(-1, shape[0]), *ctx.saved_tensors, *shape,
-                                                   blocksize, blocksize2).view(*grad_out.shape[:-1], shape[1])
+        if ctx.fp8:
+            weight_t = nf4_as_fp8(*ctx.saved_tensors, shape, blocksize, blocksize2, transposed=True)
+            grad_in = _matmul_fp8(grad_out, weight_t, False)
         else:
             grad_in = grad_out @ DEQUANTIZE(*ctx.saved_tensors, *ctx.layout)
-        return grad_in, None, None, None, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None, None, None, None, None
 
 
 class AutocastLinear4bit(bnb.nn.Linear4bit):
@@ -118,13 +158,16 @@ class CompilableLinear4bit(AutocastLinear4bit):
                              ("nf4_code", state.code)):
             self.register_buffer(name, tensor, persistent=False)
         self.nf4_layout = (tuple(state.shape), state.blocksize, state.state2.blocksize)
+        self.nf4_fp8_runs_here = fp8_gemm_runs_here(state.absmax.device, tuple(state.shape), state.blocksize,
+                                                    state.state2.blocksize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         shape, blocksize, blocksize2 = self.nf4_layout
+        fp8 = GEMM == "fp8" and self.nf4_fp8_runs_here and dtype == torch.bfloat16  # FP8 GEMMs write bf16
         out = _NF4Matmul.apply(x.to(dtype), self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax_code,
                                self.nf4_absmax_scale, self.nf4_absmax_offset, self.nf4_code, shape, blocksize,
-                               blocksize2)
+                               blocksize2, fp8)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
