@@ -83,13 +83,26 @@ def measure(out_features: int, in_features: int, rows: int, device: torch.device
     def fp8_input_grad(g):
         return nf4._matmul_fp8(g, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=True), False)
 
+    @torch.compile(fullgraph=True)
+    def fused_forward(x):
+        return nf4._fused_matvec(x, dequantize_nf4(*quant, shape, blocksize, blocksize2, x.dtype), transposed=False)
+
+    @torch.compile(fullgraph=True)
+    def fused_input_grad(g):
+        return nf4._fused_matvec(g, dequantize_nf4(*quant, shape, blocksize, blocksize2, g.dtype), transposed=True)
+
     row = {"weight": f"{out_features}x{in_features}", "rows": rows}
-    for name, default, fp8, arg in (("forward", default_forward, fp8_forward, x),
-                                    ("input_grad", default_input_grad, fp8_input_grad, g)):
-        expected, got = default(arg).float(), fp8(arg).float()
-        row[f"{name}_error"] = float((got - expected).norm() / expected.norm())
+    for name, default, others, arg in (("forward", default_forward, {"fp8": fp8_forward, "fused": fused_forward}, x),
+                                       ("input_grad", default_input_grad,
+                                        {"fp8": fp8_input_grad, "fused": fused_input_grad}, g)):
+        expected = default(arg).float()
         row[f"{name}_default_ms"] = milliseconds(lambda: default(arg))  # noqa: B023 (called right here)
-        row[f"{name}_fp8_ms"] = milliseconds(lambda: fp8(arg))  # noqa: B023
+        for way, call in others.items():
+            if way == "fused" and rows > nf4.THIN_ROWS:
+                continue
+            got = call(arg).float()
+            row[f"{name}_{way}_error"] = float((got - expected).norm() / expected.norm())
+            row[f"{name}_{way}_ms"] = milliseconds(lambda: call(arg))  # noqa: B023
     return row
 
 
@@ -106,16 +119,18 @@ def main() -> None:
     torch._functorch.config.cse = False  # as the trainer compiles
     rows = []
     for tokens in args.tokens:
-        step = {"default": 0.0, "fp8": 0.0}
+        # "fp8+fused": FP8 products, and the one-row ones as fused sums (FLUX_QLORA_NF4_GEMV=fused)
+        step = {"default": 0.0, "fp8": 0.0, "fp8+fused": 0.0}
         for (out_features, in_features), (count, kind) in SHAPES.items():
             row = measure(out_features, in_features, tokens if kind == "tokens" else 1, device)
             rows.append(row)
             print(json.dumps(row), flush=True)
             for way in step:  # with checkpointing: the forward twice (forward, recompute), the input gradient once
-                step[way] += count * (2 * row[f"forward_{way}_ms"] + row[f"input_grad_{way}_ms"])
-        rows.append({"tokens": tokens, "step_ms_default": step["default"], "step_ms_fp8": step["fp8"]})
-        print(f"{tokens} tokens: one step's NF4 products {step['default']:.1f} ms (dequantize + cuBLAS bf16) -> "
-              f"{step['fp8']:.1f} ms (FP8): {step['default'] / step['fp8']:.2f}x", flush=True)
+                used = "fused" if way == "fp8+fused" and "forward_fused_ms" in row else way.split("+")[0]
+                step[way] += count * (2 * row[f"forward_{used}_ms"] + row[f"input_grad_{used}_ms"])
+        rows.append({"tokens": tokens, **{f"step_ms_{way}": ms for way, ms in step.items()}})
+        print(f"{tokens} tokens: one step's NF4 products " + ", ".join(
+            f"{way} {ms:.1f} ms ({step['default'] / ms:.2f}x)" for way, ms in step.items()), flush=True)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(rows, f, indent=2)

@@ -58,6 +58,13 @@ DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT")
 # Read at each call, so a test can switch it; a layer whose GPU, dtype or shape has no FP8 GEMM keeps the default.
 GEMM = os.environ.get("FLUX_QLORA_NF4_GEMM", "torch")
 
+# "fused": a product with at most THIN_ROWS rows (the modulation layers' one row per image: 3.2 B of FLUX.1-dev's
+# 11.8 B NF4 weights) as a sum over the dequantized weight that inductor fuses into one kernel reading the 4-bit
+# weight, instead of writing a bf16 weight and reading it back for a matrix-vector product (an experiment for
+# issue 18, BENCHMARKS.md; read at each call, as GEMM).
+GEMV = os.environ.get("FLUX_QLORA_NF4_GEMV", "torch")
+THIN_ROWS = 4  # each row is one more pass over the 4-bit weight: past ~4 the bf16 weight (2 bytes) is cheaper
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -108,6 +115,18 @@ def _matmul_fp8(a: torch.Tensor, weight_fp8: tuple[torch.Tensor, torch.Tensor], 
     return out.view(*a.shape[:-1], out.shape[-1])
 
 
+def _thin(t: torch.Tensor) -> bool:
+    return GEMV == "fused" and t.numel() // t.shape[-1] <= THIN_ROWS
+
+
+def _fused_matvec(a: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """a @ weight.T (or a @ weight) as an fp32 sum of products, rounded once to a's dtype, as the GEMM's fp32
+    accumulation: compiled, the dequantization feeds the reduction and no weight is written."""
+    if transposed:
+        return (a.unsqueeze(-1).float() * weight.float()).sum(-2).to(a.dtype)
+    return (a.unsqueeze(-2).float() * weight.float()).sum(-1).to(a.dtype)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x @ dequant(W).T, saving only the packed weight for the backward (the bf16 weight would be 4x its size)."""
 
@@ -118,6 +137,8 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
         ctx.fp8 = fp8
+        if _thin(x):
+            return _fused_matvec(x, DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype), transposed=False)
         if fp8:  # fast accumulation in the forward, full in the gradient: as torchao's float8 training does
             return _matmul_fp8(x, nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False), True)
         return x @ DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype).t()
@@ -125,7 +146,9 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         shape, blocksize, blocksize2, _ = ctx.layout
-        if ctx.fp8:
+        if _thin(grad_out):
+            grad_in = _fused_matvec(grad_out, DEQUANTIZE(*ctx.saved_tensors, *ctx.layout), transposed=True)
+        elif ctx.fp8:
             weight_t = nf4_as_fp8(*ctx.saved_tensors, shape, blocksize, blocksize2, transposed=True)
             grad_in = _matmul_fp8(grad_out, weight_t, False)
         else:

@@ -250,3 +250,39 @@ def test_fp8_gemms_give_a_lora_the_bf16_gradients_to_fp8_precision(device, monke
             assert 0.01 < relative_error(got, expected) < 0.08
     for _, _, _, saved in (results["fp8", False], results["fp8", True]):
         assert not [t for t in saved if t.is_floating_point() and t.numel() >= 256 * 384]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_thin_products_are_sums_that_never_write_the_weight(device, monkeypatch):
+    """FLUX_QLORA_NF4_GEMV=fused (issue 18): a product with at most THIN_ROWS rows (the modulation layers, one row
+    per image) is a sum over the dequantized weight; compiled, inductor reads the 4-bit weight in the reduction and
+    writes no weight, where the default writes a bf16 one for the GEMM. Same output and input gradient as the GEMM
+    to bf16's rounding; a fourth-plus-one row goes back to the GEMM."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = nf4_model(384, 256, dtype=torch.bfloat16, device=device)
+    make_nf4_compilable(model)
+    calls = []
+    fused = nf4._fused_matvec
+    monkeypatch.setattr(nf4, "_fused_matvec", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    for rows in (1, nf4.THIN_ROWS, nf4.THIN_ROWS + 1):
+        x = torch.randn(1, rows, 256, device=device, dtype=torch.bfloat16)
+        results = {}
+        for gemv in ("torch", "fused"):
+            monkeypatch.setattr(nf4, "GEMV", gemv)
+            calls.clear()
+            results[gemv] = forward_backward(model, x)
+            assert len(calls) == (2 if gemv == "fused" and rows <= nf4.THIN_ROWS else 0)  # forward and backward
+        for got, expected in zip(results["fused"][:2], results["torch"][:2]):
+            torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=2 ** -7)  # a bf16 step either way
+    weight_buffer = "((384, 256), (256, 1)"  # inductor allocating a buffer the weight's size
+    codes = {}
+    for gemv in ("torch", "fused"):
+        monkeypatch.setattr(nf4, "GEMV", gemv)
+        torch._dynamo.reset()
+        x = torch.randn(1, 1, 256, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            out, codes[gemv] = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(out, model(x), rtol=2 ** -7, atol=2 ** -7)
+    assert any(weight_buffer in code for code in codes["torch"])
+    assert not any(weight_buffer in code for code in codes["fused"])
