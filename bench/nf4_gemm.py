@@ -100,7 +100,12 @@ def measure(out_features: int, in_features: int, rows: int, device: torch.device
         for way, call in others.items():
             if way == "fused" and rows > nf4.THIN_ROWS:
                 continue
-            got = call(arg).float()
+            try:  # a way that fails at one shape is reported in its row; the other shapes still run
+                got = call(arg).float()
+            except RuntimeError as error:
+                row[f"{name}_{way}_failed"] = str(error).splitlines()[0]
+                row[f"{name}_{way}_ms"] = float("nan")
+                continue
             row[f"{name}_{way}_error"] = float((got - expected).norm() / expected.norm())
             row[f"{name}_{way}_ms"] = milliseconds(lambda: call(arg))  # noqa: B023
     return row
