@@ -116,6 +116,7 @@ def _matmul_fp8(a: torch.Tensor, weight_fp8: tuple[torch.Tensor, torch.Tensor], 
 
 
 def _thin(t: torch.Tensor) -> bool:
+    """Whether GEMV is "fused" and a product with this left operand has few enough rows for `_fused_matvec`."""
     return GEMV == "fused" and t.numel() // t.shape[-1] <= THIN_ROWS
 
 
