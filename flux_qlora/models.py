@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -359,15 +360,42 @@ def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, comp
 CSE_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_CSE") == "1"
 
 
+# Keeping the outputs of thin products in the checkpointed blocks instead of recomputing them: the modulation
+# layers' one row per image (36 KB per layer at batch 1) against a pass over their NF4 weights (3.2 B of FLUX.1-dev's
+# 11.8 B) in every step's recomputation. Opt-in until measured on the GPU (issue 18, BENCHMARKS.md); read when the
+# graphs are made.
+SAVE_THIN_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_SAVE_THIN") == "1"
+
+
+def thin_product(op, args: tuple) -> bool:
+    """A matrix product with at most 1/64 as many rows as its inner size (its output is at most 1/64 of its weight),
+    or a sum to at most 1/64 of its input (`nf4._fused_matvec`'s)."""
+    aten = torch.ops.aten
+    if op in (aten.mm.default, aten._scaled_mm.default):
+        rows, inner = args[0].shape
+    elif op is aten.addmm.default:
+        rows, inner = args[1].shape
+    elif op is aten.sum.dim_IntList:
+        summed = args[0]
+        dims = args[1] if len(args) > 1 and args[1] else range(summed.dim())
+        return math.prod(summed.shape[d] for d in dims) >= 64  # its output: at most 1/64 of what it sums
+    else:
+        return False
+    return rows * 64 <= inner
+
+
 def checkpoint_recomputing_everything(block: nn.Module, *args):
-    """`block(*args)` under a selective checkpoint that keeps nothing but the inputs. Compiled, a plain checkpoint
-    lets the partitioner keep the GEMM outputs (+5 GiB at 512x768, measured); this policy makes it keep only the
-    block's inputs, as the eager checkpoint does."""
+    """`block(*args)` under a selective checkpoint that keeps nothing but the inputs (with
+    `SAVE_THIN_IN_CHECKPOINTS`, also the thin products' outputs). Compiled, a plain checkpoint lets the partitioner
+    keep the GEMM outputs (+5 GiB at 512x768, measured); this policy makes it keep only the block's inputs, as the
+    eager checkpoint does."""
     from functools import partial
 
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     def recompute_everything(ctx, op, *args, **kwargs):
+        if SAVE_THIN_IN_CHECKPOINTS and thin_product(op, args):
+            return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.MUST_RECOMPUTE
 
     return checkpoint(block, *args, use_reentrant=False,

@@ -121,11 +121,9 @@ class TwoNF4Layers(nn.Module):
         return self.second(torch.nn.functional.gelu(self.first(x)))
 
 
-@pytest.mark.parametrize("cse, backward_dequantizations", [(False, 3), (True, 2)])
-def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, backward_dequantizations):
-    """Under the trainer's compiled selective checkpoint, CSE makes the recomputed forward and the input gradient
-    share one dequantization per weight (2 here instead of 3: the second layer's output is not recomputed), keeps no
-    dequantized weight from the forward, and changes no gradient (FLUX_QLORA_CHECKPOINT_CSE, issue 18)."""
+def recorded_checkpoint(cse: bool = False):
+    """The trainer's compiled selective checkpoint (a block and its inputs in, its output out), with inductor's
+    partitioner, the forward and backward graphs kept as they are so that the dequantizations can be counted."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -140,9 +138,26 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
             return make_boxed_func(graph_module.forward)
         return compiler
 
-    # inductor's partitioner, the graphs left as they are so that the dequantizations can be counted
     recorder = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                             partition_fn=min_cut_rematerialization_partition)
+    return compile_checkpointed(checkpoint_recomputing_everything, cse=cse, backend=recorder), graphs
+
+
+def dequantizations(graph) -> int:
+    """One right shift (the high nibble) per dequantized weight."""
+    return sum(node.op == "call_function" and "rshift" in str(node.target) for node in graph.nodes)
+
+
+def saved_for_backward(graph) -> list[torch.Tensor]:
+    return [node.meta["val"] for node in graph.find_nodes(op="output")[0].args[0]
+            if hasattr(node, "meta") and isinstance(node.meta.get("val"), torch.Tensor)]
+
+
+@pytest.mark.parametrize("cse, backward_dequantizations", [(False, 3), (True, 2)])
+def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, backward_dequantizations):
+    """Under the trainer's compiled selective checkpoint, CSE makes the recomputed forward and the input gradient
+    share one dequantization per weight (2 here instead of 3: the second layer's output is not recomputed), keeps no
+    dequantized weight from the forward, and changes no gradient (FLUX_QLORA_CHECKPOINT_CSE, issue 18)."""
     block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False), TwoNF4Layers())
     make_nf4_compilable(block)
     x = torch.randn(4, 256)
@@ -156,17 +171,61 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
 
     eager = gradients(block)
     with torch._functorch.config.patch(cse=False):  # process-wide off, as the trainer sets it
-        run = compile_checkpointed(checkpoint_recomputing_everything, cse=cse, backend=recorder)
+        run, graphs = recorded_checkpoint(cse)
         compiled = gradients(lambda inputs: run(block, inputs))
 
-    def dequantizations(graph):  # one right shift (the high nibble) per dequantized weight
-        return sum(node.op == "call_function" and "rshift" in str(node.target) for node in graph.nodes)
-
     assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
-    saved = [node.meta["val"] for node in graphs["forward"].find_nodes(op="output")[0].args[0]
-             if hasattr(node, "meta") and isinstance(node.meta.get("val"), torch.Tensor)]
-    assert not [t for t in saved if t.numel() >= 256 * 256]  # no dequantized weight kept for the backward
+    assert not [t for t in saved_for_backward(graphs["forward"]) if t.numel() >= 256 * 256]  # no dequantized weight
     assert len(compiled) == len(eager) == 5
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected)
+
+
+class ModulatedLayer(nn.Module):
+    """A Flux block in small: a modulation layer turns the frozen conditioning (one row, no gradient) into a scale
+    for the tokens, which go through an NF4 layer with LoRA."""
+
+    def __init__(self):
+        super().__init__()
+        self.modulation, self.to_q = nf4_model(256, 256).to_q, nf4_model(256, 256).to_q
+
+    def forward(self, tokens, conditioning):
+        return torch.nn.functional.gelu(self.to_q(tokens * (1 + self.modulation(conditioning))))
+
+
+@pytest.mark.parametrize("gemv", ["torch", "fused"])  # the modulation as a GEMM, or as nf4._fused_matvec's sum
+@pytest.mark.parametrize("save_thin, backward_dequantizations", [(False, 3), (True, 2)])
+def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thin, backward_dequantizations, gemv,
+                                                                        monkeypatch):
+    """FLUX_QLORA_CHECKPOINT_SAVE_THIN (issue 18): the recomputation takes the modulation's one-row output from the
+    forward (256 values kept) instead of dequantizing its weight again, whose 4-bit copy the backward then no longer
+    needs; the same gradients."""
+    from flux_qlora import models
+
+    monkeypatch.setattr(models, "SAVE_THIN_IN_CHECKPOINTS", save_thin)
+    monkeypatch.setattr(nf4, "GEMV", gemv)
+    block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False),
+                                    ModulatedLayer())
+    make_nf4_compilable(block)
+    tokens, conditioning = torch.randn(1, 16, 256), torch.randn(1, 256)
+
+    def gradients(call) -> list[torch.Tensor]:  # the tokens' and the LoRA weights'
+        inputs = tokens.clone().requires_grad_()
+        call(inputs).square().sum().backward()
+        lora = [p.grad for n, p in block.named_parameters() if "lora_" in n]
+        block.zero_grad(set_to_none=True)
+        return [inputs.grad, *lora]
+
+    eager = gradients(lambda inputs: block(inputs, conditioning))
+    with torch._functorch.config.patch(cse=False):
+        run, graphs = recorded_checkpoint()
+        compiled = gradients(lambda inputs: run(block, inputs, conditioning))
+    # backward: the tokens' layer recomputed (gelu's gradient needs its output) and its input gradient, plus the
+    # modulation recomputed (the LoRA's gradient needs the scaled tokens) unless its output was kept
+    assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
+    packed_weights = [t for t in saved_for_backward(graphs["forward"]) if t.dtype == torch.uint8 and t.numel() == 32768]
+    assert len(packed_weights) == (1 if save_thin else 2)  # the modulation's weight is no longer needed backward
+    assert len(compiled) == len(eager) == 3
     for got, expected in zip(compiled, eager):
         torch.testing.assert_close(got, expected)
 

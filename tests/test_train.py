@@ -489,10 +489,11 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(tin
 @pytest.mark.slow
 def test_fp8_gemms_and_fused_matvecs_on_the_nf4_base_train_like_the_golden_run(tiny_model, tiny_images_master,
                                                                                tiny_embeddings, tmp_path):
-    """Issue 18's NF4 levers together, FLUX_QLORA_NF4_GEMM=fp8 and FLUX_QLORA_NF4_GEMV=fused: the compiled blocks
-    multiply by the NF4 weights on FP8 (the GPU's tensor cores, or torch's CPU kernels) and the one-row modulation
-    products are fused sums; the golden run's losses (fp32, eager) come back to within bf16's and FP8's rounding."""
-    levers = {"FLUX_QLORA_NF4_GEMM": "fp8", "FLUX_QLORA_NF4_GEMV": "fused"}
+    """Issue 18's NF4 levers together: the compiled blocks multiply by the NF4 weights on FP8 (the GPU's tensor
+    cores, or torch's CPU kernels: FLUX_QLORA_NF4_GEMM=fp8), the one-row modulation products are fused sums
+    (FLUX_QLORA_NF4_GEMV=fused) that the checkpoints keep instead of recomputing (FLUX_QLORA_CHECKPOINT_SAVE_THIN);
+    the golden run's losses (fp32, eager) come back to within bf16's and FP8's rounding."""
+    levers = {"FLUX_QLORA_NF4_GEMM": "fp8", "FLUX_QLORA_NF4_GEMV": "fused", "FLUX_QLORA_CHECKPOINT_SAVE_THIN": "1"}
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                            tmp_path / "out", *GOLDEN_FLAGS, "--mixed_precision",
                                                            "bf16", "--compile"), env={**CPU_ONLY, **levers})
