@@ -143,6 +143,15 @@ def recorded_checkpoint(cse: bool = False):
     return compile_checkpointed(checkpoint_recomputing_everything, cse=cse, backend=recorder), graphs
 
 
+def input_and_lora_gradients(block: nn.Module, call, x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of x and of the block's LoRA weights for the loss sum(call(x)^2); the block's are reset."""
+    inputs = x.clone().requires_grad_()
+    call(inputs).square().sum().backward()
+    lora = [p.grad for n, p in block.named_parameters() if "lora_" in n]
+    block.zero_grad(set_to_none=True)
+    return [inputs.grad, *lora]
+
+
 def dequantizations(graph) -> int:
     """One right shift (the high nibble) per dequantized weight."""
     return sum(node.op == "call_function" and "rshift" in str(node.target) for node in graph.nodes)
@@ -162,17 +171,10 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
     make_nf4_compilable(block)
     x = torch.randn(4, 256)
 
-    def gradients(call) -> list[torch.Tensor]:  # the input's and the LoRA weights'
-        inputs = x.clone().requires_grad_()
-        call(inputs).square().sum().backward()
-        lora = [p.grad for n, p in block.named_parameters() if "lora_" in n]
-        block.zero_grad(set_to_none=True)
-        return [inputs.grad, *lora]
-
-    eager = gradients(block)
+    eager = input_and_lora_gradients(block, block, x)
     with torch._functorch.config.patch(cse=False):  # process-wide off, as the trainer sets it
         run, graphs = recorded_checkpoint(cse)
-        compiled = gradients(lambda inputs: run(block, inputs))
+        compiled = input_and_lora_gradients(block, lambda inputs: run(block, inputs), x)
 
     assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
     assert not [t for t in saved_for_backward(graphs["forward"]) if t.numel() >= 256 * 256]  # no dequantized weight
@@ -209,17 +211,10 @@ def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thi
     make_nf4_compilable(block)
     tokens, conditioning = torch.randn(1, 16, 256), torch.randn(1, 256)
 
-    def gradients(call) -> list[torch.Tensor]:  # the tokens' and the LoRA weights'
-        inputs = tokens.clone().requires_grad_()
-        call(inputs).square().sum().backward()
-        lora = [p.grad for n, p in block.named_parameters() if "lora_" in n]
-        block.zero_grad(set_to_none=True)
-        return [inputs.grad, *lora]
-
-    eager = gradients(lambda inputs: block(inputs, conditioning))
+    eager = input_and_lora_gradients(block, lambda inputs: block(inputs, conditioning), tokens)
     with torch._functorch.config.patch(cse=False):
         run, graphs = recorded_checkpoint()
-        compiled = gradients(lambda inputs: run(block, inputs, conditioning))
+        compiled = input_and_lora_gradients(block, lambda inputs: run(block, inputs, conditioning), tokens)
     # backward: the tokens' layer recomputed (gelu's gradient needs its output) and its input gradient, plus the
     # modulation recomputed (the LoRA's gradient needs the scaled tokens) unless its output was kept
     assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
