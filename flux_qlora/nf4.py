@@ -70,9 +70,10 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 
 
 def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2-D tensor as e4m3 with one fp32 scale per row, (rows, 1): the left operand of a row-wise scaled GEMM."""
+    """A 2-D tensor as e4m3 with one fp32 scale per row, (rows, 1): the left operand of a row-wise scaled GEMM,
+    row-major as CUDA's `_scaled_mm` requires (a gradient can arrive transposed; the CPU's takes any layout)."""
     scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale
 
 
 def nf4_as_fp8(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor, absmax_scale: torch.Tensor,

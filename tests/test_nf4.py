@@ -252,6 +252,8 @@ def test_fp8_operands_are_the_nf4_weight_rounded_to_e4m3(device):
     torch.testing.assert_close(columns.float().t() * column_scale, weight, **half_step)
     assert torch.equal(rows.float().abs().amax(dim=1), torch.full((384,), 448.0, device=device))
     assert layer.nf4_fp8_runs_here
+    transposed_rows = torch.randn(256, 37, device=device, dtype=torch.bfloat16).t()  # as a gradient may arrive
+    assert nf4.fp8_rows(transposed_rows)[0].is_contiguous()  # CUDA's _scaled_mm takes row-major left operands only
     runs_here = {shape: nf4.fp8_gemm_runs_here(torch.device(device), shape, 64, 256)
                  for shape in ((3072, 3072), (64, 192), (384, 64), (40, 64))}
     # FLUX.1-dev's shapes; one partial outer block of scales; 1.5 outer blocks; a side not a multiple of 16
