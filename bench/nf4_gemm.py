@@ -61,8 +61,7 @@ def milliseconds(call, repeats: int = 20) -> float:
 
 def measure(out_features: int, in_features: int, rows: int, device: torch.device) -> dict:
     layer = nf4_layer(out_features, in_features, device)
-    quant = (layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
-             layer.nf4_absmax_offset, layer.nf4_code)
+    quant = layer.nf4_quant()
     shape, blocksize, blocksize2 = layer.nf4_layout
     x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
     g = torch.randn(rows, out_features, device=device, dtype=torch.bfloat16)

@@ -31,8 +31,15 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: to
     """bitsandbytes' double-quantized NF4 layout, in torch ops: two 4-bit codes per byte (high nibble first),
     one 8-bit scale per `blocksize` weights, itself scaled per `blocksize2` scales plus an offset."""
     absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2)
-    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(absmax.numel(), blocksize)
-    return (code[codes.long()] * absmax[:, None]).view(shape).to(dtype)
+    return scaled_codes(packed, code, absmax, shape, blocksize).to(dtype)
+
+
+def scaled_codes(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
+                 blocksize: int) -> torch.Tensor:
+    """The fp32 weight of `shape` whose 4-bit codes are `packed` (two per byte, high nibble first), each block of
+    `blocksize` codes times its entry of `scales`."""
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(scales.numel(), blocksize)
+    return (code[codes.long()] * scales[:, None]).view(shape)
 
 
 def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
@@ -88,8 +95,7 @@ def nf4_as_fp8(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.
     absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2).view(rows, cols // blocksize)
     largest = absmax.abs().amax(dim=0 if transposed else 1).clamp(min=1e-12)  # per column block, or per row
     ratio = absmax * FP8_MAX / (largest[None, :] if transposed else largest[:, None])  # <= FP8_MAX
-    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=-1).view(absmax.numel(), blocksize)
-    weight = (code[codes.long()] * ratio.view(-1, 1)).view(shape).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    weight = scaled_codes(packed, code, ratio.view(-1), shape, blocksize).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     if transposed:
         return weight.t().contiguous(), (largest / FP8_MAX).repeat_interleave(blocksize)[None, :]
     return weight, (largest / FP8_MAX)[None, :]
@@ -186,13 +192,16 @@ class CompilableLinear4bit(AutocastLinear4bit):
         self.nf4_fp8_runs_here = fp8_gemm_runs_here(state.absmax.device, tuple(state.shape), state.blocksize,
                                                     state.state2.blocksize)
 
+    def nf4_quant(self) -> tuple[torch.Tensor, ...]:
+        """The packed weight and its quantization state, in the order `dequantize_nf4` and `nf4_as_fp8` take."""
+        return (self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax_code, self.nf4_absmax_scale,
+                self.nf4_absmax_offset, self.nf4_code)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         shape, blocksize, blocksize2 = self.nf4_layout
         fp8 = GEMM == "fp8" and self.nf4_fp8_runs_here and dtype == torch.bfloat16  # FP8 GEMMs write bf16
-        out = _NF4Matmul.apply(x.to(dtype), self.nf4_packed, self.nf4_absmax_q, self.nf4_absmax_code,
-                               self.nf4_absmax_scale, self.nf4_absmax_offset, self.nf4_code, shape, blocksize,
-                               blocksize2, fp8)
+        out = _NF4Matmul.apply(x.to(dtype), *self.nf4_quant(), shape, blocksize, blocksize2, fp8)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

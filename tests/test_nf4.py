@@ -38,8 +38,7 @@ def test_dequantization_equals_bitsandbytes_bit_for_bit(shape, device, dequantiz
     expected = bnb.functional.dequantize_4bit(model.to_q.weight.data, model.to_q.weight.quant_state)
     assert make_nf4_compilable(model) == 1 and isinstance(model.to_q, CompilableLinear4bit)
     layer = model.to_q
-    weight = dequantize(layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
-                            layer.nf4_absmax_offset, layer.nf4_code, *layer.nf4_layout, torch.bfloat16)
+    weight = dequantize(*layer.nf4_quant(), *layer.nf4_layout, torch.bfloat16)
     assert weight.dtype == expected.dtype and torch.equal(weight, expected)
     assert not any(key.startswith("to_q.nf4_") for key in model.state_dict())  # views, never saved twice
 
@@ -237,8 +236,7 @@ def test_fp8_operands_are_the_nf4_weight_rounded_to_e4m3(device):
     model = nf4_model(384, 256, dtype=torch.bfloat16, device=device)
     make_nf4_compilable(model)
     layer = model.to_q
-    quant = (layer.nf4_packed, layer.nf4_absmax_q, layer.nf4_absmax_code, layer.nf4_absmax_scale,
-             layer.nf4_absmax_offset, layer.nf4_code)
+    quant = layer.nf4_quant()
     shape, blocksize, blocksize2 = layer.nf4_layout
     weight = dequantize_nf4(*quant, shape, blocksize, blocksize2, torch.float32)  # code x block scale, unrounded
     rows, row_scale = nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False)
