@@ -231,7 +231,7 @@ def pick_device(args) -> torch.device:
     return device
 
 
-SMALL_GPU_GIB = 20  # FLUX.1-dev's transformer alone is 23.8 GB in bf16; NF4 + NF4 T5 held 14.56 GiB at 1024x1024
+SMALL_GPU_GIB = 20  # FLUX.1-dev's transformer alone is 23.8 GB in bf16; NF4 + NF4 T5 held 14.19 GiB at 1024x1024
 
 
 def small_gpu_advice(device: Device, args) -> str | None:
@@ -351,9 +351,13 @@ def free_text_encoders(pipe) -> None:
     logger.info("Prompts encoded; T5 and CLIP freed (%.1f GB)", freed / 1e9)
 
 
-def prompt_inputs(prompt: str, embeddings: dict | None) -> dict:
-    """The pipeline's prompt arguments: the prompt, or its embeddings once the text encoders are freed."""
-    return embeddings[prompt] if embeddings else {"prompt": prompt}
+def draw(pipe, prompt: str, args, embeddings: dict | None, seed: int):
+    """One image of `prompt` with the run's settings, from the prompt or, once the text encoders are freed, from
+    its embeddings."""
+    prompt_inputs = embeddings[prompt] if embeddings else {"prompt": prompt}
+    return pipe(**prompt_inputs, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
 def generate(pipe, prompts: list[str], args, lora_tag: str, embeddings: dict | None = None) -> list[Path]:
@@ -365,10 +369,7 @@ def generate(pipe, prompts: list[str], args, lora_tag: str, embeddings: dict | N
     for prompt in prompts:
         for i in range(args.num_images):
             seed = args.seed + i
-            image = pipe(**prompt_inputs(prompt, embeddings), height=args.height, width=args.width,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         max_sequence_length=args.max_sequence_length,
-                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            image = draw(pipe, prompt, args, embeddings, seed)
             settings = {"prompt": prompt, "seed": seed, "steps": args.num_inference_steps,
                         "guidance_scale": args.guidance_scale, "size": f"{args.width}x{args.height}",
                         "model": args.pretrained_model_name_or_path, "loras": lora_tag}
@@ -389,9 +390,7 @@ def time_generations(pipe, prompt: str, args, device, embeddings: dict | None, m
         for i in range(args.benchmark):
             _sync(device)
             start = time.perf_counter()
-            pipe(**prompt_inputs(prompt, embeddings), height=args.height, width=args.width,
-                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                 max_sequence_length=args.max_sequence_length, generator=torch.Generator("cpu").manual_seed(i))
+            draw(pipe, prompt, args, embeddings, seed=i)
             _sync(device)
             times.append(time.perf_counter() - start)
     return {"s_per_image": sorted(times)[len(times) // 2], "times": [round(t, 3) for t in times],
