@@ -205,6 +205,7 @@ def load_train_data(args: argparse.Namespace, accelerator: Accelerator, weight_d
     empty_caption = table.prompt("") if args.caption_dropout else None
     augment = Augment(args.crop, args.random_flip, args.seed)
     data = TrainData.build(embeddings, buckets, validation, weight_dtype, augment, empty_caption)
+    startup["images_indexed"] = launch_seconds(accelerator.device)  # apart from the VAE: which one is slow
     vae = load_vae(args.pretrained_model_name_or_path, accelerator.device, weight_dtype, **hub_kwargs(args))
     startup["vae_loaded"] = launch_seconds(accelerator.device)
     data.held_out = load_held_out_data(args, samples, held_out, embeddings, table, weight_dtype)

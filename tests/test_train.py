@@ -481,7 +481,7 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(tin
     assert sorted(folder.glob("*.torchcompile")) == sorted([*saved, folder / "damaged.torchcompile"])  # same graphs
     for summary in summaries:
         moments = summary["seconds_since_launch"]
-        order = ["main_started", "vae_loaded", "data_loaded", "model_loaded", "first_step"]
+        order = ["main_started", "images_indexed", "vae_loaded", "data_loaded", "model_loaded", "first_step"]
         assert list(moments) == order and 0 < moments["main_started"]
         assert [moments[m] for m in order] == sorted(moments.values())
 
