@@ -167,11 +167,20 @@ def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dt
     """What this device can't run is refused here, before anything loads; returns the attention backend."""
     device = Device.of(accelerator.device)
     if args.do_fp8_training:
-        check_fp8_device(device, "--do_fp8_training")
+        check_fp8_training(args.base_precision, device, weight_dtype)
     if args.cuda_graphs:
         processes = accelerator.num_processes
         check_cuda_graphs(accelerator.device, processes, lora_compute_dtype(processes, weight_dtype))
     return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"])
+
+
+def check_fp8_training(base_precision: str, device: Device, weight_dtype: torch.dtype) -> None:
+    """--do_fp8_training needs FP8 tensor cores (compute capability 8.9+). On the NF4 base the FP8 products compute
+    from bf16 and write bf16, and torch runs them on the CPU too (slowly: what the tests run)."""
+    if base_precision == "nf4" and weight_dtype != torch.bfloat16:
+        raise UserError("--do_fp8_training on the NF4 base computes from bf16: add --mixed_precision bf16.")
+    if not (base_precision == "nf4" and device.type == "cpu"):
+        check_fp8_device(device, "--do_fp8_training")
 
 
 def plan_memory(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype,
@@ -283,7 +292,7 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
     # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
     set_seed(args.seed)
     add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, target_modules(args.lora_layers))
-    if args.do_fp8_training:
+    if args.do_fp8_training and args.base_precision == "bf16":  # the NF4 base's FP8 is compiled in: compile_blocks
         enable_fp8_training(transformer)
     set_attention_backend(transformer, attention_backend, training=True)
     if args.compile:
@@ -296,7 +305,7 @@ def load_transformer_with_lora(args: argparse.Namespace, device: torch.device, w
         sizes = sum(len(s) for s in training_sizes(args))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 3 * sizes + 8)
         load_compile_cache(args.compile_cache_dir)
-        compile_blocks(transformer)
+        compile_blocks(transformer, fp8=args.do_fp8_training)
     if args.gradient_checkpointing or args.compile:
         route_block_calls(transformer, args.gradient_checkpointing_interval if args.gradient_checkpointing else 0,
                           compiled=args.compile)

@@ -154,6 +154,7 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
             "skipped_steps": summary["skipped_steps"], "training_sizes": summary["training_sizes"],
             "recompiles": summary["recompiles"], "cuda_graphs_captured": summary["cuda_graphs_captured"],
             "graphs_compiled": summary["graphs_compiled"], "compile_cache_hits": summary["compile_cache_hits"],
+            "compile_cache_bypasses": summary["compile_cache_bypasses"],
             "seconds_since_launch": summary["seconds_since_launch"],
             "peak_gib": summary["peak_gpu_memory_gib"], "reserved_gib": summary["peak_reserved_gpu_memory_gib"],
             "model_gib": summary["model_gpu_memory_gib"],

@@ -1,5 +1,5 @@
 """The products with FLUX.1-dev's NF4 weights two ways, compiled as the trainer compiles them: the default
-(dequantize to bf16, then cuBLAS) and FLUX_QLORA_NF4_GEMM=fp8 (dequantize straight to e4m3 with per-output scales,
+(dequantize to bf16, then cuBLAS) and --do_fp8_training's (dequantize straight to e4m3 with per-output scales,
 quantize the activations per row, `torch._scaled_mm` on FP8 tensor cores). Issue 18's FP8 lever. On a GPU:
 
     python bench/nf4_gemm.py --tokens 1613 4608
@@ -82,23 +82,12 @@ def measure(out_features: int, in_features: int, rows: int, device: torch.device
     def fp8_input_grad(g):
         return nf4._matmul_fp8(g, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=True), False)
 
-    @torch.compile(fullgraph=True)
-    def fused_forward(x):
-        return nf4._fused_matvec(x, dequantize_nf4(*quant, shape, blocksize, blocksize2, x.dtype), transposed=False)
-
-    @torch.compile(fullgraph=True)
-    def fused_input_grad(g):
-        return nf4._fused_matvec(g, dequantize_nf4(*quant, shape, blocksize, blocksize2, g.dtype), transposed=True)
-
     row = {"weight": f"{out_features}x{in_features}", "rows": rows}
-    for name, default, others, arg in (("forward", default_forward, {"fp8": fp8_forward, "fused": fused_forward}, x),
-                                       ("input_grad", default_input_grad,
-                                        {"fp8": fp8_input_grad, "fused": fused_input_grad}, g)):
+    for name, default, others, arg in (("forward", default_forward, {"fp8": fp8_forward}, x),
+                                       ("input_grad", default_input_grad, {"fp8": fp8_input_grad}, g)):
         expected = default(arg).float()
         row[f"{name}_default_ms"] = milliseconds(lambda: default(arg))  # noqa: B023 (called right here)
         for way, call in others.items():
-            if way == "fused" and rows > nf4.THIN_ROWS:
-                continue
             try:  # a way that fails at one shape is reported in its row; the other shapes still run
                 got = call(arg).float()
             except RuntimeError as error:
@@ -123,15 +112,13 @@ def main() -> None:
     torch._functorch.config.cse = False  # as the trainer compiles
     rows = []
     for tokens in args.tokens:
-        # "fp8+fused": FP8 products, and the one-row ones as fused sums (FLUX_QLORA_NF4_GEMV=fused)
-        step = {"default": 0.0, "fp8": 0.0, "fp8+fused": 0.0}
+        step = {"default": 0.0, "fp8": 0.0}
         for (out_features, in_features), (count, kind) in SHAPES.items():
             row = measure(out_features, in_features, tokens if kind == "tokens" else 1, device)
             rows.append(row)
             print(json.dumps(row), flush=True)
             for way in step:  # with checkpointing: the forward twice (forward, recompute), the input gradient once
-                used = "fused" if way == "fp8+fused" and "forward_fused_ms" in row else way.split("+")[0]
-                step[way] += count * (2 * row[f"forward_{used}_ms"] + row[f"input_grad_{used}_ms"])
+                step[way] += count * (2 * row[f"forward_{way}_ms"] + row[f"input_grad_{way}_ms"])
         rows.append({"tokens": tokens, **{f"step_ms_{way}": ms for way, ms in step.items()}})
         print(f"{tokens} tokens: one step's NF4 products " + ", ".join(
             f"{way} {ms:.1f} ms ({step['default'] / ms:.2f}x)" for way, ms in step.items()), flush=True)

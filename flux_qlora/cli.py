@@ -129,8 +129,9 @@ def add_base_precision_args(parser: argparse.ArgumentParser) -> None:
                        help="The frozen base's linear layers: nf4 (QLoRA, ~6 GB for FLUX.1-dev) or bf16 (plain "
                             "LoRA in the --mixed_precision dtype, ~24 GB: for big GPUs).")
     group.add_argument("--do_fp8_training", action="store_true",
-                       help="Run the frozen base's big linears in float8 (torchao) with --base_precision bf16 on a "
-                            "GPU of compute capability >= 8.9 (speed and memory: BENCHMARKS.md).")
+                       help="The frozen base's products on FP8 tensor cores (compute capability >= 8.9, bf16): an "
+                            "NF4 base (with --compile) dequantizes its 4-bit weights straight to FP8, a bf16 base's "
+                            "big linears run in torchao's float8 (speed and memory: BENCHMARKS.md).")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -360,9 +361,9 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
 
         if get_token() is None:
             raise UserError("--push_to_hub needs a Hub token: run `hf auth login` or pass --hub_token.")
-    if args.do_fp8_training and args.base_precision != "bf16":
-        raise UserError("--do_fp8_training runs a bf16 base in float8: add --base_precision bf16 (NF4 layers are "
-                        "already 4-bit and are not converted).")
+    if args.do_fp8_training and args.base_precision == "nf4" and not args.compile:
+        raise UserError("--do_fp8_training on the NF4 base runs in the compiled blocks: add --compile (or "
+                        "--base_precision bf16 for torchao's float8 training of a bf16 base).")
     if args.validation_split and args.eval_data_dir:
         raise UserError("give --validation_split (hold out a share of the training images) or --eval_data_dir (a "
                         "folder of held-out images), not both.")

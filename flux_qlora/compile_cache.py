@@ -98,6 +98,15 @@ def _write_artifacts(folder: Path) -> Path | None:
     return path
 
 
+def compile_cache_bypasses() -> int:
+    """Graphs inductor's FX graph cache refused to hold, so no --compile_cache_dir can keep them. torch 2.11 on CUDA
+    refuses every checkpointed block's (the recomputed attention's RNG-state operator, marked cacheable in 2.13:
+    pytorch#185562); reasons: TORCH_LOGS=inductor."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_bypass"]
+
+
 def compile_cache_hits() -> int:
     """Graphs this process took from a cache (inductor's FX graph cache and AOTAutograd's) instead of compiling."""
     from torch._dynamo.utils import counters

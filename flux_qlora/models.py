@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -368,17 +367,13 @@ SAVE_THIN_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_SAVE_THIN") == 
 
 
 def thin_product(op, args: tuple) -> bool:
-    """A matrix product with at most 1/64 as many rows as its inner size (its output is at most 1/64 of its weight),
-    or a sum to at most 1/64 of its input (`nf4._fused_matvec`'s)."""
+    """A matrix product with at most 1/64 as many rows as its inner size (its output is at most 1/64 of its
+    weight)."""
     aten = torch.ops.aten
     if op in (aten.mm.default, aten._scaled_mm.default):
         rows, inner = args[0].shape
     elif op is aten.addmm.default:
         rows, inner = args[1].shape
-    elif op is aten.sum.dim_IntList:
-        summed = args[0]
-        dims = args[1] if len(args) > 1 and args[1] else range(summed.dim())
-        return math.prod(summed.shape[d] for d in dims) >= 64  # its output: at most 1/64 of what it sums
     else:
         return False
     return rows * 64 <= inner
@@ -451,21 +446,22 @@ def compile_blocks_for_inference(transformer: nn.Module) -> None:
         block.register_forward_pre_hook(canonical_streams, with_kwargs=True)
 
 
-def compile_blocks(transformer: nn.Module) -> None:
+def compile_blocks(transformer: nn.Module, fp8: bool = False) -> None:
     """Regional compilation: each block through `torch.compile` (blocks of a kind share one graph). NF4 layers
     first become `CompilableLinear4bit`, so the blocks compile to fused kernels instead of calls into
-    bitsandbytes' Python layer (which needs AOTAutograd's CSE off: see train_qlora_flux.py)."""
+    bitsandbytes' Python layer (which needs AOTAutograd's CSE off: see train_qlora_flux.py); with `fp8`
+    (--do_fp8_training) their products run on FP8 tensor cores."""
     from flux_qlora import nf4
 
-    switched = nf4.make_nf4_compilable(transformer)
+    switched = nf4.make_nf4_compilable(transformer, fp8=fp8)
     blocks = repeated_blocks(transformer)
     for block in blocks:
         block.compile(dynamic=False)
     logger.info("Compiling %d blocks (%d NF4 layers as fused torch ops)", len(blocks), switched)
-    if nf4.GEMM == "fp8":
-        fp8 = sum(getattr(layer, "nf4_fp8_runs_here", False) for layer in transformer.modules())
-        logger.info("FLUX_QLORA_NF4_GEMM=fp8: %d of the %d NF4 layers multiply on FP8 tensor cores in bf16 runs "
-                    "(the others, if any, have no FP8 GEMM here: nf4.fp8_gemm_runs_here)", fp8, switched)
+    if fp8 and switched:
+        on_fp8 = sum(getattr(layer, "nf4_fp8", False) for layer in transformer.modules())
+        logger.info("--do_fp8_training: %d of the %d NF4 layers multiply on FP8 tensor cores in bf16 runs (the "
+                    "others have no FP8 GEMM here: nf4.fp8_gemm_runs_here)", on_fp8, switched)
 
 
 def set_attention_backend(transformer: nn.Module, backend: str | None, training: bool = False) -> None:

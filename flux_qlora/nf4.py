@@ -61,17 +61,8 @@ def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax
 
 # The dequantization the compiled NF4 layers run (read at each call, so a test can switch it).
 DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT") == "table" else dequantize_nf4
-# "fp8": the products with the NF4 weights run on FP8 tensor cores (an experiment for issue 18, BENCHMARKS.md).
-# Read at each call, so a test can switch it; a layer whose GPU, dtype or shape has no FP8 GEMM keeps the default.
-GEMM = os.environ.get("FLUX_QLORA_NF4_GEMM", "torch")
 
-# "fused": a product with at most THIN_ROWS rows (the modulation layers' one row per image: 3.2 B of FLUX.1-dev's
-# 11.8 B NF4 weights) as a sum over the dequantized weight that inductor fuses into one kernel reading the 4-bit
-# weight, instead of writing a bf16 weight and reading it back for a matrix-vector product (an experiment for
-# issue 18, BENCHMARKS.md; read at each call, as GEMM).
-GEMV = os.environ.get("FLUX_QLORA_NF4_GEMV", "torch")
-THIN_ROWS = 4  # each row is one more pass over the 4-bit weight: past ~4 the bf16 weight (2 bytes) is cheaper
-
+# --do_fp8_training on the NF4 base: the products with the NF4 weights on FP8 tensor cores (BENCHMARKS.md).
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -122,19 +113,6 @@ def _matmul_fp8(a: torch.Tensor, weight_fp8: tuple[torch.Tensor, torch.Tensor], 
     return out.view(*a.shape[:-1], out.shape[-1])
 
 
-def _thin(t: torch.Tensor) -> bool:
-    """Whether GEMV is "fused" and a product with this left operand has few enough rows for `_fused_matvec`."""
-    return GEMV == "fused" and t.numel() // t.shape[-1] <= THIN_ROWS
-
-
-def _fused_matvec(a: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """a @ weight.T (or a @ weight) as an fp32 sum of products, rounded once to a's dtype, as the GEMM's fp32
-    accumulation: compiled, the dequantization feeds the reduction and no weight is written."""
-    if transposed:
-        return (a.unsqueeze(-1).float() * weight.float()).sum(-2).to(a.dtype)
-    return (a.unsqueeze(-2).float() * weight.float()).sum(-1).to(a.dtype)
-
-
 class _NF4Matmul(torch.autograd.Function):
     """x @ dequant(W).T, saving only the packed weight for the backward (the bf16 weight would be 4x its size)."""
 
@@ -145,8 +123,6 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.save_for_backward(*quant)
         ctx.layout = (shape, blocksize, blocksize2, x.dtype)
         ctx.fp8 = fp8
-        if _thin(x):
-            return _fused_matvec(x, DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype), transposed=False)
         if fp8:  # fast accumulation in the forward, full in the gradient: as torchao's float8 training does
             return _matmul_fp8(x, nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False), True)
         return x @ DEQUANTIZE(*quant, shape, blocksize, blocksize2, x.dtype).t()
@@ -154,9 +130,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         shape, blocksize, blocksize2, _ = ctx.layout
-        if _thin(grad_out):
-            grad_in = _fused_matvec(grad_out, DEQUANTIZE(*ctx.saved_tensors, *ctx.layout), transposed=True)
-        elif ctx.fp8:
+        if ctx.fp8:
             weight_t = nf4_as_fp8(*ctx.saved_tensors, shape, blocksize, blocksize2, transposed=True)
             grad_in = _matmul_fp8(grad_out, weight_t, False)
         else:
@@ -180,7 +154,7 @@ class AutocastLinear4bit(bnb.nn.Linear4bit):
 class CompilableLinear4bit(AutocastLinear4bit):
     """A `Linear4bit` whose forward is torch ops over the same storage (see the module docstring)."""
 
-    def setup_buffers(self) -> None:
+    def setup_buffers(self, fp8: bool = False) -> None:
         state = self.weight.quant_state
         # Non-persistent: views of the Params4bit storage, never saved twice, not in state_dict.
         for name, tensor in (("nf4_packed", self.weight.data.view(torch.uint8)), ("nf4_absmax_q", state.absmax),
@@ -189,8 +163,9 @@ class CompilableLinear4bit(AutocastLinear4bit):
                              ("nf4_code", state.code)):
             self.register_buffer(name, tensor, persistent=False)
         self.nf4_layout = (tuple(state.shape), state.blocksize, state.state2.blocksize)
-        self.nf4_fp8_runs_here = fp8_gemm_runs_here(state.absmax.device, tuple(state.shape), state.blocksize,
-                                                    state.state2.blocksize)
+        # --do_fp8_training: the products on FP8 tensor cores where this layer's GPU and shape have them
+        self.nf4_fp8 = fp8 and fp8_gemm_runs_here(state.absmax.device, tuple(state.shape), state.blocksize,
+                                                  state.state2.blocksize)
 
     def nf4_quant(self) -> tuple[torch.Tensor, ...]:
         """The packed weight and its quantization state, in the order `dequantize_nf4` and `nf4_as_fp8` take."""
@@ -200,7 +175,7 @@ class CompilableLinear4bit(AutocastLinear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         shape, blocksize, blocksize2 = self.nf4_layout
-        fp8 = GEMM == "fp8" and self.nf4_fp8_runs_here and dtype == torch.bfloat16  # FP8 GEMMs write bf16
+        fp8 = self.nf4_fp8 and dtype == torch.bfloat16  # the FP8 GEMMs write bf16
         out = _NF4Matmul.apply(x.to(dtype), *self.nf4_quant(), shape, blocksize, blocksize2, fp8)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
@@ -214,9 +189,10 @@ def compilable(layer: nn.Module) -> bool:
             and state.nested and state.shape.numel() % state.blocksize == 0)
 
 
-def make_nf4_compilable(model: nn.Module) -> int:
+def make_nf4_compilable(model: nn.Module, fp8: bool = False) -> int:
     """Switches the model's NF4 layers to `CompilableLinear4bit` in place (after loading and moving to the device;
-    LoRA wrappers keep working: they only call the layer). Returns the number of layers switched.
+    LoRA wrappers keep working: they only call the layer), with `fp8` their products on FP8 tensor cores in bf16
+    runs where `fp8_gemm_runs_here`. Returns the number of layers switched.
 
     Compile them with AOTAutograd's common-subexpression elimination off (`torch._functorch.config.cse = False`):
     it would merge the backward's dequantization with the forward's and keep every bf16 weight for the backward.
@@ -225,6 +201,6 @@ def make_nf4_compilable(model: nn.Module) -> int:
     for layer in model.modules():
         if compilable(layer):
             layer.__class__ = CompilableLinear4bit
-            layer.setup_buffers()
+            layer.setup_buffers(fp8)
             count += 1
     return count

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.compile_cache import compile_cache_hits
+from flux_qlora.compile_cache import compile_cache_bypasses, compile_cache_hits
 from flux_qlora.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ class RunStats:
             "skipped_steps": self.skipped_steps, "training_sizes": len(self.compiles.sizes_seen),
             "graphs_compiled": self.compiles.compiles, "recompiles": self.compiles.recompiles,
             "cuda_graphs_captured": self.cuda_graphs_captured, "compile_cache_hits": compile_cache_hits(),
+            "compile_cache_bypasses": compile_cache_bypasses(),
             "seconds_since_launch": self.startup,
             "gpu_busy_percent": round(100 * kernel_s / median, 1) if kernel_s and median else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,

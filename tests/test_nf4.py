@@ -194,9 +194,8 @@ class ModulatedLayer(nn.Module):
         return torch.nn.functional.gelu(self.to_q(tokens * (1 + self.modulation(conditioning))))
 
 
-@pytest.mark.parametrize("gemv", ["torch", "fused"])  # the modulation as a GEMM, or as nf4._fused_matvec's sum
 @pytest.mark.parametrize("save_thin, backward_dequantizations", [(False, 3), (True, 2)])
-def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thin, backward_dequantizations, gemv,
+def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thin, backward_dequantizations,
                                                                         monkeypatch):
     """FLUX_QLORA_CHECKPOINT_SAVE_THIN (issue 18): the recomputation takes the modulation's one-row output from the
     forward (256 values kept) instead of dequantizing its weight again, whose 4-bit copy the backward then no longer
@@ -204,7 +203,6 @@ def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thi
     from flux_qlora import models
 
     monkeypatch.setattr(models, "SAVE_THIN_IN_CHECKPOINTS", save_thin)
-    monkeypatch.setattr(nf4, "GEMV", gemv)
     block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False),
                                     ModulatedLayer())
     make_nf4_compilable(block)
@@ -224,7 +222,7 @@ def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thi
         torch.testing.assert_close(got, expected)
 
 
-# FP8 GEMMs on the NF4 weights (FLUX_QLORA_NF4_GEMM=fp8, issue 18): torch runs them on the CPU too.
+# FP8 GEMMs on the NF4 weights (--do_fp8_training on the NF4 base, issue 18): torch runs them on the CPU too.
 FP8_DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
                         else [])]
 
@@ -234,7 +232,7 @@ def test_fp8_operands_are_the_nf4_weight_rounded_to_e4m3(device):
     """Both FP8 operands hold the NF4 weight to e4m3's precision, scaled by the output they feed (per row for
     x @ W.T, per column for g @ W), the scales read off the block scales; the row scales are tight."""
     model = nf4_model(384, 256, dtype=torch.bfloat16, device=device)
-    make_nf4_compilable(model)
+    make_nf4_compilable(model, fp8=True)
     layer = model.to_q
     quant = layer.nf4_quant()
     shape, blocksize, blocksize2 = layer.nf4_layout
@@ -249,7 +247,7 @@ def test_fp8_operands_are_the_nf4_weight_rounded_to_e4m3(device):
     torch.testing.assert_close(rows.float() * row_scale.t(), weight, **half_step)
     torch.testing.assert_close(columns.float().t() * column_scale, weight, **half_step)
     assert torch.equal(rows.float().abs().amax(dim=1), torch.full((384,), 448.0, device=device))
-    assert layer.nf4_fp8_runs_here
+    assert layer.nf4_fp8
     transposed_rows = torch.randn(256, 37, device=device, dtype=torch.bfloat16).t()  # as a gradient may arrive
     assert nf4.fp8_rows(transposed_rows)[0].is_contiguous()  # CUDA's _scaled_mm takes row-major left operands only
     runs_here = {shape: nf4.fp8_gemm_runs_here(torch.device(device), shape, 64, 256)
@@ -268,11 +266,11 @@ class TwoNF4LayersBf16(nn.Module):
         return self.second(torch.nn.functional.gelu(self.first(x)))
 
 
-def lora_pair(device: str) -> nn.Module:
+def lora_pair(device: str, fp8: bool) -> nn.Module:
     torch.manual_seed(1)
     model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["first", "second"], init_lora_weights=False),
                                     TwoNF4LayersBf16(device))
-    make_nf4_compilable(model)
+    make_nf4_compilable(model, fp8=fp8)
     return model
 
 
@@ -281,7 +279,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("device", FP8_DEVICES)
-def test_fp8_gemms_give_a_lora_the_bf16_gradients_to_fp8_precision(device, monkeypatch):
+def test_fp8_gemms_give_a_lora_the_bf16_gradients_to_fp8_precision(device):
     """Two NF4 layers with LoRA in bf16, as the trainer runs them: with the products in FP8 the output, the input's
     gradient and every LoRA gradient (the first layer's pass through the second's FP8 input gradient) stay within
     a few percent of the bf16 GEMMs', eager and compiled (so the compiled graph runs FP8 too), and the backward keeps
@@ -289,8 +287,7 @@ def test_fp8_gemms_give_a_lora_the_bf16_gradients_to_fp8_precision(device, monke
     x = torch.randn(2, 37, 256, device=device, dtype=torch.bfloat16)
     results = {}
     for gemm, compiled in (("torch", False), ("fp8", False), ("fp8", True)):
-        monkeypatch.setattr(nf4, "GEMM", gemm)
-        model = lora_pair(device)
+        model = lora_pair(device, fp8=gemm == "fp8")
         if compiled:
             with torch._functorch.config.patch(cse=False):
                 results[gemm, compiled] = forward_backward(torch.compile(model, fullgraph=True), x)
@@ -304,39 +301,3 @@ def test_fp8_gemms_give_a_lora_the_bf16_gradients_to_fp8_precision(device, monke
             assert 0.01 < relative_error(got, expected) < 0.08
     for _, _, _, saved in (results["fp8", False], results["fp8", True]):
         assert not [t for t in saved if t.is_floating_point() and t.numel() >= 256 * 384]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_thin_products_are_sums_that_never_write_the_weight(device, monkeypatch):
-    """FLUX_QLORA_NF4_GEMV=fused (issue 18): a product with at most THIN_ROWS rows (the modulation layers, one row
-    per image) is a sum over the dequantized weight; compiled, inductor reads the 4-bit weight in the reduction and
-    writes no weight, where the default writes a bf16 one for the GEMM. Same output and input gradient as the GEMM
-    to bf16's rounding; a fourth-plus-one row goes back to the GEMM."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = nf4_model(384, 256, dtype=torch.bfloat16, device=device)
-    make_nf4_compilable(model)
-    calls = []
-    fused = nf4._fused_matvec
-    monkeypatch.setattr(nf4, "_fused_matvec", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
-    for rows in (1, nf4.THIN_ROWS, nf4.THIN_ROWS + 1):
-        x = torch.randn(1, rows, 256, device=device, dtype=torch.bfloat16)
-        results = {}
-        for gemv in ("torch", "fused"):
-            monkeypatch.setattr(nf4, "GEMV", gemv)
-            calls.clear()
-            results[gemv] = forward_backward(model, x)
-            assert len(calls) == (2 if gemv == "fused" and rows <= nf4.THIN_ROWS else 0)  # forward and backward
-        for got, expected in zip(results["fused"][:2], results["torch"][:2]):
-            torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=2 ** -7)  # a bf16 step either way
-    weight_buffer = "((384, 256), (256, 1)"  # inductor allocating a buffer the weight's size
-    codes = {}
-    for gemv in ("torch", "fused"):
-        monkeypatch.setattr(nf4, "GEMV", gemv)
-        torch._dynamo.reset()
-        x = torch.randn(1, 1, 256, device=device, dtype=torch.bfloat16)
-        with torch.no_grad():
-            out, codes[gemv] = run_and_get_code(torch.compile(model, fullgraph=True), x)
-        torch.testing.assert_close(out, model(x), rtol=2 ** -7, atol=2 ** -7)
-    assert any(weight_buffer in code for code in codes["torch"])
-    assert not any(weight_buffer in code for code in codes["fused"])

@@ -263,7 +263,9 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
     pytest.param(["--resume_from_checkpoint", "{tmp}/ckpt"], ["--resume_from_checkpoint", "latest"], None,
                  id="bad_resume"),
     pytest.param(["--train_batch_size", "64"], ["less than one global batch"], None, id="tiny_dataset"),
-    pytest.param(["--do_fp8_training"], ["--base_precision bf16"], None, id="fp8_on_nf4"),
+    pytest.param(["--do_fp8_training"], ["--do_fp8_training", "add --compile"], None, id="fp8_on_nf4_uncompiled"),
+    pytest.param(["--do_fp8_training", "--compile", "--mixed_precision", "no"],
+                 ["--do_fp8_training", "--mixed_precision bf16"], None, id="fp8_on_nf4_in_fp32"),
     pytest.param(["--do_fp8_training", "--base_precision", "bf16"], ["--do_fp8_training", "8.9"], None,
                  id="fp8_on_cpu", marks=NO_GPU),
     pytest.param(["--cuda_graphs"], ["--cuda_graphs", "NVIDIA GPU"], None, id="graphs_on_cpu", marks=NO_GPU),
@@ -476,6 +478,7 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(tin
     assert len(saved) == 1
     # With empty local caches every graph was still found (cold, a run finds at most a graph it compiled twice).
     assert summaries[1]["compile_cache_hits"] >= summaries[1]["graphs_compiled"] > 0
+    assert summaries[0]["compile_cache_bypasses"] == summaries[1]["compile_cache_bypasses"] == 0
     assert "Loaded 1 compile cache file(s)" in result.stderr
     assert "Skipping compile cache file" in result.stderr and "damaged.torchcompile" in result.stderr
     assert sorted(folder.glob("*.torchcompile")) == sorted([*saved, folder / "damaged.torchcompile"])  # same graphs
@@ -487,16 +490,16 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(tin
 
 
 @pytest.mark.slow
-def test_fp8_gemms_and_fused_matvecs_on_the_nf4_base_train_like_the_golden_run(tiny_model, tiny_images_master,
-                                                                               tiny_embeddings, tmp_path):
-    """Issue 18's NF4 levers together: the compiled blocks multiply by the NF4 weights on FP8 (the GPU's tensor
-    cores, or torch's CPU kernels: FLUX_QLORA_NF4_GEMM=fp8), the one-row modulation products are fused sums
-    (FLUX_QLORA_NF4_GEMV=fused) that the checkpoints keep instead of recomputing (FLUX_QLORA_CHECKPOINT_SAVE_THIN);
-    the golden run's losses (fp32, eager) come back to within bf16's and FP8's rounding."""
-    levers = {"FLUX_QLORA_NF4_GEMM": "fp8", "FLUX_QLORA_NF4_GEMV": "fused", "FLUX_QLORA_CHECKPOINT_SAVE_THIN": "1"}
+def test_fp8_training_on_the_nf4_base_trains_like_the_golden_run(tiny_model, tiny_images_master, tiny_embeddings,
+                                                                  tmp_path):
+    """--do_fp8_training on the NF4 base: the compiled blocks multiply by the NF4 weights on FP8 (the GPU's tensor
+    cores, or torch's CPU kernels), with the one-row modulation outputs kept by the checkpoints instead of
+    recomputed (FLUX_QLORA_CHECKPOINT_SAVE_THIN); the golden run's losses (fp32, eager) come back to within bf16's
+    and FP8's rounding."""
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                            tmp_path / "out", *GOLDEN_FLAGS, "--mixed_precision",
-                                                           "bf16", "--compile"), env={**CPU_ONLY, **levers})
+                                                           "bf16", "--compile", "--do_fp8_training"),
+                        env={**CPU_ONLY, "FLUX_QLORA_CHECKPOINT_SAVE_THIN": "1"})
     fp8_log = [line for line in result.stderr.splitlines() if "multiply on FP8" in line]
     assert len(fp8_log) == 1 and "34 of the 40 NF4 layers" in fp8_log[0]  # the tiny model's 6 others: odd scales
     losses = json.loads((tmp_path / "out" / "train_summary.json").read_text())["losses"]
