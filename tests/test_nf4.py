@@ -275,7 +275,7 @@ def lora_pair(device: str, fp8: bool) -> nn.Module:
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.detach().float() - expected.float()).norm() / expected.float().norm())
+    return float((got.detach().float() - expected.detach().float()).norm() / expected.detach().float().norm())
 
 
 @pytest.mark.parametrize("device", FP8_DEVICES)
