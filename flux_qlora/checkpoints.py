@@ -107,6 +107,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Each process writes its own random states last, with no barrier after: without this one the main process
+    # could rename the folder first, and another's file went to a new .tmp folder (seen once in CI's DDP test).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": step}))
         shutil.rmtree(final, ignore_errors=True)

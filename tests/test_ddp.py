@@ -44,6 +44,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_ima
     assert len({p.name.split(".")[3] for p in (ddp / "logs").rglob("events.out.tfevents*")}) == 1
     assert sorted(p.name for p in (ddp / "checkpoint-2").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+    assert not list(ddp.glob(".checkpoint-*"))  # no process wrote into a folder already renamed
 
     # Resume with two processes from the step-2 checkpoint: the same final LoRA.
     resumed = tmp_path / "resumed"
