@@ -456,6 +456,7 @@ def train(args: argparse.Namespace, run: Run, stats: RunStats) -> None:
                 evaluate(args, run, stats, step)
     finally:
         progress.close()
+        profiler.close(step)
         signals.restore()
     stats.kernel_s_per_step = profiler.kernel_s_per_step
     stats.cuda_graphs_captured = len(getattr(micro_step, "graphs", ()))

@@ -300,9 +300,10 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--logging_steps", type=int, default=10,
                      help="Read the loss back from the GPU every N steps (each read waits for the GPU).")
     out.add_argument("--profile_dir", type=str, default=None,
-                     help="Profile optimizer steps 5-7 with torch.profiler: a Chrome trace, kernel and CPU tables, "
-                          "with --compile a CUDA memory snapshot (pytorch.org/memory_viz) here, and the share of time "
-                          "the GPU was busy in train_summary.json.")
+                     help="Profile optimizer steps 5-7 (those of them a shorter run has) with torch.profiler: a "
+                          "Chrome trace, kernel and CPU tables, with --compile a CUDA memory snapshot "
+                          "(pytorch.org/memory_viz) here, and the share of time the GPU was busy in "
+                          "train_summary.json.")
     out.add_argument("--export_format", type=str, default=None, choices=["comfyui", "kohya"],
                      help="Also write the LoRA in the kohya/ComfyUI layout (FLUX.1 layer names, fused qkv, .alpha "
                           "tensors) as pytorch_lora_weights_comfyui.safetensors (comfyui and kohya: the same file).")

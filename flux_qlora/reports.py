@@ -70,19 +70,35 @@ class StepProfiler:
             self.profile.__enter__()
             if self.record_memory:  # every allocation with its stack, for pytorch.org/memory_viz
                 torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-        elif step == self.last and self.profile is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.profile.__exit__(None, None, None)
-            self.folder.mkdir(parents=True, exist_ok=True)
+        elif step == self.last:
+            self._stop(steps=self.last - self.first + 1)
+
+    def close(self, step: int) -> None:
+        """Ends a profile the run stopped inside (fewer than 7 steps, or an error), writing the steps it recorded:
+        left running, the profiler crashed the interpreter at exit (segfault after a 5-step run's summary)."""
+        if self.profile is not None:
+            self._stop(steps=step - self.first + 1)
+
+    def _stop(self, steps: int) -> None:
+        profile, self.profile = self.profile, None
+        if profile is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        profile.__exit__(None, None, None)
+        if steps < 1:  # it started after the run's last step: nothing of a step in it
             if self.record_memory:
-                torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
                 torch.cuda.memory._record_memory_history(enabled=None)
-            self.kernel_s_per_step = kernel_seconds(self.profile) / (self.last - self.first + 1)
-            self.profile.export_chrome_trace(str(self.folder / "trace.json"))
-            write_profile_tables(self.profile, self.folder)
-            logger.info("Profiled steps %d-%d: %.3f s of GPU kernels per step (trace in %s)", self.first, self.last,
-                        self.kernel_s_per_step, self.folder)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.record_memory:
+            torch.cuda.memory._dump_snapshot(str(self.folder / "memory_snapshot.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        self.kernel_s_per_step = kernel_seconds(profile) / steps
+        profile.export_chrome_trace(str(self.folder / "trace.json"))
+        write_profile_tables(profile, self.folder)
+        logger.info("Profiled steps %d-%d: %.3f s of GPU kernels per step (trace in %s)", self.first,
+                    self.first + steps - 1, self.kernel_s_per_step, self.folder)
 
 
 def launch_seconds(device: torch.device) -> float:

@@ -385,9 +385,11 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model, device):
     assert all(e.host.is_floating_point() for e in offload.entries)  # no packed NF4 weight among them
 
 
-def test_profile_dir_writes_trace_and_tables(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
+@pytest.mark.parametrize("steps", [8, 5])  # 5: the run ends inside the profiled steps 5-7 (its exit crashed once)
+def test_profile_dir_writes_trace_and_tables(steps, tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
-                                                  "--max_train_steps", "8", "--profile_dir", tmp_path / "profile"))
+                                                  "--max_train_steps", str(steps), "--profile_dir",
+                                                  tmp_path / "profile"))
     assert json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
     assert "aten::" in (tmp_path / "profile" / "top_cpu.txt").read_text()  # the CPU side of steps 5-7
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
