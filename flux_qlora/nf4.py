@@ -11,6 +11,7 @@ so loading, saving, LoRA merging and the eager path are unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import bitsandbytes as bnb
@@ -101,7 +102,22 @@ def fp8_gemm_runs_here(device: torch.device, shape: tuple[int, int], blocksize: 
     blocks = rows * cols // blocksize
     if rows % 16 or cols % 16 or cols % blocksize or (blocks > blocksize2 and blocks % blocksize2):
         return False
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+    if device.type == "cpu":
+        return cpu_fp8_gemm_runs()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def cpu_fp8_gemm_runs() -> bool:
+    """Whether torch's CPU `_scaled_mm` takes row-wise scales: torch 2.13's does, 2.11's takes one scale per
+    operand ("only supports per-tensor scaling for CPU backend")."""
+    ones = torch.ones(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _matmul_fp8(a: torch.Tensor, weight_fp8: tuple[torch.Tensor, torch.Tensor], fast_accum: bool) -> torch.Tensor:
