@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +36,11 @@ def run_main(main: Callable, args: argparse.Namespace, memory_fix: str = "") -> 
     """Runs `main(args)`; a `UserError` becomes one `error: ...` line on stderr and exit code 2, and so does running
     out of GPU memory, with `memory_fix` (the script's flags that use less).
 
-    With `--debug` the full traceback is shown instead.
+    With `--debug` the full traceback is shown instead. `kill -USR1 <pid>` prints where every thread of the process
+    is: how a stalled run (one process of a multi-GPU run waiting for another) shows what it waits for.
     """
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     try:
         main(args)
     except torch.OutOfMemoryError as error:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,17 +125,38 @@ def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.
 
 
 def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+               env: dict | None = None, timeout: float = 480) -> subprocess.CompletedProcess:
     """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails."""
     target = script if script.startswith("-") else str(ROOT / script)  # "-m" runs a module: args[0] names it
     command = [*(launcher or [sys.executable]), target, *map(str, args)]
     # A hang (e.g. a distributed run waiting for a dead peer) fails the test with its output, not CI's clock.
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=480,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = stop_stalled(process)
+        raise AssertionError(f"{script} ran out of its {timeout} s; where each process was:\n{stderr[-12000:]}\n"
+                             f"{stdout[-2000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         raise AssertionError(f"{script} failed ({result.returncode}):\n{output}")
     return result
+
+
+def stop_stalled(process: subprocess.Popen) -> tuple[str, str]:
+    """Has each process under `process` (e.g. each rank of a DDP run) print its threads' stacks (SIGUSR1, which
+    cli.run_main registers; a launcher without it just ends), then kills them all; returns the output."""
+    import psutil
+
+    family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    for signal_number in (signal.SIGUSR1, signal.SIGKILL):
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal_number)
+        time.sleep(3 if signal_number == signal.SIGUSR1 else 0)
+    return process.communicate()
 
 
 def assert_same_lora(expected: Path, actual: Path, name: str = "pytorch_lora_weights.safetensors",

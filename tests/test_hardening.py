@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, assert_same_lora, run_script, train_args
+from conftest import ROOT, assert_one_line_error, assert_same_lora, run_script, stop_stalled, train_args
 from PIL import Image
 
 from flux_qlora.batches import load_buckets
@@ -176,3 +176,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_mo
     losses = [json.loads((run / "train_summary.json").read_text())["losses"] for run in (tmp_path / "full",
                                                                                            interrupted)]
     assert len(losses[1]) == 40 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*losses))
+
+
+def test_a_stalled_script_shows_where_each_thread_waits():
+    """SIGUSR1 prints a script's stacks (cli.run_main): what run_script shows of a script that ran out of time,
+    e.g. the ranks of a DDP run waiting for each other, before it kills them."""
+    code = ("import argparse, time\nfrom flux_qlora.cli import run_main\n"
+            "def main(args):\n    print('started', flush=True)\n    time.sleep(60)\n"
+            "run_main(main, argparse.Namespace())")
+    script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    assert script.stdout.readline() == "started\n"
+    stdout, stderr = stop_stalled(script)
+    assert script.returncode == -signal.SIGKILL  # alive after the stacks: killed by the second signal
+    assert "Current thread" in stderr and 'File "<string>", line 5 in main' in stderr, stderr
