@@ -150,13 +150,16 @@ def stop_stalled(process: subprocess.Popen) -> tuple[str, str]:
     cli.run_main registers; a launcher without it just ends), then kills them all; returns the output."""
     import psutil
 
-    family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    try:
+        family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    except psutil.NoSuchProcess:  # it ended just now
+        family = []
     for signal_number in (signal.SIGUSR1, signal.SIGKILL):
         for member in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal_number)
         time.sleep(3 if signal_number == signal.SIGUSR1 else 0)
-    return process.communicate()
+    return process.communicate(timeout=60)
 
 
 def assert_same_lora(expected: Path, actual: Path, name: str = "pytorch_lora_weights.safetensors",
