@@ -15,6 +15,7 @@ read with the same dataset flags and matched to their embeddings by the hash of 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -539,8 +540,21 @@ def finish(args: argparse.Namespace, run: Run, stats: RunStats, samples_before: 
         (output_dir / "README.md").write_text(card.render())
         if args.push_to_hub:  # everything is on disk already: a failed upload is one line and the retry command
             push_to_hub(args.output_dir, repo_name, args.hub_token)
-    accelerator.end_training()
     return summary
+
+
+def end_processes(run: Run) -> None:
+    """Ends the trackers and, with several processes, their group, avoiding a hang in torch's gloo teardown
+    (pytorch#56297; reproduced: about one resumed 2-process CPU run in 15 hung at exit on a loaded machine). DDP's
+    reducer, freed with the GIL held, was the group's last owner and joined its worker threads while one of them
+    waited for the GIL to free the last collective's tensors. So the group is held here until the DDP wrapper is
+    gone, and then freed through torch's own binding, which releases the GIL first."""
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    run.transformer = run.accelerator.unwrap_model(run.transformer)
+    run.accelerator.free_memory()  # the accelerator's references to the wrapper
+    gc.collect()  # DDP's hooks make reference cycles
+    run.accelerator.end_training()
+    del group
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -595,6 +609,7 @@ def main(args: argparse.Namespace) -> dict:
     prior_order = data.prior and SampleOrder([len(b) for b in data.prior.buckets], order.global_batch,
                                              args.train_batch_size, accelerator.num_processes, args.seed + 1)
     run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, data, order, vae, prior_order)
+    del transformer  # held by `run` alone, which end_processes() unwraps
 
     resumed = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,
@@ -602,10 +617,13 @@ def main(args: argparse.Namespace) -> dict:
                      startup=startup)
     log_run_start(args, accelerator, len(data), order, stats.start_step)
     samples_before = generate_samples(args, run, 0) if stats.start_step == 0 else []
-    if stats.start_step == 0:
-        evaluate(args, run, stats, 0)
-    train(args, run, stats)
-    return finish(args, run, stats, samples_before)
+    try:
+        if stats.start_step == 0:
+            evaluate(args, run, stats, 0)
+        train(args, run, stats)
+        return finish(args, run, stats, samples_before)
+    finally:
+        end_processes(run)
 
 
 if __name__ == "__main__":
