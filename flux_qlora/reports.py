@@ -76,8 +76,7 @@ class StepProfiler:
     def close(self, step: int) -> None:
         """Ends a profile the run stopped inside (fewer than 7 steps, or an error), writing the steps it recorded:
         left running, the profiler crashed the interpreter at exit (segfault after a 5-step run's summary)."""
-        if self.profile is not None:
-            self._stop(steps=step - self.first + 1)
+        self._stop(steps=step - self.first + 1)
 
     def _stop(self, steps: int) -> None:
         profile, self.profile = self.profile, None
