@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,4 +190,5 @@ def test_a_stalled_script_shows_where_each_thread_waits():
     assert script.stdout.readline() == "started\n"
     stdout, stderr = stop_stalled(script)
     assert script.returncode == -signal.SIGKILL  # alive after the stacks: killed by the second signal
-    assert "Current thread" in stderr and 'File "<string>", line 5 in main' in stderr, stderr
+    # line 4 or 5: the signal may land while print() is still returning
+    assert "Current thread" in stderr and re.search(r'File "<string>", line [45] in main', stderr), stderr
