@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,32 +129,100 @@ def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.
 
 def run_script(script: str, *args, check: bool = True, launcher: list[str] | None = None,
                env: dict | None = None, timeout: float = 480) -> subprocess.CompletedProcess:
-    """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails."""
+    """Runs one of the project's scripts as a user would; `check` fails the test with its output if it fails.
+
+    Where it can, in a fork of a warm Python (tests/warm_python.py: the same process start, less the imports)."""
     target = script if script.startswith("-") else str(ROOT / script)  # "-m" runs a module: args[0] names it
     command = [*(launcher or [sys.executable]), target, *map(str, args)]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    warm = launcher is None and not script.startswith("-") and WarmPython.serves(full_env)
+    run = WarmPython.get().run if warm else run_command
     # A hang (e.g. a distributed run waiting for a dead peer) fails the test with its output, not CI's clock.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stdout, stderr = stop_stalled(process)
+    returncode, stdout, stderr, stalled = run(command, full_env, timeout)
+    if stalled:
         raise AssertionError(f"{script} ran out of its {timeout} s; where each process was:\n{stderr[-12000:]}\n"
-                             f"{stdout[-2000:]}") from None
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+                             f"{stdout[-2000:]}")
+    result = subprocess.CompletedProcess(command, returncode, stdout, stderr)
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         raise AssertionError(f"{script} failed ({result.returncode}):\n{output}")
     return result
 
 
-def stop_stalled(process: subprocess.Popen) -> tuple[str, str]:
-    """Has each process under `process` (e.g. each rank of a DDP run) print its threads' stacks (SIGUSR1, which
-    cli.run_main registers; a launcher without it just ends), then kills them all; returns the output."""
+def run_command(command: list[str], env: dict, timeout: float) -> tuple[int, str, str, bool]:
+    """(returncode, stdout, stderr, stalled) of `command` in a new process."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stdout, stderr, False
+    except subprocess.TimeoutExpired:
+        stop_stalled(process.pid)
+        stdout, stderr = process.communicate(timeout=60)
+        return process.returncode, stdout, stderr, True
+
+
+class WarmPython:
+    """This test process's tests/warm_python.py server, started at its first use."""
+
+    _server: WarmPython | None = None
+    # Read when the script runs, not at import: a run may set them differently from the server's environment.
+    LATE_READ = ("CUDA_VISIBLE_DEVICES", "WANDB_")
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.folder = Path(tempfile.mkdtemp(prefix="warm-python-"))
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_python.py")], cwd=ROOT, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        stderr=open(self.folder / "server.log", "w"))  # noqa: SIM115
+
+    @classmethod
+    def serves(cls, env: dict) -> bool:
+        """Linux without CUDA (the fork must not inherit a CUDA context), and no variable that an import reads set
+        otherwise than in the server; FLUX_QLORA_WARM_PYTHON=0 turns it off."""
+        if sys.platform != "linux" or torch.cuda.is_available() or os.environ.get("FLUX_QLORA_WARM_PYTHON") == "0":
+            return False
+        server_env = cls._server.env if cls._server else {**os.environ, "HF_HUB_OFFLINE": "1"}
+        differ = {key for key in server_env.keys() | env.keys() if server_env.get(key) != env.get(key)}
+        return all(key.startswith(cls.LATE_READ) for key in differ)
+
+    @classmethod
+    def get(cls) -> WarmPython:
+        if cls._server is None or cls._server.process.poll() is not None:
+            cls._server = cls({**os.environ, "HF_HUB_OFFLINE": "1"})
+        return cls._server
+
+    def run(self, command: list[str], env: dict, timeout: float) -> tuple[int, str, str, bool]:
+        stdout, stderr = self.folder / "stdout", self.folder / "stderr"
+        request = {"script": command[1], "argv": command[2:], "env": env, "cwd": str(ROOT), "stdout": str(stdout),
+                   "stderr": str(stderr)}
+        print(json.dumps(request), file=self.process.stdin, flush=True)
+        started = self._reply(timeout=600)  # after the imports, at the first run
+        if started is None:
+            raise AssertionError(f"the warm Python did not start: {(self.folder / 'server.log').read_text()[-3000:]}")
+        pid = started["pid"]
+        reply = self._reply(timeout)
+        if reply is None:
+            stop_stalled(pid)
+            reply = self._reply(timeout=60)
+        return reply["returncode"], stdout.read_text(), stderr.read_text(), reply is None
+
+    def _reply(self, timeout: float) -> dict | None:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError(f"the warm Python ended: {(self.folder / 'server.log').read_text()[-3000:]}")
+        return json.loads(line)
+
+
+def stop_stalled(pid: int) -> None:
+    """Has each process under `pid` (e.g. each rank of a DDP run) print its threads' stacks (SIGUSR1, which
+    cli.run_main registers; a launcher without it just ends), then kills them all."""
     import psutil
 
     try:
-        family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+        family = [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]
     except psutil.NoSuchProcess:  # it ended just now
         family = []
     for signal_number in (signal.SIGUSR1, signal.SIGKILL):
@@ -159,7 +230,6 @@ def stop_stalled(process: subprocess.Popen) -> tuple[str, str]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal_number)
         time.sleep(3 if signal_number == signal.SIGUSR1 else 0)
-    return process.communicate(timeout=60)
 
 
 def assert_same_lora(expected: Path, actual: Path, name: str = "pytorch_lora_weights.safetensors",

@@ -188,7 +188,8 @@ def test_a_stalled_script_shows_where_each_thread_waits():
     script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT)
     assert script.stdout.readline() == "started\n"
-    stdout, stderr = stop_stalled(script)
+    stop_stalled(script.pid)
+    stdout, stderr = script.communicate(timeout=60)
     assert script.returncode == -signal.SIGKILL  # alive after the stacks: killed by the second signal
     # line 4 or 5: the signal may land while print() is still returning
     assert "Current thread" in stderr and re.search(r'File "<string>", line [45] in main', stderr), stderr
