@@ -201,10 +201,11 @@ class WarmPython:
             raise AssertionError(f"the warm Python did not start: {(self.folder / 'server.log').read_text()[-3000:]}")
         pid = started["pid"]
         reply = self._reply(timeout)
-        if reply is None:
+        stalled = reply is None
+        if stalled:
             stop_stalled(pid)
-            reply = self._reply(timeout=60)
-        return reply["returncode"], stdout.read_text(), stderr.read_text(), reply is None
+            reply = self._reply(timeout=60) or {"returncode": None}  # killed: the server reports it at once
+        return reply["returncode"], stdout.read_text(), stderr.read_text(), stalled
 
     def _reply(self, timeout: float) -> dict | None:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
