@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flux_qlora.cli import (
+    add_config_arg,
     add_dataset_args,
     add_model_args,
     check_dataset_args,
@@ -40,7 +41,8 @@ logger = logging.getLogger("compute_embeddings")
 MAX_T5_LENGTH = 512  # FLUX.1-dev's T5 was trained with at most 512 tokens
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of this script (docs/flags.md is generated from it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_dataset_args(parser)
@@ -54,7 +56,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         help="Load T5 in 8-bit (bitsandbytes, CUDA only): about half the GPU memory of bf16.")
     parser.add_argument("--device", type=str, default=None, help="Encoder device (default: cuda if available).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-    return parse_args_with_config(parser, input_args)
+    add_config_arg(parser)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    return parse_args_with_config(build_parser(), input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

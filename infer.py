@@ -30,6 +30,7 @@ import torch
 from flux_qlora.cli import (
     add_attention_backend_arg,
     add_compile_cache_arg,
+    add_config_arg,
     add_model_args,
     check_compile_cache_dir,
     hub_kwargs,
@@ -65,7 +66,8 @@ from flux_qlora.serving import Lora, LoraServer, make_server
 logger = logging.getLogger("infer")
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of this script (docs/flags.md is generated from it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     lora = parser.add_argument_group("LoRAs")
@@ -131,7 +133,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fast.add_argument("--benchmark", type=int, default=0,
                       help="After one warm-up image, time N images per LoRA; print s/image and peak memory.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-    return parse_args_with_config(parser, input_args)
+    add_config_arg(parser)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    return parse_args_with_config(build_parser(), input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ from flux_qlora.checkpoints import (
 )
 from flux_qlora.cli import (
     add_base_precision_args,
+    add_config_arg,
     add_dataset_args,
     add_flow_matching_args,
     add_image_args,
@@ -121,7 +122,8 @@ from flux_qlora.validation import SampleSettings, sample_images, validation_embe
 logger = get_logger("train_qlora_flux")
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of this script (docs/flags.md is generated from it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--pretrained_transformer_model_name_or_path", type=str, default=None,
@@ -136,7 +138,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_optimisation_args(parser)
     add_flow_matching_args(parser)
     add_output_args(parser)
-    return parse_args_with_config(parser, input_args)
+    add_config_arg(parser)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    return parse_args_with_config(build_parser(), input_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

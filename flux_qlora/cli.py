@@ -492,12 +492,15 @@ def training_shape(args: argparse.Namespace, size: tuple[int, int], compute_byte
 NOT_SAVED = {"config", "hub_token", "debug", "dry_run", "resume_from_checkpoint"}  # secrets and one-off switches
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
-    """`parser.parse_args`, after `--config FILE` (TOML: flag names without the dashes as keys) has set the flags'
-    values; flags given on the command line win. A bad file or key is one `error:` line (exit 2)."""
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default=None,
                         help="A TOML file of flag values (e.g. the training_config.toml a run wrote); flags given "
                              "on the command line win.")
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, after `--config FILE` (TOML: flag names without the dashes as keys) has set the flags'
+    values; flags given on the command line win. A bad file or key is one `error:` line (exit 2)."""
     first = argparse.ArgumentParser(add_help=False)  # only --config, before the required flags are checked
     first.add_argument("--config", type=str, default=None)
     known, _ = first.parse_known_args(input_args)
