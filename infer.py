@@ -39,18 +39,12 @@ from flux_qlora.cli import (
     setup_logging,
 )
 from flux_qlora.compile_cache import load_compile_cache, save_compile_cache, start_compile_workers
-from flux_qlora.convert import kohya_as_diffusers
+from flux_qlora.convert import read_lora_file
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
-from flux_qlora.lora import (
-    LORA_WEIGHT_NAME,
-    check_lora_matches,
-    lora_rank,
-    resolve_lora_file,
-    trained_base_precision,
-)
+from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, resolve_lora_file
 from flux_qlora.models import (
     DTYPES,
     compile_blocks_for_inference,
@@ -60,7 +54,7 @@ from flux_qlora.models import (
     quantize_to_nf4,
     set_attention_backend,
 )
-from flux_qlora.reports import peak_memory_gib
+from flux_qlora.reports import CompileCounter, peak_memory_gib
 from flux_qlora.serving import Lora, LoraServer, make_server
 
 logger = logging.getLogger("infer")
@@ -190,11 +184,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_loras(args: argparse.Namespace) -> list[Lora]:
+    """Each --lora read once (a kohya file converted), checked to be usable LoRA weights, all finite."""
     scales = args.lora_scale or [1.0] * len(args.lora)
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
-        file = kohya_as_diffusers(resolve_lora_file(source, args.weight_name, args.cache_dir))
-        loras.append(Lora(source, file, lora_rank(file), scale, f"lora_{i}"))
+        file = read_lora_file(resolve_lora_file(source, args.weight_name, args.cache_dir))
+        rank = file.rank
+        file.check_finite()
+        loras.append(Lora(source, file, rank, scale, f"lora_{i}"))
     warn_about_base_precision(loras, "NF4" if args.quantize else "FP8" if args.fp8 else args.dtype)
     if args.hotswap == "adapter":
         target = args.hotswap_target_rank or max(lora.rank for lora in loras)
@@ -210,7 +207,7 @@ def warn_about_base_precision(loras: list[Lora], served: str) -> None:
     """One line per LoRA served on another base precision than it trained on (bf16, fp16 and fp32 count as one):
     users of NF4/FP8-trained LoRAs report their strength drifting on other bases."""
     for lora in loras:
-        trained = trained_base_precision(lora.file)
+        trained = lora.file.trained_base
         if trained and trained != served and not {trained, served} <= {"bf16", "fp16", "fp32"}:
             logger.warning("LoRA %s trained on a %s base and is served on a %s base: its strength can drift; compare "
                            "with %s, or adjust --lora_scale.", lora.source, trained, served,
@@ -466,18 +463,16 @@ def _slug(text: str) -> str:
 def serve(pipe, server: LoraServer, prompts: list[str], args, device, embeddings: dict | None,
           memory: MemoryPeaks) -> list[dict]:
     """Generates (and with --benchmark times) each of the server's rounds: one, or one per hotswapped LoRA."""
-    import torch._dynamo.utils as dynamo_utils
-
     results = []
     for i, tag in enumerate(server.rounds):
         start = time.perf_counter()
         server.swap(i)
-        graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
+        graphs_before = CompileCounter.graphs_compiled()
         files = generate(pipe, prompts, args, tag, embeddings)  # the first image of the first round warms up
         result = {"lora": tag, "files": [str(f) for f in files], "first_image_s": time.perf_counter() - start}
         if args.benchmark:
             result.update(time_generations(pipe, prompts[0], args, device, embeddings, memory))
-        result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
+        result["new_graphs"] = CompileCounter.graphs_compiled() - graphs_before
         results.append(result)
         logger.info("%s", json.dumps({k: v for k, v in result.items() if k != "files"}))
     return results

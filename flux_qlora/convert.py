@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from flux_qlora.errors import UserError
-from flux_qlora.lora import lora_file_keys, read_lora_metadata, read_lora_tensors
+from flux_qlora.lora import LoraFile, layers, lora_config, read_safetensors, trained_base_precision
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +56,12 @@ def kohya_key(flux_name: str) -> str:
     return KOHYA_PREFIX + flux_name.replace(".", "_")
 
 
-def _diffusers_layers(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    layers = {}
-    for key, a in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-            layers[name] = (a, state[key.replace(".lora_A.", ".lora_B.")])
-    return layers
-
-
 def to_kohya(state: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """A diffusers-layout Flux LoRA (scale alpha / rank, alpha = rank when None: our saved files) in the kohya
-    layout, fused layers joined, one `.alpha` per layer keeping every layer's scale."""
+    """A diffusers-layout Flux LoRA (`transformer.*` keys; scale alpha / rank, alpha = rank when None: our saved
+    files) in the kohya layout, fused layers joined, one `.alpha` per layer keeping every layer's scale."""
     groups: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor, int]]] = {}
     widths: dict[str, int] = {}
-    for name, (a, b) in _diffusers_layers(state).items():
+    for name, (a, b) in layers(state).items():
         match = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name)
         if name in TOP:
             target, part, parts = TOP[name], None, 1
@@ -162,45 +153,44 @@ def _part_rows(part: int | None, parts: int, rows: int) -> slice:
     return slice(width * sum(units[:part]), width * sum(units[: part + 1]))
 
 
-def kohya_as_diffusers(file: Path) -> Path:
-    """A kohya/ComfyUI-layout LoRA (other trainers', ComfyUI's) converted into the diffusers layout in a temporary
-    folder, so every way infer.py serves LoRAs (load, fuse, both hotswaps) reads one layout, at any model width
-    (diffusers' own kohya conversion assumes FLUX.1's 3072). Other files, and kohya files with layers this converter
-    doesn't map (their text-encoder parts aside), are returned as they are for diffusers' loaders."""
-    import atexit
-    import shutil
-    import tempfile
+def read_lora_file(path: Path) -> LoraFile:
+    """A LoRA file read once, in the diffusers layout: a kohya/ComfyUI one (other trainers', ComfyUI's) converted
+    on read (`kohya_as_diffusers`), so every way infer.py serves LoRAs (load, fuse, both hotswaps) reads one
+    layout."""
+    tensors, metadata = read_safetensors(path)
+    converted = kohya_as_diffusers(tensors, path)
+    if converted is not None:
+        tensors, metadata = converted, {}  # what diffusers saw in the converted copy it was once given
+    return LoraFile(path, tensors, metadata, trained_base_precision(path))
 
-    from safetensors.torch import save_file
 
-    if not any(k.startswith(KOHYA_PREFIX) for k in lora_file_keys(file)):  # the names only: no tensor read
-        return file
-    state = read_lora_tensors(file)
+def kohya_as_diffusers(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor] | None:
+    """A kohya-layout LoRA's transformer layers in the diffusers layout, at any model width (diffusers' own kohya
+    conversion assumes FLUX.1's 3072); None for other layouts, and for kohya files with layers this converter
+    doesn't map (their text-encoder parts aside), which are left to diffusers' loaders."""
+    if not any(k.startswith(KOHYA_PREFIX) for k in state):
+        return None
     transformer_part = {k: v.float() for k, v in state.items() if k.startswith(KOHYA_PREFIX)}
     try:
         converted = to_diffusers(transformer_part)
     except UserError:
-        return file
+        return None
     if len(transformer_part) < len(state):
         logger.warning("LoRA %s also holds text-encoder layers (lora_te*): only its transformer layers are applied.",
                        file)
-    folder = tempfile.mkdtemp(prefix="flux-qlora-lora-")
-    atexit.register(shutil.rmtree, folder, True)  # the converted copy lives as long as the process
-    target = Path(folder) / file.name
-    save_file(converted, str(target))
-    return target
+    return converted
 
 
 def convert_file(source: Path, target: Path, to: str) -> Path:
     """Converts the LoRA file `source` into layout `to` (comfyui = kohya, or diffusers) at `target`."""
     from safetensors.torch import save_file
 
-    state = read_lora_tensors(source)
+    state, metadata = read_safetensors(source)
     is_kohya = any(k.startswith(KOHYA_PREFIX) for k in state)
     if to in ("kohya", "comfyui"):
         if is_kohya:
             raise UserError(f"{source} is already in the kohya/ComfyUI layout.")
-        config = read_lora_metadata(source)  # the LoRA config diffusers stores (alpha: the scale is alpha / rank)
+        config = lora_config(metadata)  # the LoRA config diffusers stores (alpha: the scale is alpha / rank)
         alpha = config.get("lora_alpha")
         if config.get("alpha_pattern") or config.get("rank_pattern"):
             raise UserError(f"{source} has per-layer ranks or alphas in its metadata, which this converter doesn't "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,24 +128,79 @@ def open_lora_file(path: str | Path):
         raise UserError(f"{path} is not a readable safetensors LoRA ({error}).") from None
 
 
-def read_lora_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All the file's tensors and its header's metadata, in one open."""
     with open_lora_file(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def lora_file_keys(path: str | Path) -> list[str]:
-    """The tensor names only (nothing read but the header)."""
-    with open_lora_file(path) as f:
-        return list(f.keys())
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def read_lora_metadata(path: str | Path) -> dict:
-    """The LoRA config stored in a safetensors file by `save_lora` (empty if none)."""
+    """The LoRA config stored in a safetensors file by `save_lora` (empty if none); nothing read but the header."""
     with open_lora_file(path) as f:
-        metadata = f.metadata() or {}
-    # diffusers stores {"transformer.r": 4, "transformer.lora_alpha": 4, ...} under "lora_adapter_metadata".
-    raw = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        return lora_config(f.metadata() or {})
+
+
+def adapter_metadata(metadata: dict[str, str]) -> dict | None:
+    """The LoRA config as diffusers reads it from a file's metadata ({"transformer.r": 4, ...}), None if absent."""
+    raw = metadata.get("lora_adapter_metadata")
+    return json.loads(raw) if raw else None
+
+
+def lora_config(metadata: dict[str, str]) -> dict:
+    """The transformer's LoRA config (r, lora_alpha, ...) in a file's metadata, without the `transformer.` prefix."""
+    raw = adapter_metadata(metadata) or {}
     return {k.removeprefix("transformer."): v for k, v in raw.items() if k.startswith("transformer.")}
+
+
+Layer = tuple[torch.Tensor, torch.Tensor]  # (lora_A, lora_B): the weight delta is scale * B @ A
+
+
+def layers(state: dict[str, torch.Tensor], source: str | Path = "the LoRA") -> dict[str, Layer]:
+    """Layer name -> (lora_A, lora_B) of a diffusers-layout LoRA's transformer layers
+    (`transformer.NAME.lora_A.weight`): the one loop over them."""
+    found = {}
+    for key, a in state.items():
+        if not key.startswith("transformer.") or not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        b = state.get(f"transformer.{name}.lora_B.weight")
+        if b is None:
+            raise UserError(f"{source}: layer {name} has a lora_A weight without its lora_B: the file is incomplete.")
+        found[name] = (a, b)
+    return found
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read once (`convert.read_lora_file`): what the checks and the LoRA servers use, so that none
+    reads the file again."""
+
+    path: Path  # the file given (for a kohya file, the converted tensors' source)
+    tensors: dict[str, torch.Tensor]  # in the diffusers layout: a kohya/ComfyUI file is converted on read
+    metadata: dict[str, str]  # the safetensors header's (none for a converted kohya file: its config is folded in)
+    trained_base: str | None  # NF4, bf16 or FP8: from the training_config.toml beside the file, if any
+
+    @property
+    def rank(self) -> int:
+        """The highest rank among the LoRA's layers (the shape of its down projections)."""
+        ranks = [t.shape[0] for k, t in self.tensors.items() if ("lora_A" in k or "lora_down" in k) and t.dim() == 2]
+        if not ranks:
+            raise UserError(f"{self.path} holds no LoRA weights (no lora_A / lora_down tensors).")
+        return max(ranks)
+
+    def check_finite(self) -> None:
+        """NaN/inf weights would make black images."""
+        bad = [k for k, t in self.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise UserError(f"LoRA {self.path} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is "
+                            "broken; use an earlier checkpoint's LoRA.")
+
+    def layers(self) -> dict[str, Layer]:
+        return layers(self.tensors, f"LoRA {self.path}")
+
+    @property
+    def adapter_metadata(self) -> dict | None:
+        return adapter_metadata(self.metadata)
 
 
 def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: str | None = None) -> Path:
@@ -171,20 +227,6 @@ def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: st
                         f"({error.__class__.__name__}); check the id, --weight_name and your connection.") from None
 
 
-def lora_rank(file: Path) -> int:
-    """The highest rank among the LoRA's layers (the shape of its down projections), read with the check that the
-    file is a usable LoRA: LoRA weights, all finite (NaN/inf ones would make black images)."""
-    state = read_lora_tensors(file)
-    ranks = [t.shape[0] for k, t in state.items() if ("lora_A" in k or "lora_down" in k) and t.dim() == 2]
-    if not ranks:
-        raise UserError(f"{file} holds no LoRA weights (no lora_A / lora_down tensors).")
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"LoRA {file} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is broken; use an "
-                        "earlier checkpoint's LoRA.")
-    return max(ranks)
-
-
 FLUX_LAYER_NAMES = ("transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "proj_out")
 
 
@@ -202,30 +244,24 @@ def trained_base_precision(file: Path) -> str | None:
     return base_precision_label(config.get("base_precision", "nf4"), bool(config.get("do_fp8_training")))
 
 
-def check_lora_matches(file: Path, transformer: nn.Module) -> None:
+def check_lora_matches(lora: LoraFile, transformer: nn.Module) -> None:
     """Refuses a LoRA for another model family (no FLUX.1 layer names: e.g. an SDXL UNet's) and a diffusers-format
     LoRA made for another model (layers missing or of other sizes); other FLUX.1 layouts (kohya, BFL) are converted
     and checked by diffusers itself."""
-    state = read_lora_tensors(file)
+    state, file = lora.tensors, lora.path
     if not any(name in key for key in state for name in FLUX_LAYER_NAMES):
         raise UserError(f"LoRA {file} has no FLUX.1 layers (e.g. {next(iter(state))}): it is for another model "
                         "family (SD 1.5/SDXL UNet?); give a LoRA trained for FLUX.1.")
     modules = dict(transformer.named_modules())
-    for key, a in state.items():
-        if not key.startswith("transformer.") or not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-        b = state.get(f"transformer.{name}.lora_B.weight")
-        check_layer_fits(file, name, modules.get(name) or modules.get(f"{name}.base_layer"), a.shape[1],
-                         None if b is None else b.shape[0])
+    for name, (a, b) in lora.layers().items():
+        check_layer_fits(file, name, modules.get(name) or modules.get(f"{name}.base_layer"), a.shape[1], b.shape[0])
 
 
-def check_layer_fits(file: Path, name: str, layer: nn.Module | None, in_features: int,
-                     out_features: int | None) -> nn.Linear:
+def check_layer_fits(file: Path, name: str, layer: nn.Module | None, in_features: int, out_features: int) -> nn.Linear:
     """The one "this LoRA doesn't fit this transformer" rule: `name` is a linear layer of these sizes."""
     sizes = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
-    if sizes[0] is None or sizes[0] != in_features or out_features not in (None, sizes[1]):
+    if sizes[0] is None or sizes != (in_features, out_features):
         found = "no such linear layer" if sizes[0] is None else f"{sizes[0]} -> {sizes[1]}"
         raise UserError(f"LoRA {file} doesn't fit this transformer: layer {name} is {in_features} -> "
-                        f"{out_features or '?'} in the LoRA, {found} in the model. Is it a LoRA for another model?")
+                        f"{out_features} in the LoRA, {found} in the model. Is it a LoRA for another model?")
     return layer

@@ -14,14 +14,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
-from flux_qlora.lora import check_layer_fits
+from flux_qlora.lora import LoraFile, check_layer_fits, layers
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ Delta = tuple[torch.Tensor, torch.Tensor, float]  # (lora_A, lora_B, scale): the
 @dataclass
 class Lora:
     source: str  # as given on the command line
-    file: Path
+    file: LoraFile  # read once: every server uses its tensors
     rank: int
     scale: float
     adapter_name: str
@@ -99,15 +98,23 @@ class AdapterSwap:
     def swap(self, index: int) -> None:
         if index == self.current:
             return
-        lora = self.loras[index]
-        self.pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, hotswap=True,
+        self.pipe.load_lora_weights(**_weights(self.loras[index].file), hotswap=True,
                                     adapter_name=self.loras[0].adapter_name)
         self.current = index
 
 
 def _load(pipe, lora: Lora) -> None:
-    pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=lora.adapter_name)
+    pipe.load_lora_weights(**_weights(lora.file), adapter_name=lora.adapter_name)
     logger.info("LoRA %s (rank %d) loaded as %s", lora.source, lora.rank, lora.adapter_name)
+
+
+def _weights(file: LoraFile) -> dict:
+    """What diffusers' `load_lora_weights` loads: the tensors already read, copied (peft adopts the tensors it is
+    given as the adapter's weights, and a hotswap writes into them). A file with a LoRA config (alpha, rsLoRA) in
+    its metadata is given as a file: diffusers reads that config from a file only, never with a state dict."""
+    if file.adapter_metadata is None:
+        return {"pretrained_model_name_or_path_or_dict": {k: v.clone() for k, v in file.tensors.items()}}
+    return {"pretrained_model_name_or_path_or_dict": str(file.path.parent), "weight_name": file.path.name}
 
 
 def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> None:
@@ -122,25 +129,22 @@ def move_lora_scalings(transformer: torch.nn.Module, device: torch.device) -> No
                     scaling[name] = value.to(device)
 
 
-def read_lora_deltas(file: Path) -> dict[str, Delta]:
+def read_lora_deltas(file: LoraFile) -> dict[str, Delta]:
     """Layer name -> (A, B, scale) for a LoRA in any format diffusers reads for Flux (converted by diffusers),
     with the scale peft would use: alpha / rank (alpha / sqrt(rank) for rsLoRA), alpha from the saved LoRA config,
     else from `.alpha` tensors, else alpha = rank (scale 1)."""
     from diffusers import FluxPipeline
     from peft.utils.other import get_pattern_key
 
-    state, alphas, metadata = FluxPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
-                                                           return_alphas=True, return_lora_metadata=True)
-    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
+    # a copy: diffusers pops the `.alpha` tensors out of the dict it is given
+    state, alphas = FluxPipeline.lora_state_dict(dict(file.tensors), return_alphas=True)
+    config = {k.removeprefix("transformer."): v for k, v in (file.adapter_metadata or {}).items()}
     if config.get("use_dora") or any(".lora_magnitude_vector" in k or ".lora_B.bias" in k for k in state):
-        raise UserError(f"LoRA {file} uses DoRA or LoRA biases, which --hotswap fused doesn't merge: "
+        raise UserError(f"LoRA {file.path} uses DoRA or LoRA biases, which --hotswap fused doesn't merge: "
                         "use --hotswap (adapter).")
     deltas = {}
-    for key, a in state.items():
-        if not key.startswith("transformer.") or not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-        b, rank = state[f"transformer.{name}.lora_B.weight"], a.shape[0]
+    for name, (a, b) in layers(state, f"LoRA {file.path}").items():
+        rank = a.shape[0]
         if config:
             alpha_pattern = config.get("alpha_pattern") or {}
             alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", rank))
@@ -149,7 +153,7 @@ def read_lora_deltas(file: Path) -> dict[str, Delta]:
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         deltas[name] = (a, b, scale)
     if not deltas:
-        raise UserError(f"LoRA {file} holds no transformer LoRA layers that --hotswap fused can merge.")
+        raise UserError(f"LoRA {file.path} holds no transformer LoRA layers that --hotswap fused can merge.")
     return deltas
 
 
@@ -168,7 +172,7 @@ class FusedLoraSwap:
         self.rounds = [lora.source for lora in loras]
         self.deltas = [read_lora_deltas(lora.file) for lora in loras]
         modules = dict(transformer.named_modules())
-        self.layers = {name: check_layer_fits(lora.file, name, modules.get(name), a.shape[1], b.shape[0])
+        self.layers = {name: check_layer_fits(lora.file.path, name, modules.get(name), a.shape[1], b.shape[0])
                        for lora, deltas in zip(loras, self.deltas) for name, (a, b, _) in deltas.items()}
         pin = torch.cuda.is_available()
         self.originals = {name: self._copy(layer.weight, pin) for name, layer in self.layers.items()}
