@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora.blocks import compile_blocks_for_inference, fp8_eligible, set_attention_backend
 from flux_qlora.cli import (
     add_attention_backend_arg,
     add_compile_cache_arg,
@@ -45,15 +46,7 @@ from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, resolve_lora_file
-from flux_qlora.models import (
-    DTYPES,
-    compile_blocks_for_inference,
-    count_nf4_layers,
-    fp8_eligible,
-    load_transformer,
-    quantize_to_nf4,
-    set_attention_backend,
-)
+from flux_qlora.models import DTYPES, count_nf4_layers, load_transformer, quantize_to_nf4
 from flux_qlora.reports import CompileCounter, peak_memory_gib
 from flux_qlora.serving import Lora, LoraServer, make_server
 

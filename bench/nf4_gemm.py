@@ -22,7 +22,7 @@ from torch import nn
 
 from flux_qlora import nf4
 from flux_qlora.models import _nf4_linear, _nf4_weight
-from flux_qlora.nf4 import dequantize_nf4, make_nf4_compilable
+from flux_qlora.nf4 import block_scales, dequantize_nf4, make_nf4_compilable
 
 # FLUX.1-dev's block linears (out, in): how many of each one step runs, and whether they see every token or one
 # row per image. A double block has image and text attention (q, k, v, out: 8 of 3072x3072), two MLPs and two 6x
@@ -35,6 +35,24 @@ SHAPES = {
     (9216, 3072): (38, "images"),
     (3072, 15360): (38, "tokens"),
 }
+
+
+def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                            absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
+                            shape: tuple[int, int], blocksize: int, blocksize2: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """The same weights, bit for bit, through a table per block of its 16 values (code x block scale in fp32,
+    rounded to `dtype`, as bitsandbytes rounds them): per weight only a nibble and a lookup are left, no arithmetic,
+    which inductor's rules may let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
+    a byte per weight against the two bytes of a bf16 weight written and read again. A bench-only experiment, timed
+    here as the "table" way (with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 for the prologue fusion): `nf4.dequantize_nf4`
+    stays the trainer's until a GPU run says otherwise."""
+    absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2)
+    table = (absmax[:, None] * code[None, :]).to(dtype).view(-1)  # (block, nibble) -> value
+    position = torch.arange(shape[0] * shape[1], device=packed.device).view(shape)
+    byte = packed.view(-1)[position // 2]
+    nibble = torch.where(position % 2 == 0, byte >> 4, byte & 0xF)  # high nibble first
+    return table[(position // blocksize) * code.numel() + nibble.long()]
 
 
 def nf4_layer(out_features: int, in_features: int, device: torch.device) -> nn.Module:
@@ -75,6 +93,14 @@ def measure(out_features: int, in_features: int, rows: int, device: torch.device
         return g @ dequantize_nf4(*quant, shape, blocksize, blocksize2, g.dtype)
 
     @torch.compile(fullgraph=True)
+    def table_forward(x):
+        return x @ dequantize_nf4_by_table(*quant, shape, blocksize, blocksize2, x.dtype).t()
+
+    @torch.compile(fullgraph=True)
+    def table_input_grad(g):
+        return g @ dequantize_nf4_by_table(*quant, shape, blocksize, blocksize2, g.dtype)
+
+    @torch.compile(fullgraph=True)
     def fp8_forward(x):
         return nf4._matmul_fp8(x, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=False), True)
 
@@ -83,8 +109,9 @@ def measure(out_features: int, in_features: int, rows: int, device: torch.device
         return nf4._matmul_fp8(g, nf4.nf4_as_fp8(*quant, shape, blocksize, blocksize2, transposed=True), False)
 
     row = {"weight": f"{out_features}x{in_features}", "rows": rows}
-    for name, default, others, arg in (("forward", default_forward, {"fp8": fp8_forward}, x),
-                                       ("input_grad", default_input_grad, {"fp8": fp8_input_grad}, g)):
+    for name, default, others, arg in (("forward", default_forward, {"fp8": fp8_forward, "table": table_forward}, x),
+                                       ("input_grad", default_input_grad,
+                                        {"fp8": fp8_input_grad, "table": table_input_grad}, g)):
         expected = default(arg).float()
         row[f"{name}_default_ms"] = milliseconds(lambda: default(arg))  # noqa: B023 (called right here)
         for way, call in others.items():

@@ -4,26 +4,27 @@ Every image trains at one size per resolution: its aspect-ratio bucket (`flux_ql
 --width x --height. The items of a bucket (an image at that bucket's size) are kept scaled to cover the bucket and
 cropped when a batch is made, or (with --cache_latents) encoded by the VAE once. Every batch comes from one bucket.
 
-The sample order, the crops and flips, and the noise are pure functions of (seed, micro step / image, epoch), so a
-resumed run repeats the uninterrupted run exactly, and every process of a data-parallel run draws its part of one
-global batch.
+The sample order, the crops and flips, and the noise are pure functions of (seed, micro step / image, epoch), each
+drawn from its own stream (`flux_qlora/seeds.py`), so a resumed run repeats the uninterrupted run exactly, and
+every process of a data-parallel run draws its part of one global batch. Each micro step draws one batch from each
+`ImageSet` (the training images, and the regularisation images of --class_data_dir) as named `StepInputs`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from flux_qlora.buckets import check_not_too_elongated, check_not_too_small, nearest_bucket
+from flux_qlora import seeds
+from flux_qlora.buckets import Size, check_not_too_elongated, check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
 from flux_qlora.errors import UserError
 from flux_qlora.flow import TimestepSampling, draw_noise_and_sigmas
 from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
-
-Size = tuple[int, int]  # (width, height) in pixels
 
 
 @dataclass
@@ -33,17 +34,22 @@ class Augment:
     crop: str = "center"
     random_flip: bool = False
     seed: int = 0
+    stream: str = "train"  # the image set's name: its own random stream
 
     def draw(self, item: int, epoch: int, extra_w: int, extra_h: int) -> tuple[int, int, bool]:
         """(left, top, flip) of item `item` in `epoch`, for a cover image `extra_w` x `extra_h` larger than its size."""
         if self.crop == "center" and not self.random_flip:
             return extra_w // 2, extra_h // 2, False
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + item) * 1_000_003 + epoch)
+        generator = seeds.generator(self.seed, f"{self.stream}/augment", item, epoch)
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
         if self.crop == "center":
             return extra_w // 2, extra_h // 2, flip
         left, top = (int(torch.randint(0, extra + 1, (), generator=generator)) for extra in (extra_w, extra_h))
         return left, top, flip
+
+    def without_flips(self) -> Augment:
+        """The same crops, never mirrored: what cached latents are encoded from (the mirror is encoded beside)."""
+        return Augment(self.crop, False, self.seed, self.stream)
 
 
 @dataclass
@@ -81,7 +87,7 @@ class Bucket:
     def cache_latents(self, vae, augment: Augment, show_progress: bool) -> None:
         """Encodes every item once, cropped as in epoch 0 (the VAE doesn't run again, so a random crop stays the one
         drawn for the item); with --random_flip the mirrored items too. The cover images are dropped."""
-        pixels, masks = self.crops(torch.arange(len(self)), 0, Augment(augment.crop, False, augment.seed))
+        pixels, masks = self.crops(torch.arange(len(self)), 0, augment.without_flips())
         if augment.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             masks = None if masks is None else torch.cat([masks, masks.flip(-1)])
@@ -93,7 +99,7 @@ class Bucket:
                               show_progress: bool) -> int:
         """As `cache_latents`, into one file per item in `cache` (`flux_qlora/latent_cache.py`), encoding only the
         items whose file is missing; training then reads them per batch. Returns how many were encoded."""
-        fixed = Augment(augment.crop, False, augment.seed)  # the crop cached_latents draws: epoch 0, no flip
+        fixed = augment.without_flips()  # the crop cache_latents draws: epoch 0, no flip
         width, height = self.size
         files = []
         for position, row in enumerate(self.rows.tolist()):
@@ -145,10 +151,7 @@ class TrainData:
     text_ids: torch.Tensor  # (seq, 3)
     buckets: list[Bucket]
     augment: Augment = field(default_factory=Augment)
-    validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # prompt -> embeddings
     empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None  # what --caption_dropout trains on
-    held_out: TrainData | None = None  # images kept out of training for the eval loss (--validation_split)
-    prior: TrainData | None = None  # regularisation images mixed into every step (--class_data_dir)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -162,14 +165,13 @@ class TrainData:
         return sum(len(b) for b in self.buckets)
 
     @classmethod
-    def build(cls, embeddings: TextEmbeddings, buckets: list[Bucket], validation: dict, dtype: torch.dtype,
-              augment: Augment, empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None) -> TrainData:
+    def build(cls, embeddings: TextEmbeddings, buckets: list[Bucket], dtype: torch.dtype, augment: Augment,
+              empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None) -> TrainData:
         """`embeddings` row i belongs to `samples[i]` (see `embeddings.match_embeddings`)."""
         empty = None if empty_caption is None else tuple(t.to(dtype) for t in empty_caption)
         return cls(keys=embeddings.keys, prompt_embeds=embeddings.prompt_embeds.to(dtype),
                    pooled_prompt_embeds=embeddings.pooled_prompt_embeds.to(dtype),
-                   text_ids=embeddings.text_ids.to(dtype), buckets=buckets, augment=augment, validation=validation,
-                   empty_caption=empty)
+                   text_ids=embeddings.text_ids.to(dtype), buckets=buckets, augment=augment, empty_caption=empty)
 
     def cache_latents(self, vae, show_progress: bool = True, cache: LatentCache | None = None) -> int:
         """Every bucket's latents, in memory or (with `cache`) on disk; returns how many items were encoded."""
@@ -258,17 +260,55 @@ def get_batch(data: TrainData, bucket_index: int, positions: torch.Tensor, epoch
     return Batch(latents, prompt_embeds.to(device, non_blocking=True), pooled.to(device, non_blocking=True), mask)
 
 
-def draw_batch(data: TrainData, order: SampleOrder, micro_index: int, rank: int, vae, device: torch.device,
-               sampling: TimestepSampling, caption_dropout: float = 0.0) -> list[torch.Tensor]:
-    """This process's batch of `data` at this micro step with its noise and sigmas, as the trainer's micro step takes
-    them: latents, prompt_embeds, pooled_prompt_embeds, noise, sigmas[, mask]."""
-    bucket, positions = order.batch(micro_index, rank)
-    batch = get_batch(data, bucket, positions, order.epoch(micro_index), vae, device,
-                      order.dropped(micro_index, rank, caption_dropout))
-    noise, sigmas = draw_noise_and_sigmas(sampling, order.generator(micro_index), order.global_batch,
-                                          order.rank_slice(rank), tuple(batch.latents.shape[1:]))
-    return [batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds, noise.to(device, non_blocking=True),
-            sigmas.to(device, non_blocking=True), *([] if batch.mask is None else [batch.mask])]
+class StepInputs(NamedTuple):
+    """One image set's tensors for one micro step, on the device. Flat (`flat()`, the masks left out where there are
+    none) for the CUDA graph, which takes a fixed list of tensors; named everywhere else."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    mask: torch.Tensor | None = None  # (B, 1, h, w) loss weights on the latent grid
+
+    @property
+    def batch(self) -> Batch:
+        return Batch(self.latents, self.prompt_embeds, self.pooled_prompt_embeds, self.mask)
+
+    def flat(self) -> list[torch.Tensor]:
+        return [tensor for tensor in self if tensor is not None]
+
+    @classmethod
+    def unflatten(cls, flat: tuple[torch.Tensor, ...], has_masks: list[bool]) -> list[StepInputs]:
+        """The inverse of `flat()` over several sets, given which of them carry masks."""
+        inputs, start = [], 0
+        for has_mask in has_masks:
+            width = len(cls._fields) - (not has_mask)
+            inputs.append(cls(*flat[start : start + width]))
+            start += width
+        return inputs
+
+
+@dataclass
+class ImageSet:
+    """Images each micro step draws one batch from: the training images, or the regularisation images of
+    --class_data_dir (their loss weighted by --prior_loss_weight, never caption-dropped)."""
+
+    data: TrainData
+    order: SampleOrder
+    loss_weight: float = 1.0
+    caption_dropout: float = 0.0
+
+    def draw(self, micro_index: int, rank: int, vae, device: torch.device, sampling: TimestepSampling) -> StepInputs:
+        """This process's batch at this micro step, with its noise and sigmas."""
+        order = self.order
+        bucket, positions = order.batch(micro_index, rank)
+        batch = get_batch(self.data, bucket, positions, order.epoch(micro_index), vae, device,
+                          order.dropped(micro_index, rank, self.caption_dropout))
+        noise, sigmas = draw_noise_and_sigmas(sampling, order.generator(micro_index), order.global_batch,
+                                              order.rank_slice(rank), tuple(batch.latents.shape[1:]))
+        return StepInputs(batch.latents, batch.prompt_embeds, batch.pooled_prompt_embeds,
+                          noise.to(device, non_blocking=True), sigmas.to(device, non_blocking=True), batch.mask)
 
 
 def held_out_rows(samples: list[Sample], share: float) -> list[int]:
@@ -291,6 +331,7 @@ class SampleOrder:
     batch_size: int  # per process
     num_processes: int
     seed: int
+    stream: str = "train"  # the image set's name: its own random streams
     _epochs: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     @property
@@ -305,12 +346,12 @@ class SampleOrder:
         if epoch not in self._epochs:
             batches = []
             for b, n in enumerate(self.bucket_sizes):
-                generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003 * b)
+                generator = seeds.generator(self.seed, f"{self.stream}/order", epoch, b)
                 perm = torch.randperm(n * self.repeats, generator=generator)
                 batches += [(b, perm[i * self.global_batch : (i + 1) * self.global_batch] % n)
                             for i in range(len(perm) // self.global_batch)]
             if len(self.bucket_sizes) > 1:
-                generator = torch.Generator().manual_seed(self.seed + epoch)
+                generator = seeds.generator(self.seed, f"{self.stream}/bucket-shuffle", epoch)
                 batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
             self._epochs = {epoch: batches}
         return self._epochs[epoch]
@@ -327,13 +368,13 @@ class SampleOrder:
 
     def dropped(self, micro_step: int, rank: int, probability: float) -> torch.Tensor:
         """Which of this process's items train on the empty caption (--caption_dropout), drawn for the global batch
-        from a generator of its own, so the noise and timesteps stay as they are without dropout."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step + 1 + 2**40)
+        from a stream of its own, so the noise and timesteps stay as they are without dropout."""
+        generator = seeds.generator(self.seed, f"{self.stream}/dropout", micro_step)
         return (torch.rand(self.global_batch, generator=generator) < probability)[self.rank_slice(rank)]
 
     def generator(self, micro_step: int) -> torch.Generator:
         """The micro step's own generator, for its noise and timesteps."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step + 1)
+        return seeds.generator(self.seed, f"{self.stream}/noise", micro_step)
 
     def rank_slice(self, rank: int) -> slice:
         """This process's share of a tensor drawn for the whole global batch."""

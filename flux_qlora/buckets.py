@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 
+Size = tuple[int, int]  # (width, height) in pixels
 MAX_ASPECT = 2.5  # the most elongated bucket: 2.5:1 either way
 MAX_UPSCALE = 2.0  # an image smaller than its bucket by more than this per side is refused
 
@@ -64,11 +66,39 @@ def check_size_flags(resolution: str | None, step: int, width: int | None, heigh
     return width, height
 
 
-def bucket_lists(resolution: str | None, step: int, width: int, height: int) -> list[list[tuple[int, int]]]:
-    """The training sizes: the buckets of each resolution of `resolution` ('512,768'), or the one width x height."""
+@dataclass(frozen=True)
+class TrainingSizes:
+    """The sizes a run trains at, resolved once from the size flags: each resolution's buckets (--resolution), or
+    the one --width x --height; and the size its validation images are drawn at."""
+
+    lists: tuple[tuple[Size, ...], ...]  # one list per resolution (each image trains at its nearest of each)
+    bucketed: bool
+    validation: Size  # --width x --height (default 512x512), or with buckets the first resolution's square
+    resolutions: tuple[int, ...] = ()  # --resolution's, sorted, each once
+
+    @property
+    def largest(self) -> Size:
+        """The size of the most pixels: it sets the memory plan's peak."""
+        return max((size for sizes in self.lists for size in sizes), key=lambda s: s[0] * s[1])
+
+    @property
+    def count(self) -> int:
+        return sum(len(sizes) for sizes in self.lists)
+
+    def describe(self) -> str:
+        """For people: '512x768', or 'buckets of ~512x512, ~1024x1024 pixels'."""
+        if not self.bucketed:
+            return "{}x{}".format(*self.lists[0][0])
+        return "buckets of " + ", ".join(f"~{r}x{r}" for r in self.resolutions) + " pixels"
+
+
+def resolve_sizes(resolution: str | None, step: int, width: int | None, height: int | None) -> TrainingSizes:
+    """The size flags, checked (`check_size_flags`), as `TrainingSizes`."""
+    validation = check_size_flags(resolution, step, width, height)
     if not resolution:
-        return [[(width, height)]]
-    return [make_buckets(r, step) for r in parse_resolutions(resolution, step)]
+        return TrainingSizes(((validation,),), False, validation)
+    resolutions = tuple(parse_resolutions(resolution, step))
+    return TrainingSizes(tuple(tuple(make_buckets(r, step)) for r in resolutions), True, validation, resolutions)
 
 
 def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:

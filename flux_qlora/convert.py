@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from flux_qlora.errors import UserError
-from flux_qlora.lora import LoraFile, layers, lora_config, read_safetensors, trained_base_precision
+from flux_qlora.lora import LoraFile, layers, lora_config, read_safetensors
+from flux_qlora.run_config import trained_base_precision
 
 logger = logging.getLogger(__name__)
 

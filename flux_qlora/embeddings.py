@@ -313,3 +313,36 @@ def text_tokens(path: str | Path) -> int:
 def parquet_rows(path: str | Path) -> int:
     """Rows of an embeddings file (images and validation prompts), from its footer."""
     return pq.ParquetFile(_existing(path)).metadata.num_rows
+
+
+TEXT_ENCODERS_GIB = 12.0  # T5-XXL + CLIP in bf16 (~9.8 GB) with room for the encoding: below this, on the CPU
+
+
+@torch.no_grad()
+def validation_embeddings(table, prompts: list[str], model: str, device: torch.device,
+                          **hub_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """prompt -> (prompt_embeds, pooled) for each validation prompt: from the embeddings file, or, for prompts
+    compute_embeddings.py didn't embed, encoded here with the text encoders at the file's sequence length, on a GPU
+    with room (else on the CPU, in bf16: half of fp32's RAM) and freed before the transformer loads, the GPU's peak
+    memory statistics reset so that the run reports its training peak."""
+    from flux_qlora.models import load_text_pipeline
+
+    index = table.index()
+    missing = [p for p in dict.fromkeys(prompts) if prompt_key(p) not in index]
+    embeddings = {p: table.prompt(p) for p in prompts if p not in missing}
+    if not missing:
+        return embeddings
+    on_gpu = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] / 2**30 >= TEXT_ENCODERS_GIB
+    where = str(device) if on_gpu else "cpu"
+    pipe = load_text_pipeline(model, where, dtype=None if on_gpu else torch.bfloat16, **hub_kwargs)
+    prompt_embeds, pooled, _ = pipe.encode_prompt(missing, prompt_2=None,
+                                                  max_sequence_length=table.prompt_embeds.shape[1])  # one pass
+    for i, prompt in enumerate(missing):
+        embeddings[prompt] = (prompt_embeds[i : i + 1].float().cpu(), pooled[i : i + 1].float().cpu())
+    del pipe
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    logger.info("Encoded %d validation prompt(s) not in the embeddings file on the %s (text encoders freed)",
+                len(missing), "GPU" if on_gpu else "CPU")
+    return embeddings

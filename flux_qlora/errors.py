@@ -1,4 +1,4 @@
-"""The one exception the scripts turn into a clear line: the ground floor of the package (imports nothing)."""
+"""The two exceptions the scripts turn into one clear line: the ground floor of the package (imports nothing)."""
 
 
 class UserError(Exception):

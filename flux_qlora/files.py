@@ -1,4 +1,5 @@
-"""Writing a file so that an interruption (Ctrl-C, kill -9, a full disk) never leaves half of it under its name."""
+"""Files and paths: writing a file so that an interruption (Ctrl-C, kill -9, a full disk) never leaves half of it under
+its name, and telling a path from a Hub id."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ def written_atomically(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, not a path: what the Hub accepts as a repository id."""
+    return not name.startswith((".", "/")) and name.count("/") == 1

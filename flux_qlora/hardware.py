@@ -126,3 +126,17 @@ def check_fp8_device(device: Device, flag: str) -> None:
     if not device.has_fp8:
         raise UserError(f"{flag} needs compute capability >= 8.9 (Ada, Hopper, Blackwell); "
                         f"{device.describe()} has less. Drop the flag.")
+
+
+def check_fp8_training(base_precision: str, device: Device, weight_dtype: torch.dtype) -> None:
+    """--do_fp8_training needs FP8 tensor cores (compute capability 8.9+). On the NF4 base the FP8 products compute
+    from bf16 and write bf16, and torch runs them on the CPU too (slowly: what the tests run)."""
+    from flux_qlora.nf4 import cpu_fp8_gemm_runs  # imports bitsandbytes
+
+    if base_precision == "nf4" and weight_dtype != torch.bfloat16:
+        raise UserError("--do_fp8_training on the NF4 base computes from bf16: add --mixed_precision bf16.")
+    if not (base_precision == "nf4" and device.type == "cpu"):
+        check_fp8_device(device, "--do_fp8_training")
+    elif not cpu_fp8_gemm_runs():
+        raise UserError(f"--do_fp8_training on the CPU needs torch's row-wise scaled FP8 products (torch 2.13, as "
+                        f"requirements.txt pins; this is torch {torch.__version__}): install it or drop the flag.")

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
-from flux_qlora.files import written_atomically
-from flux_qlora.models import base_precision_label, looks_like_hub_id
+from flux_qlora.files import looks_like_hub_id, written_atomically
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
@@ -228,20 +227,6 @@ def resolve_lora_file(source: str, weight_name: str | None = None, cache_dir: st
 
 
 FLUX_LAYER_NAMES = ("transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "proj_out")
-
-
-def trained_base_precision(file: Path) -> str | None:
-    """NF4, bf16 or FP8: the base the LoRA trained on, from the training_config.toml beside it (None if absent)."""
-    import tomllib
-
-    config_file = Path(file).parent / "training_config.toml"
-    if not config_file.is_file():
-        return None
-    try:
-        config = tomllib.loads(config_file.read_text())
-    except (tomllib.TOMLDecodeError, OSError):
-        return None
-    return base_precision_label(config.get("base_precision", "nf4"), bool(config.get("do_fp8_training")))
 
 
 def check_lora_matches(lora: LoraFile, transformer: nn.Module) -> None:

@@ -62,7 +62,7 @@ class TrainingShape:
     checkpointing_interval: int = 1
     offload_activations: bool = False
     num_images: int = 0
-    cache_latents: bool = True
+    latents: str = "memory"  # cached in RAM; "disk": cached in files (read per batch); "none": pixels in RAM
 
 
 def _skeleton(config: dict) -> nn.Module:
@@ -112,7 +112,8 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     pixel_bytes = 3 * shape.width * shape.height
     embedding_bytes = (shape.text_tokens * config["joint_attention_dim"] + config["pooled_projection_dim"]) * \
         shape.compute_bytes
-    data = shape.num_images * (embedding_bytes + (latent_bytes if shape.cache_latents else pixel_bytes))
+    image_bytes = {"memory": latent_bytes, "disk": 0, "none": pixel_bytes}[shape.latents]
+    data = shape.num_images * (embedding_bytes + image_bytes)
     ram = PROCESS_RAM_GIB * GIB + data + offloaded
     return MemoryPlan(weights / GIB, lora / GIB, activations / GIB, ram / GIB)
 

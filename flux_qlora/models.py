@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
+from flux_qlora.files import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +25,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
 
 
-def base_precision_label(base_precision: str, fp8_training: bool) -> str:
-    """What the frozen base trained in, as the model card says it and infer.py compares it: NF4, FP8 or bf16."""
-    if base_precision == "nf4":
-        return "NF4"
-    return "FP8" if fp8_training else "bf16"
-
-
-# FP8 GEMMs pay (and keep accuracy) only where both sides of the weight are wide: the output layer (3072 -> 64,
-# the velocity itself) would spend more on quantizing its input than its tiny GEMM saves.
-FP8_MIN_FEATURES = 1024
 # FLUX.1-dev's transformer config (its config.json), for the memory plan's tests and the benchmarks' random model.
 FLUX_DEV_CONFIG = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -45,11 +34,6 @@ FLUX_DEV_CONFIG = dict(
 # Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
 # in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
 QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """owner/name, not a path: what the Hub accepts as a repository id."""
-    return not name.startswith((".", "/")) and name.count("/") == 1
 
 
 def _check_model_source(name_or_path: str) -> None:
@@ -317,216 +301,3 @@ def count_nf4_layers(model: nn.Module) -> int:
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The 19 double-stream and 38 single-stream blocks of FLUX.1-dev, in the order the forward runs them."""
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
-
-def route_block_calls(transformer: nn.Module, checkpoint_interval: int = 0, compiled: bool = False) -> None:
-    """Every block call of a training forward goes through here: every `checkpoint_interval`-th block (1: all,
-    0: none) recomputes its activations in the backward, and under `compiled` each block kind sees one kind of
-    input, so it compiles once.
-
-    Checkpointing all 57 Flux blocks costs a third forward pass; with memory to spare, checkpointing every 2nd or
-    3rd block keeps most of the saving for part of the cost. `compiled`: the checkpoint itself goes through
-    torch.compile, so each block's recomputation is fused into its compiled backward (one compiled call per
-    block and direction instead of three, none of the checkpoint's Python bookkeeping at run time).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = repeated_blocks(transformer)
-    checkpointed = {id(block) for i, block in enumerate(blocks) if checkpoint_interval and i % checkpoint_interval == 0}
-
-    def run_checkpointed(block, *args):
-        # The blocks draw no random numbers (no dropout): no RNG state to save and restore per block.
-        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
-
-    if compiled:
-        run_checkpointed = compile_checkpointed(checkpoint_recomputing_everything)
-
-    def call_block(block, *args):
-        if compiled:
-            args = streams_alike(args)
-        if id(block) in checkpointed:
-            return run_checkpointed(block, *args)
-        return block(*args)
-
-    transformer.enable_gradient_checkpointing(call_block)
-
-
-# AOTAutograd's common-subexpression elimination in the checkpointed blocks' graphs (process-wide it is off:
-# train_qlora_flux.py). There the NF4 dequantization of the recomputed forward and the backward's become one: two
-# passes over the weights per step instead of three, no weight kept between forward and backward (checked on the
-# CPU: test_nf4), at the price of each block's bf16 weights held through its own backward. Opt-in until measured
-# on the GPU (issue 18, BENCHMARKS.md).
-CSE_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_CSE") == "1"
-
-
-# Keeping the outputs of thin products in the checkpointed blocks instead of recomputing them: the modulation
-# layers' one row per image (36 KB per layer at batch 1) against a pass over their NF4 weights (3.2 B of FLUX.1-dev's
-# 11.8 B) in every step's recomputation. Opt-in until measured on the GPU (issue 18, BENCHMARKS.md); read when the
-# graphs are made.
-SAVE_THIN_IN_CHECKPOINTS = os.environ.get("FLUX_QLORA_CHECKPOINT_SAVE_THIN") == "1"
-
-
-def thin_product(op, args: tuple) -> bool:
-    """A matrix product with at most 1/64 as many rows as its inner size (its output is at most 1/64 of its
-    weight)."""
-    aten = torch.ops.aten
-    if op in (aten.mm.default, aten._scaled_mm.default):
-        rows, inner = args[0].shape
-    elif op is aten.addmm.default:
-        rows, inner = args[1].shape
-    else:
-        return False
-    return rows * 64 <= inner
-
-
-def checkpoint_recomputing_everything(block: nn.Module, *args):
-    """`block(*args)` under a selective checkpoint that keeps nothing but the inputs (with
-    `SAVE_THIN_IN_CHECKPOINTS`, also the thin products' outputs). Compiled, a plain checkpoint lets the partitioner
-    keep the GEMM outputs (+5 GiB at 512x768, measured); this policy makes it keep only the block's inputs, as the
-    eager checkpoint does."""
-    from functools import partial
-
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    def recompute_everything(ctx, op, *args, **kwargs):
-        if SAVE_THIN_IN_CHECKPOINTS and thin_product(op, args):
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.MUST_RECOMPUTE
-
-    return checkpoint(block, *args, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, recompute_everything))
-
-
-def compile_checkpointed(run: Callable, cse: bool | None = None, **compile_kwargs) -> Callable:
-    """`run` (a block under the selective checkpoint) compiled once per input shape, with AOTAutograd's CSE on if
-    `cse` (default: `CSE_IN_CHECKPOINTS`); the switch is read when the graphs are made, at the first call."""
-    compiled = torch.compile(run, dynamic=False, **compile_kwargs)
-    if not (CSE_IN_CHECKPOINTS if cse is None else cse):
-        return compiled
-
-    def run_with_cse(*args):
-        with torch._functorch.config.patch(cse=True):
-            return compiled(*args)
-
-    return run_with_cse
-
-
-def streams_alike(args: tuple) -> tuple:
-    """A block's two residual streams (image and text tokens), as every block of its kind gets them in training:
-    contiguous and requiring grad. The first double block's come from frozen embedders (no grad) and the first
-    single block's as slices of a longer sequence (another batch stride); each difference was a compilation of its
-    own (4 graphs instead of 2, compile time measured: BENCHMARKS.md). The price: the first block's input
-    gradients, computed and dropped."""
-    def alike(tensor):
-        tensor = canonical_strides(tensor)
-        return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
-
-    return (*map(alike, args[:2]), *args[2:])
-
-
-def canonical_strides(tensor: torch.Tensor) -> torch.Tensor:
-    """Contiguous with the strides of a fresh tensor, the batch dimension's too (dynamo guards it even at batch 1,
-    where a slice of a longer sequence has another): a view, no copy, when already contiguous."""
-    return tensor.contiguous().flatten().view(tensor.shape)
-
-
-def compile_blocks_for_inference(transformer: nn.Module) -> None:
-    """Regional compilation as diffusers' `compile_repeated_blocks(fullgraph=True)` does it (each block's forward
-    compiled, one graph per block kind), with the single blocks' streams given canonical strides first, outside
-    the graph: the first single block gets whole tensors, the others slices of the previous block's joint
-    sequence, and that difference cost a second single-block graph in the warm-up (3 graphs instead of 2)."""
-    def canonical_streams(module, args, kwargs):
-        return (tuple(canonical_strides(a) if i < 2 else a for i, a in enumerate(args)),
-                {k: canonical_strides(v) if k in ("hidden_states", "encoder_hidden_states") else v
-                 for k, v in kwargs.items()})
-
-    for block in repeated_blocks(transformer):
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
-    for block in transformer.single_transformer_blocks:
-        block.register_forward_pre_hook(canonical_streams, with_kwargs=True)
-
-
-def compile_blocks(transformer: nn.Module, fp8: bool = False) -> None:
-    """Regional compilation: each block through `torch.compile` (blocks of a kind share one graph). NF4 layers
-    first become `CompilableLinear4bit`, so the blocks compile to fused kernels instead of calls into
-    bitsandbytes' Python layer (which needs AOTAutograd's CSE off: see train_qlora_flux.py); with `fp8`
-    (--do_fp8_training) their products run on FP8 tensor cores."""
-    from flux_qlora import nf4
-
-    switched = nf4.make_nf4_compilable(transformer, fp8=fp8)
-    blocks = repeated_blocks(transformer)
-    for block in blocks:
-        block.compile(dynamic=False)
-    logger.info("Compiling %d blocks (%d NF4 layers as fused torch ops)", len(blocks), switched)
-    if fp8 and switched:
-        on_fp8 = sum(getattr(layer, "nf4_fp8", False) for layer in transformer.modules())
-        logger.info("--do_fp8_training: %d of the %d NF4 layers multiply on FP8 tensor cores in bf16 runs (the "
-                    "others have no FP8 GEMM here: nf4.fp8_gemm_runs_here)", on_fp8, switched)
-
-
-def set_attention_backend(transformer: nn.Module, backend: str | None, training: bool = False) -> None:
-    """diffusers' attention dispatcher: e.g. _native_flash / _native_cudnn (PyTorch's kernels), flash, _flash_3
-    (where installed). None keeps PyTorch's SDPA choice."""
-    if not backend:
-        return
-    try:
-        transformer.set_attention_backend(backend)
-    except (ValueError, RuntimeError, ImportError) as error:
-        raise UserError(f"--attention_backend {backend}: {error}") from None
-    if training and backend == "_native_cudnn":
-        give_single_blocks_contiguous_attention_gradients(transformer)
-
-
-class _ContiguousGradient(torch.autograd.Function):
-    """The identity, whose backward hands on its gradient contiguous."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def give_single_blocks_contiguous_attention_gradients(transformer: nn.Module) -> None:
-    """Works around PyTorch's cuDNN attention backward (torch 2.11, aten/src/ATen/native/cudnn/MHA.cpp): it caches
-    the cuDNN graph it builds under a key of q/k/v's shapes and strides, but builds it with the first call's
-    grad_output strides. A single block's attention output is concatenated with its MLP's, so its gradient arrives
-    as a slice of a 5x wider one; a double block's arrives contiguous; both have the same q/k/v: one graph then reads
-    the other's gradient with the wrong strides (our reading of the illegal memory access and the wrong LoRA
-    gradients in BENCHMARKS.md; `bench/attention_backward.py --cache` checks it on a GPU). Copied contiguous, the
-    single blocks' gradients have the double blocks' strides, so one graph serves both (the price: a copy of one
-    (tokens x 3072) tensor per single block)."""
-    def contiguous_gradient(module, inputs, output):
-        return _ContiguousGradient.apply(output)
-
-    for block in transformer.single_transformer_blocks:
-        block.attn.register_forward_hook(contiguous_gradient)
-
-
-def fp8_eligible(module: nn.Module, name: str) -> bool:
-    """The one FP8 layer rule (training and inference): a plain linear, not a LoRA factor, at least
-    `FP8_MIN_FEATURES` wide on both sides, with sizes the FP8 GEMMs take (multiples of 16)."""
-    return (isinstance(module, nn.Linear) and "lora_" not in name
-            and min(module.in_features, module.out_features) >= FP8_MIN_FEATURES
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-
-def enable_fp8_training(transformer: nn.Module) -> None:
-    """torchao float8 training for the frozen base's big linear layers (a bf16 base on an FP8-capable GPU, checked
-    by the caller with `check_fp8_device`): the layers `fp8_eligible` picks; NF4 layers are not nn.Linear."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    swapped = []
-
-    def eligible(module: nn.Module, fqn: str) -> bool:
-        if type(module) is nn.Linear and fp8_eligible(module, fqn):
-            swapped.append(fqn)
-            return True
-        return False
-
-    # pad_inner_dim: token counts such as 77 text + 1536 image tokens are not multiples of 16, which the FP8
-    # GEMMs of the backward need.
-    convert_to_float8_training(transformer, module_filter_fn=eligible, config=Float8LinearConfig(pad_inner_dim=True))
-    logger.info("FP8 training (torchao) on %d linear layers", len(swapped))

@@ -12,7 +12,6 @@ so loading, saving, LoRA merging and the eager path are unchanged.
 from __future__ import annotations
 
 import functools
-import os
 
 import bitsandbytes as bnb
 import torch
@@ -43,25 +42,8 @@ def scaled_codes(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor,
     return (code[codes.long()] * scales[:, None]).view(shape)
 
 
-def dequantize_nf4_by_table(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
-                            absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code: torch.Tensor,
-                            shape: tuple[int, int], blocksize: int, blocksize2: int,
-                            dtype: torch.dtype) -> torch.Tensor:
-    """The same weights, bit for bit, through a table per block of its 16 values (code x block scale in fp32,
-    rounded to `dtype`, as bitsandbytes rounds them): per weight only a nibble and a lookup are left, no arithmetic,
-    which inductor's rules may let it fuse into a Triton GEMM's prologue (max-autotune GEMMs): the table is half
-    a byte per weight against the two bytes of a bf16 weight written and read again. An experiment for issue 18
-    (`FLUX_QLORA_NF4_DEQUANT=table`, BENCHMARKS.md); `dequantize_nf4` stays the default until it is measured."""
-    absmax = block_scales(absmax_q, absmax_code, absmax_scale, absmax_offset, blocksize2)
-    table = (absmax[:, None] * code[None, :]).to(dtype).view(-1)  # (block, nibble) -> value
-    position = torch.arange(shape[0] * shape[1], device=packed.device).view(shape)
-    byte = packed.view(-1)[position // 2]
-    nibble = torch.where(position % 2 == 0, byte >> 4, byte & 0xF)  # high nibble first
-    return table[(position // blocksize) * code.numel() + nibble.long()]
-
-
-# The dequantization the compiled NF4 layers run (read at each call, so a test can switch it).
-DEQUANTIZE = dequantize_nf4_by_table if os.environ.get("FLUX_QLORA_NF4_DEQUANT") == "table" else dequantize_nf4
+# The dequantization the compiled NF4 layers run (read at each call, so a test or bench/nf4_gemm.py can switch it).
+DEQUANTIZE = dequantize_nf4
 
 # --do_fp8_training on the NF4 base: the products with the NF4 weights on FP8 tensor cores (BENCHMARKS.md).
 FP8 = torch.float8_e4m3fn

@@ -110,6 +110,15 @@ def launch_seconds(device: torch.device) -> float:
     return round(time.time() - psutil.Process().create_time(), 2)
 
 
+class Startup(dict):
+    """`launch_seconds()` at each start-up moment of a run (main_started, images_indexed, vae_loaded, data_loaded,
+    model_loaded, first_step): where the wait for the first step goes."""
+
+    def mark(self, moment: str, device: torch.device) -> float:
+        self[moment] = launch_seconds(device)
+        return self[moment]
+
+
 class StepClock:
     """Seconds per optimizer step; steps the profiler is recording stay out (its overhead is not the step's)."""
 
@@ -161,7 +170,7 @@ class RunStats:
     skipped_steps: int = 0  # fp16 steps skipped by loss scaling (inf/NaN gradients)
     compiles: CompileCounter = field(default_factory=CompileCounter)
     cuda_graphs_captured: int = 0  # one per training size with --cuda_graphs
-    startup: dict[str, float] = field(default_factory=dict)  # launch_seconds() at main_started, vae_loaded, ...
+    startup: Startup = field(default_factory=Startup)
 
     def median_s_per_step(self) -> float | None:
         times = sorted(self.step_times[1:] or self.step_times)  # the first step includes warm-up
@@ -184,23 +193,6 @@ class RunStats:
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "first_loss": losses[0] if losses else None, "eval_losses": self.eval_losses,
         }
-
-
-def log_run_start(args, accelerator, images: int, order, start_step: int) -> None:
-    """The trackers started, and the run's shape in the log: images, micro steps, batches, optimizer steps."""
-    from flux_qlora.cli import tracker_config
-
-    if not accelerator.is_main_process:
-        return
-    if args.report_to != "none":
-        accelerator.init_trackers("flux-qlora", config=tracker_config(args))
-    logger.info("***** Running training *****")
-    logger.info("  images = %d, repeats = %d, micro-steps per epoch = %d", images, args.repeats,
-                order.micro_steps_per_epoch)
-    logger.info("  batch per device = %d, processes = %d, accumulation = %d -> effective batch %d",
-                args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
-                order.global_batch * args.gradient_accumulation_steps)
-    logger.info("  optimizer steps = %d (starting at %d)", args.max_train_steps, start_step)
 
 
 def plot_loss(losses: list[float], path: Path, eval_losses: list[list[float]] | None = None) -> None:
@@ -235,19 +227,6 @@ def write_summary(path: Path, summary: dict) -> None:
         return [finite(v) for v in value] if isinstance(value, list | tuple) else value
 
     path.write_text(json.dumps(finite(summary), indent=2, allow_nan=False) + "\n")
-
-
-def log_image(trackers, prompt: str, image, step: int, index: int) -> None:
-    """A sample image to each of accelerate's trackers (tensorboard, wandb)."""
-    import numpy as np
-
-    for tracker in trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({f"samples/{index}": wandb.Image(image, caption=prompt)}, step=step)
 
 
 @dataclass
