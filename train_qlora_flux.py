@@ -119,8 +119,8 @@ def plan_memory(args: argparse.Namespace, settings: TrainSettings, accelerator: 
                 weight_dtype: torch.dtype, config: dict) -> memory.MemoryPlan:
     """Predicts the run's peak GPU memory and system RAM; stops with the flags that would fit if the GPU is too
     small."""
-    shape = train_settings.training_shape(args, settings, embeddings.text_tokens(args.data_df_path),
-                                          embeddings.parquet_rows(args.data_df_path), weight_dtype.itemsize)
+    rows, text_tokens = embeddings.rows_and_text_tokens(args.data_df_path)
+    shape = train_settings.training_shape(args, settings, text_tokens, rows, weight_dtype.itemsize)
     plan = memory.plan_training(config, shape)
     device = Device.of(accelerator.device)
     logger.info("Memory plan: %s, on %s%s", plan.describe(), device.describe(),

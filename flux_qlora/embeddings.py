@@ -299,20 +299,16 @@ def _existing(path: str | Path) -> Path:
 
 
 @readable_parquet
-def text_tokens(path: str | Path) -> int:
-    """The T5 tokens per caption of an embeddings file, from its manifest or its first row (no tensors loaded)."""
-    path = _existing(path)
-    shapes = read_manifest(path).get("shapes")
+def rows_and_text_tokens(path: str | Path) -> tuple[int, int]:
+    """(rows, T5 tokens per caption) of an embeddings file, for the memory plan: from its footer and its manifest
+    (or its first row), one open of the file, no tensors loaded."""
+    file = pq.ParquetFile(_existing(path))
+    metadata = file.schema_arrow.metadata or {}
+    shapes = json.loads(metadata[MANIFEST_KEY]).get("shapes") if MANIFEST_KEY in metadata else None
     if shapes:
-        return shapes["prompt_embeds"][0]
-    first = pq.ParquetFile(path).read_row_group(0, columns=["text_ids"])
-    return len(first["text_ids"][0].values) // 3
-
-
-@readable_parquet
-def parquet_rows(path: str | Path) -> int:
-    """Rows of an embeddings file (images and validation prompts), from its footer."""
-    return pq.ParquetFile(_existing(path)).metadata.num_rows
+        return file.metadata.num_rows, shapes["prompt_embeds"][0]
+    first = file.read_row_group(0, columns=["text_ids"])
+    return file.metadata.num_rows, len(first["text_ids"][0].values) // 3
 
 
 TEXT_ENCODERS_GIB = 12.0  # T5-XXL + CLIP in bf16 (~9.8 GB) with room for the encoding: below this, on the CPU
