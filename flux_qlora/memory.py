@@ -106,12 +106,12 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
 
     offloaded = 0
     if shape.gradient_checkpointing and shape.offload_activations:
-        offloaded = tokens * shape.batch_size * per_token * math.ceil(blocks / shape.checkpointing_interval) * \
-            CKPT_INPUT_BYTES
+        offloaded = (tokens * shape.batch_size * per_token * math.ceil(blocks / shape.checkpointing_interval)
+                     * CKPT_INPUT_BYTES)
     latent_bytes = 16 * (shape.width // 8) * (shape.height // 8) * shape.compute_bytes
     pixel_bytes = 3 * shape.width * shape.height
-    embedding_bytes = (shape.text_tokens * config["joint_attention_dim"] + config["pooled_projection_dim"]) * \
-        shape.compute_bytes
+    embedding_bytes = ((shape.text_tokens * config["joint_attention_dim"] + config["pooled_projection_dim"])
+                       * shape.compute_bytes)
     image_bytes = {"memory": latent_bytes, "disk": 0, "none": pixel_bytes}[shape.latents]
     data = shape.num_images * (embedding_bytes + image_bytes)
     ram = PROCESS_RAM_GIB * GIB + data + offloaded
