@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_output
 
-.PHONY: demo test test-gpu lint clean
+.PHONY: demo test test-gpu test-gpu-quick lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,14 @@ test: $(VENV)/.installed
 # changes defaults: attention backend, dtype). GPU_PY: a Python with CUDA torch and these requirements (default:
 # the venv's; on the device machine: GPU_PY=python3 with PYTHONPATH=$$PWD:$$PWD/.gpu-site).
 GPU_PY ?= $(PY)
+GPU_WORKERS ?= 8
 test-gpu:
-	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n 8 --maxschedchunk 1 -p no:cacheprovider -rs tests/
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs tests/
+
+# Only the tests whose behaviour depends on CUDA (marked `gpu`: compile, CUDA graphs, fp16, FP8, attention backends,
+# out of memory, the device's defaults), for a change to GPU-path code; the same GPU_PY as test-gpu.
+test-gpu-quick:
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs -m gpu tests/
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

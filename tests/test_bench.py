@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import run_script
+from helpers import run_script
 
 
 def test_memory_at_peak_finds_the_peak_and_who_allocated_it(tmp_path):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_same_lora, run_script, train_args
+from helpers import assert_one_line_error, assert_same_lora, run_script, train_args
 
 from flux_qlora.batches import Augment, SampleOrder
 from flux_qlora.buckets import check_size_flags, make_buckets, nearest_bucket, parse_resolutions
@@ -75,6 +75,7 @@ def test_random_crops_and_flips_are_functions_of_seed_item_and_epoch():
     assert Augment("center").draw(3, 5, 40, 20) == (20, 10, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_latents", [pytest.param(False, id="random-crops-each-epoch"),
                                            pytest.param(True, id="cached-latents-both-flips")])
 def test_bucketed_run_resumes_exactly(cache_latents, tiny_model, mixed_aspect_data, tmp_path):
@@ -139,6 +140,7 @@ def test_caption_dropout_needs_the_empty_caption_row(tiny_model, tiny_images_mas
 
 
 @pytest.mark.slow
+@pytest.mark.gpu  # bf16 and CUDA graphs there
 def test_compiled_buckets_compile_once_per_size(tiny_model, mixed_aspect_data, tmp_path):
     """--compile with three buckets: each size compiles on its first step (one graph per block kind and sequence
     length), never again (no recompiles counted); on a GPU with --cuda_graphs, one graph is captured per bucket

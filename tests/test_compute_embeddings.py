@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from helpers import assert_one_line_error, assert_refused, run_script
 from PIL import Image
 
-from compute_embeddings import parse_args
+from compute_embeddings import parse_args, validate_args
 from flux_qlora.data import image_hash
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, read_embeddings
 
@@ -66,6 +66,8 @@ def test_reads_diffusers_research_layout(tmp_path):
     np.testing.assert_allclose(table.pooled_prompt_embeds.numpy(), pooled, rtol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.gpu  # the default device: bf16 on a GPU
 def test_rerun_encodes_only_changed_captions_and_drops_removed_images(tiny_model, tiny_images, tmp_path):
     output = tmp_path / "emb.parquet"
     common = ["--pretrained_model_name_or_path", tiny_model, "--instance_data_dir", tiny_images,
@@ -132,20 +134,15 @@ def _add_an_unreadable_image(images: Path, tmp_path: Path) -> None:
     pytest.param("{tmp}/nope", [], ["is not a folder"], None, id="missing_folder"),
     pytest.param("{tmp}", [], ["holds no images"], None, id="no_images"),
     pytest.param(None, [], ["002.png", "--instance_prompt"], _remove_a_caption, id="no_caption"),
-    pytest.param(None, ["--max_sequence_length", "0"], ["--max_sequence_length 0"], None, id="zero_length"),
     pytest.param(None, [], ["bad.png", "unreadable"], _add_an_unreadable_image, id="unreadable"),
-    pytest.param(None, ["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"],
-                 None, id="two_sources"),
     pytest.param(None, ["--t5_8bit", "--device", "cpu"], ["--t5_8bit", "CUDA"], None, id="t5_8bit_on_cpu"),
-    pytest.param(None, ["--batch_size", "0"], ["--batch_size 0", "at least 1"], None, id="zero_batch"),
-    pytest.param(None, ["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"], None,
-                 id="too_long"),
-    pytest.param(None, ["--output_path", "/proc/flux-qlora/out.parquet"], ["--output_path", "does not exist"], None,
-                 id="output_folder_missing"),
     pytest.param(None, ["--class_data_dir", "{tmp}/nope"], ["--class_data_dir", "is not a folder"], None,
                  id="missing_class_dir"),
     pytest.param(None, ["--eval_data_dir", "{tmp}/nope"], ["--eval_data_dir", "is not a folder"], None,
                  id="missing_eval_dir"),
+    # A flag-only mistake (the others: test_flag_mistakes_are_refused_before_anything_loads): the script runs
+    # validate_args first, and its refusal is one `error:` line, exit code 2, no traceback.
+    pytest.param(None, ["--max_sequence_length", "0"], ["--max_sequence_length 0"], None, id="zero_length"),
 ])
 def test_bad_input_gives_one_clear_line(data, flags, expect, setup, tiny_model, tiny_images, tmp_path):
     if setup:
@@ -156,6 +153,21 @@ def test_bad_input_gives_one_clear_line(data, flags, expect, setup, tiny_model, 
                         "--instance_data_dir", data, "--output_path", tmp_path / "out.parquet", *flags, check=False)
     assert_one_line_error(result, *expect)
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("flags, expect", [
+    pytest.param(["--dataset_name", "someone/data"], ["exactly one of --dataset_name", "--instance_data_dir"],
+                 id="two_sources"),
+    pytest.param(["--batch_size", "0"], ["--batch_size 0", "at least 1"], id="zero_batch"),
+    pytest.param(["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"], id="too_long"),
+    pytest.param(["--output_path", "/proc/flux-qlora/out.parquet"], ["--output_path", "does not exist"],
+                 id="output_folder_missing"),
+])
+def test_flag_mistakes_are_refused_before_anything_loads(flags, expect, tiny_model, tiny_images_master, tmp_path):
+    """validate_args in-process (the subprocess table's `zero_length` case: how such a refusal reaches the user)."""
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(tiny_images_master),
+            "--output_path", str(tmp_path / "out.parquet"), *flags]
+    assert_refused(lambda: validate_args(parse_args(argv)), *expect)
 
 
 def test_parse_args_defaults():

@@ -8,7 +8,7 @@ import socket
 import sys
 
 import pytest
-from conftest import ROOT, assert_same_lora, run_script, train_args
+from helpers import ROOT, assert_same_lora, run_script, train_args
 
 
 # The documented multi-GPU config; ACCELERATE_USE_CPU makes accelerate run its processes on the CPU over gloo.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, assert_same_lora, run_script, stop_stalled, train_args
+from helpers import (
+    CPU_ONLY,
+    ROOT,
+    assert_one_line_error,
+    assert_same_lora,
+    run_script,
+    script_env,
+    stop_stalled,
+    train_args,
+)
 from PIL import Image
 
 from flux_qlora.batches import load_buckets
@@ -153,7 +161,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_mo
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, str(ROOT / "train_qlora_flux.py"),
                *map(str, train_args(tiny_model, tiny_images_master, tiny_embeddings, interrupted, *flags))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = script_env(CPU_ONLY)
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.time() < deadline:
@@ -170,9 +178,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_uninterrupted_lora(tiny_mo
 
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, interrupted,
                                                   *flags, "--resume_from_checkpoint", "latest"),
-               env={"CUDA_VISIBLE_DEVICES": ""})
+               env=CPU_ONLY)
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "full",
-                                                  *flags), env={"CUDA_VISIBLE_DEVICES": ""})
+                                                  *flags), env=CPU_ONLY)
     assert_same_lora(tmp_path / "full", interrupted)
     losses = [json.loads((run / "train_summary.json").read_text())["losses"] for run in (tmp_path / "full",
                                                                                            interrupted)]

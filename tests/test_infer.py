@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_script, tiny_forward
+from helpers import ROOT, assert_one_line_error, assert_refused, run_script, tiny_forward
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import infer
-from flux_qlora import models
+from flux_qlora import blocks, models
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.hardware import Device
 from flux_qlora.lora import add_lora, save_lora
@@ -135,6 +135,7 @@ def test_fused_hotswap_into_compiled_transformer_merges_each_lora_exactly(tiny_m
     assert torch.equal(outputs["a again"], outputs["a"])
 
 
+@pytest.mark.gpu  # the device's dtype and attention backend, peaks by stage
 def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, loras, tmp_path):
     folder, _ = loras["a"]
     run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--lora", folder, "--fuse",
@@ -159,6 +160,7 @@ def test_cli_generates_with_metadata_fuses_saves_and_requantizes(tiny_model, lor
         assert all(stage > 0 for stage in stages) and benchmark[0]["peak_memory_gib"] >= max(stages)
 
 
+@pytest.mark.gpu  # bitsandbytes' CUDA NF4 kernels
 def test_nf4_loads_straight_to_nf4_and_draws_what_quantizing_after_loading_draws(tiny_model, loras, tmp_path):
     """--quantize nf4 without --fuse loads the transformer tensor by tensor into NF4 (the full-precision one never
     in RAM: FLUX.1-dev's 24 GB on a 12.7 GB Colab VM), with the LoRA unmerged on it: the same image as a
@@ -178,6 +180,7 @@ def test_nf4_loads_straight_to_nf4_and_draws_what_quantizing_after_loading_draws
     assert (torch.tensor(list(Image.open(streamed).getdata())) == torch.tensor(list(Image.open(after).getdata()))).all()
 
 
+@pytest.mark.gpu  # compiled on the GPU
 @pytest.mark.parametrize("mode", ["adapter", "fused"])
 def test_cli_hotswap_compiled_counts_no_new_graphs(mode, tiny_model, loras, tmp_path):
     (fa, _), (fb, _) = loras["a"], loras["b"]
@@ -205,6 +208,7 @@ def test_a_small_gpu_is_told_the_flags_that_fit_before_anything_loads():
     assert infer.small_gpu_advice(Device("cpu"), infer.parse_args(["--prompt", "x"])) is None
 
 
+@pytest.mark.gpu  # T5 and CLIP freed from the GPU
 def test_freed_text_encoders_draw_the_same_images(tiny_model, loras, tmp_path):
     """--free_text_encoders: every prompt encoded first, T5 and CLIP freed, the images drawn from the embeddings:
     pixel for pixel what the pipeline draws from the prompts, over hotswapped LoRAs and the timed images."""
@@ -224,6 +228,7 @@ def test_freed_text_encoders_draw_the_same_images(tiny_model, loras, tmp_path):
     assert len(timed) == 2 and all(r["s_per_image"] > 0 for r in timed)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
 def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, loras, tmp_path):
     """The graph is captured with LoRA a; after swapping in c (another rank and scale) replays must use c."""
@@ -257,6 +262,7 @@ def test_cuda_graphs_replay_hotswapped_loras_like_fresh_eager_loads(tiny_model, 
     assert not torch.allclose(graphed["a"], graphed["c"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 needs a GPU of compute capability >= 8.9 (runs on the device machine)")
 def test_fused_hotswap_requantizes_fp8_in_place_under_cuda_graphs(tiny_model, loras, tmp_path, monkeypatch):
@@ -264,7 +270,7 @@ def test_fused_hotswap_requantizes_fp8_in_place_under_cuda_graphs(tiny_model, lo
     fa, _ = loras["a"]
     fc = tmp_path / "c"
     make_lora(tiny_model, fc, rank=8, seed=3, alpha=4)
-    monkeypatch.setattr(models, "FP8_MIN_FEATURES", 16)  # the tiny model's layers are narrower than FLUX.1-dev's
+    monkeypatch.setattr(blocks, "FP8_MIN_FEATURES", 16)  # the tiny model's layers are narrower than FLUX.1-dev's
     device = torch.device("cuda")
 
     def served(loras: list, graphs: bool) -> tuple[list[torch.Tensor], int]:
@@ -300,6 +306,7 @@ def _lora_for_another_model(folder, tmp_path) -> str:
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real out-of-memory needs a GPU (the device machine)")
 def test_running_out_of_gpu_memory_is_one_line_naming_flags_that_use_less(tiny_model, loras, tmp_path):
     """Capped at 1 MiB (bench/emulate_gpu.py) the tiny pipeline can't even move to the GPU: torch's OOM paragraph
@@ -318,26 +325,17 @@ def test_running_out_of_gpu_memory_is_one_line_naming_flags_that_use_less(tiny_m
     pytest.param(["--lora", "{other}"], ["doesn't fit", "another model"], id="other_model"),
     pytest.param(["--lora", "{other}", "--hotswap", "fused"], ["doesn't fit", "another model"], id="fused_other_model"),
     pytest.param(["--lora", "{tmp}/nope.safetensors"], ["nope.safetensors", "no such file"], id="missing"),
-    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"],
-                 id="compile_cache_without_compile"),
     pytest.param(["--fp8"], ["--fp8", "8.9"], id="fp8_on_cpu", marks=NO_GPU),
-    pytest.param(["--lora_scale", "0.5", "--lora_scale", "0.5"], ["--lora_scale"], id="scales"),
     pytest.param(["--cuda_graphs", "--device", "cpu"], ["--cuda_graphs", "NVIDIA GPU"], id="graphs_on_cpu"),
-    pytest.param(["--hotswap", "fused", "--quantize", "nf4"], ["--hotswap fused", "--quantize nf4"], id="fused_nf4"),
-    pytest.param(["--lora_scale", "nan"], ["--lora_scale", "nan", "finite"], id="nan_scale"),
-    pytest.param(["--guidance_scale", "inf"], ["--guidance_scale", "inf", "finite"], id="inf_guidance"),
-    pytest.param(["--max_sequence_length", "0"], ["--max_sequence_length 0", "between 1 and 512"], id="no_tokens"),
-    pytest.param(["--max_sequence_length", "600"], ["--max_sequence_length 600", "between 1 and 512"],
-                 id="too_many_tokens"),
-    pytest.param(["--fuse", "--save_fused", "{tmp}"], ["--save_fused", "already exists"], id="save_fused_exists"),
     pytest.param(["--lora", "{nan}"], ["NaN/inf", "earlier checkpoint"], id="nan_lora"),
     pytest.param(["--lora", "{sdxl}"], ["no FLUX.1 layers", "another model family"], id="sdxl_lora"),
     pytest.param(["--output_dir", "{tmp}/file.txt"], ["file.txt", "give a folder path"], id="output_dir_is_a_file"),
     pytest.param(["--prompt_file", "{tmp}/nope.txt"], ["--prompt_file", "nope.txt", "does not exist"],
                  id="missing_prompt_file"),
-    pytest.param(["--num_inference_steps", "0"], ["--num_inference_steps", "at least 1"], id="no_steps"),
-    pytest.param(["--free_text_encoders", "--cpu_offload"], ["--cpu_offload", "drop --free_text_encoders"],
-                 id="free_with_offload"),
+    # A flag-only mistake (the others: test_flag_mistakes_are_refused_before_anything_loads): the script runs
+    # validate_args first, and its refusal is one `error:` line, exit code 2, no traceback.
+    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"],
+                 id="compile_cache_without_compile"),
 ])
 def test_bad_input_gives_one_clear_line(flags, expect, tiny_model, loras, tmp_path):
     """Each case adds its flags to a run with LoRA a (a case that names its own --lora runs that one alone)."""
@@ -354,3 +352,25 @@ def test_bad_input_gives_one_clear_line(flags, expect, tiny_model, loras, tmp_pa
     result = run_script("infer.py", "--pretrained_model_name_or_path", tiny_model, "--prompt", "x", "--height", "32",
                         "--width", "32", "--output_dir", tmp_path / "out", *lora, *flags, check=False)
     assert_one_line_error(result, *expect)
+
+
+@pytest.mark.parametrize("flags, expect", [
+    pytest.param(["--lora_scale", "0.5", "--lora_scale", "0.5"], ["--lora_scale"], id="scales"),
+    pytest.param(["--hotswap", "fused", "--quantize", "nf4"], ["--hotswap fused", "--quantize nf4"], id="fused_nf4"),
+    pytest.param(["--lora_scale", "nan"], ["--lora_scale", "nan", "finite"], id="nan_scale"),
+    pytest.param(["--guidance_scale", "inf"], ["--guidance_scale", "inf", "finite"], id="inf_guidance"),
+    pytest.param(["--max_sequence_length", "0"], ["--max_sequence_length 0", "between 1 and 512"], id="no_tokens"),
+    pytest.param(["--max_sequence_length", "600"], ["--max_sequence_length 600", "between 1 and 512"],
+                 id="too_many_tokens"),
+    pytest.param(["--fuse", "--save_fused", "{tmp}"], ["--save_fused", "already exists"], id="save_fused_exists"),
+    pytest.param(["--num_inference_steps", "0"], ["--num_inference_steps", "at least 1"], id="no_steps"),
+    pytest.param(["--free_text_encoders", "--cpu_offload"], ["--cpu_offload", "drop --free_text_encoders"],
+                 id="free_with_offload"),
+])
+def test_flag_mistakes_are_refused_before_anything_loads(flags, expect, tiny_model, tmp_path):
+    """validate_args in-process, with one --lora that nothing reads (the subprocess table's
+    `compile_cache_without_compile` case: how such a refusal reaches the user)."""
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--prompt", "x", "--height", "32", "--width", "32",
+            "--output_dir", str(tmp_path / "out"), "--lora", str(tmp_path / "lora"), *flags]
+    assert_refused(lambda: infer.validate_args(infer.parse_args(argv)), *expect)

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import GOLDEN_FLAGS, GOLDEN_LOSSES, run_script, train_args
+from helpers import CPU_ONLY, GOLDEN_FLAGS, GOLDEN_LOSSES, run_script, train_args
 from PIL import Image
-
-CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the golden losses are the CPU's
 
 
 def train(tiny_model, images, embeddings, output, cache, *extra):
@@ -39,15 +37,17 @@ def test_disk_cache_trains_like_memory_and_reuses_only_what_is_unchanged(tiny_mo
     assert "1 encoded, 5 reused" in log and resumed == losses
 
     # A mask added to one image turns the masked loss on: every item's inputs change (the others now count whole),
-    # new files, never the stale ones; editing that mask later re-encodes that item alone.
+    # new files, never the stale ones; editing that mask later re-encodes that item alone. (The latents are encoded
+    # before the first step: one step is enough from here on.)
     image = Image.open(tiny_images / "003.png")
     Image.new("L", image.size, 255).save(tiny_images / "003_mask.png")
-    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "fourth", cache)
+    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "fourth", cache, "--max_train_steps", "1")
     assert "6 encoded, 0 reused" in log and len(list(cache.rglob("*.safetensors"))) == 12
     Image.new("L", image.size, 128).save(tiny_images / "003_mask.png")
-    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "fifth", cache)
+    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "fifth", cache, "--max_train_steps", "1")
     assert "1 encoded, 5 reused" in log
 
     # Another training size: all new.
-    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "sixth", cache, "--width", "48")
+    log, _ = train(tiny_model, tiny_images, tiny_embeddings, tmp_path / "sixth", cache, "--width", "48",
+                   "--max_train_steps", "1")
     assert "6 encoded, 0 reused" in log

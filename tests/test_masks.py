@@ -6,7 +6,7 @@ import json
 import shutil
 
 import torch
-from conftest import assert_one_line_error, run_script, train_args
+from helpers import assert_one_line_error, run_script, train_args
 from PIL import Image
 
 from flux_qlora import flow

@@ -8,12 +8,14 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from bench.nf4_gemm import dequantize_nf4_by_table
 from flux_qlora import nf4
 from flux_qlora.models import _nf4_linear, _nf4_weight
-from flux_qlora.nf4 import CompilableLinear4bit, dequantize_nf4, dequantize_nf4_by_table, make_nf4_compilable
+from flux_qlora.nf4 import CompilableLinear4bit, dequantize_nf4, make_nf4_compilable
 
-# On a GPU machine the same tests check bitsandbytes' CUDA kernels.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# On a GPU machine the same tests check bitsandbytes' CUDA kernels (those cases are in the GPU tier: -m gpu).
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+DEVICES = ["cpu", *([CUDA] if torch.cuda.is_available() else [])]
 
 
 def nf4_model(out_features: int, in_features: int, dtype=torch.float32, device: str = "cpu") -> nn.Module:
@@ -127,7 +129,7 @@ def recorded_checkpoint(cse: bool = False):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    from flux_qlora.models import checkpoint_recomputing_everything, compile_checkpointed
+    from flux_qlora.blocks import checkpoint_recomputing_everything, compile_checkpointed
 
     graphs = {}
 
@@ -165,7 +167,7 @@ def saved_for_backward(graph) -> list[torch.Tensor]:
 def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, backward_dequantizations):
     """Under the trainer's compiled selective checkpoint, CSE makes the recomputed forward and the input gradient
     share one dequantization per weight (2 here instead of 3: the second layer's output is not recomputed), keeps no
-    dequantized weight from the forward, and changes no gradient (FLUX_QLORA_CHECKPOINT_CSE, issue 18)."""
+    dequantized weight from the forward, and changes no gradient (on by default: blocks.compile_checkpointed)."""
     block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False), TwoNF4Layers())
     make_nf4_compilable(block)
     x = torch.randn(4, 256)
@@ -182,49 +184,9 @@ def test_cse_in_checkpoints_dequantizes_each_weight_once_in_the_backward(cse, ba
         torch.testing.assert_close(got, expected)
 
 
-class ModulatedLayer(nn.Module):
-    """A Flux block in small: a modulation layer turns the frozen conditioning (one row, no gradient) into a scale
-    for the tokens, which go through an NF4 layer with LoRA."""
-
-    def __init__(self):
-        super().__init__()
-        self.modulation, self.to_q = nf4_model(256, 256).to_q, nf4_model(256, 256).to_q
-
-    def forward(self, tokens, conditioning):
-        return torch.nn.functional.gelu(self.to_q(tokens * (1 + self.modulation(conditioning))))
-
-
-@pytest.mark.parametrize("save_thin, backward_dequantizations", [(False, 3), (True, 2)])
-def test_checkpoints_can_keep_thin_products_instead_of_recomputing_them(save_thin, backward_dequantizations,
-                                                                        monkeypatch):
-    """FLUX_QLORA_CHECKPOINT_SAVE_THIN (issue 18): the recomputation takes the modulation's one-row output from the
-    forward (256 values kept) instead of dequantizing its weight again, whose 4-bit copy the backward then no longer
-    needs; the same gradients."""
-    from flux_qlora import models
-
-    monkeypatch.setattr(models, "SAVE_THIN_IN_CHECKPOINTS", save_thin)
-    block = inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False),
-                                    ModulatedLayer())
-    make_nf4_compilable(block)
-    tokens, conditioning = torch.randn(1, 16, 256), torch.randn(1, 256)
-
-    eager = input_and_lora_gradients(block, lambda inputs: block(inputs, conditioning), tokens)
-    with torch._functorch.config.patch(cse=False):
-        run, graphs = recorded_checkpoint()
-        compiled = input_and_lora_gradients(block, lambda inputs: run(block, inputs, conditioning), tokens)
-    # backward: the tokens' layer recomputed (gelu's gradient needs its output) and its input gradient, plus the
-    # modulation recomputed (the LoRA's gradient needs the scaled tokens) unless its output was kept
-    assert (dequantizations(graphs["forward"]), dequantizations(graphs["backward"])) == (2, backward_dequantizations)
-    packed_weights = [t for t in saved_for_backward(graphs["forward"]) if t.dtype == torch.uint8 and t.numel() == 32768]
-    assert len(packed_weights) == (1 if save_thin else 2)  # the modulation's weight is no longer needed backward
-    assert len(compiled) == len(eager) == 3
-    for got, expected in zip(compiled, eager):
-        torch.testing.assert_close(got, expected)
-
-
 # FP8 GEMMs on the NF4 weights (--do_fp8_training on the NF4 base, issue 18): torch runs them on the CPU too.
 FP8_DEVICES = [*(["cpu"] if nf4.cpu_fp8_gemm_runs() else []),
-               *(["cuda"] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) else [])]
+               *([CUDA] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) else [])]
 
 
 @pytest.mark.parametrize("device", FP8_DEVICES)

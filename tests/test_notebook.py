@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 nbformat = pytest.importorskip("nbformat", reason="nbformat/nbclient are not installed (not on the GPU machine)")
 nbclient = pytest.importorskip("nbclient", reason="nbformat/nbclient are not installed (not on the GPU machine)")

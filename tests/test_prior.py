@@ -4,30 +4,40 @@ their loss weighted by --prior_loss_weight as diffusers' DreamBooth trainers def
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN_FLAGS, GOLDEN_LOSSES, assert_one_line_error, run_script, train_args
+from helpers import (
+    CPU_ONLY,
+    GOLDEN_FLAGS,
+    GOLDEN_LOSSES,
+    assert_one_line_error,
+    built_once,
+    run_script,
+    train_args,
+)
 from PIL import Image
 
 from flux_qlora.embeddings import read_embeddings
 
-CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the golden losses are the CPU's
-
 
 @pytest.fixture(scope="module")
 def prior_data(tiny_model, tiny_images_master, tmp_path_factory):
-    """(class images, embeddings of the training and the class images): three mirrored tiny images, uncaptioned."""
-    root = tmp_path_factory.mktemp("prior")
-    folder = root / "class"
-    folder.mkdir()
-    for png in sorted(tiny_images_master.glob("*.png"))[:3]:
-        Image.open(png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / png.name)
-    embeddings = root / "embeddings.parquet"
-    run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir",
-               tiny_images_master, "--class_data_dir", folder, "--class_prompt", "a shape", "--output_path",
-               embeddings, "--max_sequence_length", "16", "--device", "cpu")
-    return folder, embeddings
+    """(class images, embeddings of the training and the class images): three mirrored tiny images, uncaptioned;
+    made once for every worker."""
+    def build(root: Path) -> Path:
+        folder = root / "class"
+        folder.mkdir()
+        for png in sorted(tiny_images_master.glob("*.png"))[:3]:
+            Image.open(png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / png.name)
+        run_script("compute_embeddings.py", "--pretrained_model_name_or_path", tiny_model, "--instance_data_dir",
+                   tiny_images_master, "--class_data_dir", folder, "--class_prompt", "a shape", "--output_path",
+                   root / "embeddings.parquet", "--max_sequence_length", "16", "--device", "cpu")
+        return root
+
+    root = built_once(tmp_path_factory, "prior", build)
+    return root / "class", root / "embeddings.parquet"
 
 
 def test_compute_embeddings_embeds_the_class_images_too(prior_data):

@@ -9,33 +9,42 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ACCELERATE,
+    CPU_ONLY,
     GOLDEN_FLAGS,
     GOLDEN_LOSSES,
+    RESUMED_FLAGS,
     VALIDATION,
     assert_one_line_error,
+    assert_refused,
     assert_same_lora,
+    built_once,
     run_script,
     tiny_forward,
     train_args,
 )
 from safetensors.torch import load_file
 
+import train_qlora_flux
 from flux_qlora.batches import SampleOrder
 from flux_qlora.nf4 import cpu_fp8_gemm_runs
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tiny_images_master, tiny_embeddings, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("run") / "lora"
-    run_script("train_qlora_flux.py", *train_args(
-        tiny_model, tiny_images_master, tiny_embeddings, output, "--max_train_steps", "6", "--checkpointing_steps",
-        "2", "--checkpoints_total_limit", "2", "--validation_prompt", VALIDATION, "--report_to", "tensorboard",
-        "--learning_rate", "1e-3"), launcher=ACCELERATE)
-    return output
+    """A 6-step run through `accelerate launch`, trained once for every worker (read-only for the tests)."""
+    def build(folder: Path) -> Path:
+        run_script("train_qlora_flux.py", *train_args(
+            tiny_model, tiny_images_master, tiny_embeddings, folder / "lora", "--max_train_steps", "6",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_prompt", VALIDATION,
+            "--report_to", "tensorboard", "--learning_rate", "1e-3"), launcher=ACCELERATE)
+        return folder / "lora"
+
+    return built_once(tmp_path_factory, "trained", build)
 
 
+@pytest.mark.gpu  # the default path: accelerate's config (bf16), the device's attention backend, samples drawn there
 def test_run_writes_lora_checkpoints_and_reports(trained):
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["steps"] == 6 and len(summary["losses"]) == 6
@@ -96,9 +105,6 @@ def test_loss_falls_when_overfitting_one_image(tiny_model, tiny_images_master, t
     assert last < 0.7 * first, (first, last)
 
 
-CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the golden losses are the CPU's, also on a GPU machine
-
-
 @pytest.fixture(scope="module")
 def plain_fp32_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("plain") / "out"
@@ -114,32 +120,20 @@ def test_first_losses_match_the_golden_values(plain_fp32_run):
 
 
 @pytest.mark.slow
-def test_resume_from_latest_equals_uninterrupted_run(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
-    # bf16: the LoRA computes in a bf16 copy while its fp32 master weights, saved in the checkpoint, are trained.
-    common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
-              "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--logging_steps", "4", "--mixed_precision",
-              "bf16")
-    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
-                                                  tmp_path / "full", *common))
-    # What a run killed after its step-3 checkpoint leaves on disk (checkpoints are renamed into place when
-    # complete), plus a half-written later one that must be ignored.
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", interrupted / "checkpoint-3")
-    (interrupted / ".checkpoint-5.tmp").mkdir()
-    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
-                                                           interrupted, *common, "--resume_from_checkpoint", "latest"))
-    assert "Resumed from" in result.stderr and "checkpoint-3 at step 3" in result.stderr
-    assert_same_lora(tmp_path / "full", interrupted)
-    summary = json.loads((interrupted / "train_summary.json").read_text())
+def test_resume_from_latest_equals_uninterrupted_run(resumed_run, tiny_model, tiny_images_master, tiny_embeddings,
+                                                    tmp_path):
+    log = (resumed_run / "resumed.log").read_text()
+    assert "Resumed from" in log and "checkpoint-3 at step 3" in log
+    assert_same_lora(resumed_run / "full", resumed_run / "interrupted")
+    summary = json.loads((resumed_run / "interrupted" / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 3 and len(summary["losses"]) == 6
 
     # Resuming that checkpoint with another rank is refused in one line, not a size-mismatch traceback.
     other = tmp_path / "other-rank"
     other.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", other / "checkpoint-3")
+    shutil.copytree(resumed_run / "full" / "checkpoint-3", other / "checkpoint-3")
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, other,
-                                                           *common, "--resume_from_checkpoint", "latest",
+                                                           *RESUMED_FLAGS, "--resume_from_checkpoint", "latest",
                                                            "--rank", "8"), check=False)
     assert_one_line_error(result, "rank [4]", "--rank")
 
@@ -208,10 +202,6 @@ def _file_as_output_dir(case: Case) -> None:
     (case.tmp / "out").write_text("a file, not a folder")
 
 
-def _a_text_file(case: Case) -> None:
-    (case.tmp / "file.txt").write_text("not a folder")
-
-
 def _bad_parquets(case: Case) -> None:
     """Next to the good embeddings: a truncated copy, a text file, one with NaN rows and one of other widths."""
     import pyarrow as pa
@@ -257,41 +247,22 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
 
 
 @pytest.mark.parametrize("flags, expect, setup", [
-    pytest.param(["--width", "100"], ["--width 100", "multiple of 16", "try 96"], None, id="resolution"),
     pytest.param(["--data_df_path", "{tmp}/nope.parquet"], ["nope.parquet", "compute_embeddings.py"], None,
                  id="missing_parquet"),
     pytest.param([], ["caption(s) changed", "re-run compute_embeddings.py"], _edit_caption, id="stale_caption"),
     pytest.param(["--resume_from_checkpoint", "{tmp}/ckpt"], ["--resume_from_checkpoint", "latest"], None,
                  id="bad_resume"),
     pytest.param(["--train_batch_size", "64"], ["less than one global batch"], None, id="tiny_dataset"),
-    pytest.param(["--do_fp8_training"], ["--do_fp8_training", "add --compile"], None, id="fp8_on_nf4_uncompiled"),
+    # What the device can run, refused once the accelerator has picked it.
     pytest.param(["--do_fp8_training", "--compile", "--mixed_precision", "no"],
                  ["--do_fp8_training", "--mixed_precision bf16"], None, id="fp8_on_nf4_in_fp32"),
     pytest.param(["--do_fp8_training", "--base_precision", "bf16"], ["--do_fp8_training", "8.9"], None,
                  id="fp8_on_cpu", marks=NO_GPU),
     pytest.param(["--cuda_graphs"], ["--cuda_graphs", "NVIDIA GPU"], None, id="graphs_on_cpu", marks=NO_GPU),
-    pytest.param(["--cuda_graphs", "--offload_activations"], ["--cuda_graphs", "--offload_activations"], None,
-                 id="graphs_with_offload"),
     pytest.param(["--cuda_graphs", "--mixed_precision", "fp16"], ["--cuda_graphs", "--mixed_precision bf16"], None,
-                 id="graphs_with_fp16", marks=GPU),
-    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"], None,
-                 id="compile_cache_without_compile"),
-    pytest.param(["--compile", "--compile_cache_dir", "{tmp}/file.txt"], ["file.txt", "is a file"], _a_text_file,
-                 id="compile_cache_dir_is_a_file"),
-    # Values torch or the run would take badly, refused before anything loads.
-    pytest.param(["--checkpoints_total_limit", "-1"], ["--checkpoints_total_limit -1", "at least 1"], None,
-                 id="total_limit_negative"),
-    pytest.param(["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit 0", "leave it out"], None,
-                 id="total_limit_zero"),
-    pytest.param(["--learning_rate=-1e-4"], ["--learning_rate -0.0001", "at least 0"], None, id="negative_lr"),
-    pytest.param(["--learning_rate", "nan"], ["--learning_rate nan"], None, id="nan_lr"),
-    pytest.param(["--adam_beta1", "1.5"], ["--adam_beta1 1.5", "below 1"], None, id="beta1"),
-    pytest.param(["--adam_beta2", "-0.1"], ["--adam_beta2 -0.1", "at least 0"], None, id="beta2"),
-    pytest.param(["--adam_epsilon", "-1"], ["--adam_epsilon -1.0"], None, id="epsilon"),
-    pytest.param(["--max_grad_norm", "-1"], ["--max_grad_norm -1.0"], None, id="grad_norm"),
-    pytest.param(["--lora_alpha", "0"], ["--lora_alpha 0", "positive"], None, id="alpha_zero"),
+                 id="graphs_with_fp16", marks=[GPU, pytest.mark.gpu]),
+    # The model's sizes.
     pytest.param(["--rank", "100000"], ["--rank 100000", "width"], None, id="rank_above_width"),
-    pytest.param(["--timestep_shift", "nan"], ["--timestep_shift nan", "positive"], None, id="nan_shift"),
     # Paths and files.
     pytest.param([], ["--output_dir", "can't be written"], _file_as_output_dir, id="output_dir_is_a_file"),
     pytest.param(["--output_dir", "/proc/flux-qlora/out"], ["--output_dir /proc/flux-qlora/out", "can't be written"],
@@ -315,6 +286,9 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
                  ["checkpoint-4 is damaged", "delete checkpoint-4"], _damage_checkpoint, id="damaged_checkpoint"),
     pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6", "--lora_layers",
                   "attention+context"], ["same --lora_layers"], _copy_checkpoint, id="resume_other_layers"),
+    # A flag-only mistake (the others: test_flag_mistakes_are_refused_before_anything_loads): the script runs
+    # validate_args first, and its refusal is one `error:` line, exit code 2, no traceback.
+    pytest.param(["--width", "100"], ["--width 100", "multiple of 16", "try 96"], None, id="resolution"),
 ])
 def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_images, tiny_embeddings, trained,
                                         tmp_path):
@@ -326,9 +300,46 @@ def test_bad_input_gives_one_clear_line(flags, expect, setup, tiny_model, tiny_i
     assert_one_line_error(result, *expect)
 
 
+@pytest.mark.parametrize("flags, expect", [
+    pytest.param(["--do_fp8_training"], ["--do_fp8_training", "add --compile"], id="fp8_on_nf4_uncompiled"),
+    pytest.param(["--cuda_graphs", "--offload_activations"], ["--cuda_graphs", "--offload_activations"],
+                 id="graphs_with_offload"),
+    pytest.param(["--compile_cache_dir", "{tmp}/cache"], ["--compile_cache_dir", "add --compile"],
+                 id="compile_cache_without_compile"),
+    pytest.param(["--compile", "--compile_cache_dir", "{tmp}/file.txt"], ["file.txt", "is a file"],
+                 id="compile_cache_dir_is_a_file"),
+    pytest.param(["--validate_ema"], ["--validate_ema", "--use_ema"], id="validate_ema_without_ema"),
+    pytest.param(["--validation_split", "0.2", "--eval_data_dir", "{tmp}"],
+                 ["--validation_split", "--eval_data_dir", "not both"], id="validation_split_and_eval_dir"),
+    # Values torch or the run would take badly.
+    pytest.param(["--checkpoints_total_limit", "-1"], ["--checkpoints_total_limit -1", "at least 1"],
+                 id="total_limit_negative"),
+    pytest.param(["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit 0", "leave it out"],
+                 id="total_limit_zero"),
+    pytest.param(["--learning_rate=-1e-4"], ["--learning_rate -0.0001", "at least 0"], id="negative_lr"),
+    pytest.param(["--learning_rate", "nan"], ["--learning_rate nan"], id="nan_lr"),
+    pytest.param(["--adam_beta1", "1.5"], ["--adam_beta1 1.5", "below 1"], id="beta1"),
+    pytest.param(["--adam_beta2", "-0.1"], ["--adam_beta2 -0.1", "at least 0"], id="beta2"),
+    pytest.param(["--adam_epsilon", "-1"], ["--adam_epsilon -1.0"], id="epsilon"),
+    pytest.param(["--max_grad_norm", "-1"], ["--max_grad_norm -1.0"], id="grad_norm"),
+    pytest.param(["--lora_alpha", "0"], ["--lora_alpha 0", "positive"], id="alpha_zero"),
+    pytest.param(["--timestep_shift", "nan"], ["--timestep_shift nan", "positive"], id="nan_shift"),
+    pytest.param(["--validation_split", "1"], ["--validation_split 1", "below 1"], id="validation_split"),
+])
+def test_flag_mistakes_are_refused_before_anything_loads(flags, expect, tiny_model, tiny_images_master,
+                                                         tiny_embeddings, tmp_path):
+    """validate_args in-process (the subprocess table's `resolution` case: how such a refusal reaches the user)."""
+    (tmp_path / "file.txt").write_text("not a folder")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    argv = [*map(str, train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out")),
+            "--max_train_steps", "1", *flags]
+    assert_refused(lambda: train_qlora_flux.validate_args(train_qlora_flux.parse_args(argv)), *expect)
+
+
 def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_model):
+    from flux_qlora.blocks import route_block_calls
     from flux_qlora.lora import add_lora, lora_parameters
-    from flux_qlora.models import load_transformer, route_block_calls
+    from flux_qlora.models import load_transformer
 
     def grads_and_saved_bytes(interval: int | None):
         torch.manual_seed(0)
@@ -356,10 +367,12 @@ def test_checkpointing_every_nth_block_saves_memory_and_keeps_gradients(tiny_mod
 
 
 
-@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize("device", ["cpu", *([pytest.param("cuda", marks=pytest.mark.gpu)]
+                                              if torch.cuda.is_available() else [])])
 def test_offloaded_activations_give_the_same_gradients(tiny_model, device):
+    from flux_qlora.blocks import route_block_calls
     from flux_qlora.lora import add_lora, lora_parameters
-    from flux_qlora.models import load_transformer, route_block_calls
+    from flux_qlora.models import load_transformer
     from flux_qlora.step import ActivationOffload, offload_activations
 
     torch.manual_seed(0)
@@ -386,6 +399,7 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model, device):
     assert all(e.host.is_floating_point() for e in offload.entries)  # no packed NF4 weight among them
 
 
+@pytest.mark.gpu  # GPU kernels timed
 @pytest.mark.parametrize("steps", [8, 5])  # 5: the run ends inside the profiled steps 5-7 (its exit crashed once)
 def test_profile_dir_writes_trace_and_tables(steps, tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, tmp_path / "out",
@@ -433,6 +447,7 @@ def test_prequantized_nf4_checkpoint_loads_without_requantizing(tiny_model, tmp_
     torch.testing.assert_close(tiny_forward(reloaded), tiny_forward(quantized))
 
 
+@pytest.mark.gpu  # accelerate's loss scaler
 @pytest.mark.parametrize("compile_flags", [[], ["--compile"]])
 def test_fp16_trains_and_counts_skipped_steps(compile_flags, tiny_model, tiny_images_master, tiny_embeddings,
                                               tmp_path):
@@ -496,13 +511,12 @@ def test_speed_ups_keep_the_step_zero_loss_and_compile_cache_dir_starts_warm(tin
 def test_fp8_training_on_the_nf4_base_trains_like_the_golden_run(tiny_model, tiny_images_master, tiny_embeddings,
                                                                   tmp_path):
     """--do_fp8_training on the NF4 base: the compiled blocks multiply by the NF4 weights on FP8 (the GPU's tensor
-    cores, or torch's CPU kernels), with the one-row modulation outputs kept by the checkpoints instead of
-    recomputed (FLUX_QLORA_CHECKPOINT_SAVE_THIN); the golden run's losses (fp32, eager) come back to within bf16's
-    and FP8's rounding."""
+    cores, or torch's CPU kernels); the golden run's losses (fp32, eager) come back to within bf16's and FP8's
+    rounding."""
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
                                                            tmp_path / "out", *GOLDEN_FLAGS, "--mixed_precision",
                                                            "bf16", "--compile", "--do_fp8_training"),
-                        env={**CPU_ONLY, "FLUX_QLORA_CHECKPOINT_SAVE_THIN": "1"}, check=cpu_fp8_gemm_runs())
+                        env=CPU_ONLY, check=cpu_fp8_gemm_runs())
     if not cpu_fp8_gemm_runs():  # torch before 2.13 (the GPU machine's 2.11): refused, saying what to install
         assert_one_line_error(result, "--do_fp8_training on the CPU needs", f"this is torch {torch.__version__}")
         return
@@ -513,6 +527,7 @@ def test_fp8_training_on_the_nf4_base_trains_like_the_golden_run(tiny_model, tin
     assert all(v.isfinite().all() for v in load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors").values())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the device machine)")
 @pytest.mark.parametrize("compile_flags", [[], ["--compile"]])
 def test_cuda_graphs_train_exactly_like_eager(compile_flags, tiny_model, tiny_images_master, tiny_embeddings,
@@ -534,6 +549,7 @@ def test_cuda_graphs_train_exactly_like_eager(compile_flags, tiny_model, tiny_im
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graphs.items() if "lora_B" in k)  # it trained
 
 
+@pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("compile_flags", [[], ["--compile"]])
 def test_cudnn_attention_trains_like_flash(compile_flags, tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
@@ -567,6 +583,8 @@ def test_overwrite_output_dir_starts_over_without_mixing_runs(trained, tiny_mode
     assert json.loads((output / "train_summary.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow
+@pytest.mark.gpu  # the text encoders on the GPU, and its peak memory
 def test_validation_prompts_not_in_the_parquet_are_encoded_at_start(tiny_model, tiny_images_master, tiny_embeddings,
                                                                    tmp_path):
     """The text encoders are loaded briefly (on a GPU with room, else the CPU) and freed before the transformer

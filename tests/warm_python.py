@@ -1,10 +1,11 @@
 """A Python with the project's libraries already imported, that runs each script in a fresh fork of itself.
 
-`conftest.run_script` uses it on a machine without a GPU: a script run costs its own work instead of ~6 s of
-importing torch, diffusers, peft and bitsandbytes first (measured on the 2-core CI machine; the suite's ~150 runs
-took a third of its time there). Each run is still a process of its own, started as `python script.py args` would
-be: its own argv, environment, working folder, stdout and stderr, exit code or signal, and a fresh interpreter state
-past the imports. Not used where CUDA is: a fork of a process that touched CUDA can't use it.
+`helpers.run_script` uses it on a machine without a GPU: a script run costs its own work instead of ~8 s of
+importing torch, diffusers, peft and bitsandbytes first (3.5 s instead of 11 s for a 2-step tiny run, measured on the
+2-core CI machine; the suite took 700 s instead of 782 s there, ~10%). Each run is still a process of its own,
+started as `python script.py args` would be: its own argv, environment, working folder, stdout and stderr, exit code
+or signal, and a fresh interpreter state past the imports. Not used where CUDA is: a fork of a process that touched
+CUDA can't use it.
 
 Protocol, a JSON line each way: {"script", "argv", "env", "cwd", "stdout", "stderr"} in; {"pid"} when the run
 started, then {"returncode"} when it ended.
