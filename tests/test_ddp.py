@@ -27,13 +27,21 @@ CPU = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
 COMMON = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "no")
 
 
+def ddp_args(*flags) -> list:
+    """The tiny run's flags with torch's AdamW instead of 8-bit AdamW: 8-bit AdamW's block-wise state quantization
+    turns the two ways' fp32 rounding (1e-7: gloo sums the gradients in another order) into flipped quantization
+    steps (2.6e-5 in 5 of 256 weights after 4 steps), which say nothing about DDP; resuming 8-bit AdamW is tested in
+    one process (test_train.py)."""
+    return [flag for flag in train_args(*flags) if flag != "--use_8bit_adam"]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_images_master, tiny_embeddings, tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, ddp, *COMMON,
+    run_script("train_qlora_flux.py", *ddp_args(tiny_model, tiny_images_master, tiny_embeddings, ddp, *COMMON,
                                                   "--train_batch_size", "1", "--report_to", "tensorboard"),
                launcher=ddp_launcher(), env=CPU)
-    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, single, *COMMON,
+    run_script("train_qlora_flux.py", *ddp_args(tiny_model, tiny_images_master, tiny_embeddings, single, *COMMON,
                                                   "--train_batch_size", "2"), env=CPU)  # the same maths as gloo's
     summary = json.loads((ddp / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -50,7 +58,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tiny_ima
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(ddp / "checkpoint-2", resumed / "checkpoint-2")
-    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, resumed, *COMMON,
+    run_script("train_qlora_flux.py", *ddp_args(tiny_model, tiny_images_master, tiny_embeddings, resumed, *COMMON,
                                                   "--train_batch_size", "1", "--resume_from_checkpoint", "latest"),
                launcher=ddp_launcher(), env=CPU)
     assert_same_lora(ddp, resumed, rtol=1e-4, atol=1e-6)
