@@ -38,7 +38,16 @@ def import_libraries() -> None:
         getattr(diffusers, name)
     for name in ("CLIPTextModel", "CLIPTokenizer", "T5EncoderModel", "T5TokenizerFast"):
         getattr(transformers, name)
+    # What every training run imports late: its scheduler, pyarrow's read_table of the embeddings (pandas and
+    # pyarrow.dataset, ~0.8 s) and the loss plot (matplotlib, ~1 s, with the backend reports.plot_loss sets): a
+    # 1-step tiny run took 2.3 s instead of 3.7 s once these were imported here too.
+    import matplotlib
+    import pandas  # noqa: F401
+    import pyarrow.dataset  # noqa: F401
     from diffusers.optimization import get_scheduler  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
     sys.path.pop(0)
 
 
