@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	# --maxschedchunk 1: tests handed out two at a time, so the slow ones (collected first) spread over the workers
-	$(PY) -m pytest -q -n 2 --maxschedchunk 1  # both cores: ~12 minutes (700 s measured, 228 tests)
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1  # both cores (the measured times: docs/tests.md)
 
 # The whole suite on a machine with an NVIDIA GPU, where every end-to-end test runs through the CUDA path (a GPU
 # changes defaults: attention backend, dtype). GPU_PY: a Python with CUDA torch and these requirements (default:

@@ -583,7 +583,6 @@ def test_overwrite_output_dir_starts_over_without_mixing_runs(trained, tiny_mode
     assert json.loads((output / "train_summary.json").read_text())["steps"] == 3
 
 
-@pytest.mark.slow
 @pytest.mark.gpu  # the text encoders on the GPU, and its peak memory
 def test_validation_prompts_not_in_the_parquet_are_encoded_at_start(tiny_model, tiny_images_master, tiny_embeddings,
                                                                    tmp_path):
