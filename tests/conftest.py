@@ -8,19 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-# Beside what the fixtures use: what test_convert.py and test_lora_strength.py still import from here, until they
-# import it from helpers.
-from helpers import (  # noqa: F401
-    RESUMED_FLAGS,
-    VALIDATION,
-    WarmPython,
-    assert_one_line_error,
-    built_once,
-    run_script,
-    tiny_forward,
-    train_args,
-)
+from helpers import RESUMED_FLAGS, VALIDATION, WarmPython, built_once, run_script, train_args
 
 from flux_qlora.tiny import build_tiny_images, build_tiny_pipeline
 

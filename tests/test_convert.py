@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script, tiny_forward
+from helpers import assert_one_line_error, run_script, tiny_forward
 from safetensors.torch import load_file
 
 import infer
@@ -126,7 +126,7 @@ def test_the_converter_cli_and_its_mistakes(all_linear_lora, tmp_path):
 
 def test_trainer_exports_comfyui_the_card_says_how_and_infer_warns_of_another_base(tiny_model, tiny_images_master,
                                                                                   tiny_embeddings, tmp_path):
-    from conftest import VALIDATION, train_args
+    from helpers import VALIDATION, train_args
 
     output = tmp_path / "lora"
     run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, output,

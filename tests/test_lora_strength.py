@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_forward
+from helpers import tiny_forward
 from safetensors.torch import load_file
 
 from flux_qlora.lora import LORA_WEIGHT_NAME, add_lora, read_lora_metadata, save_lora
