@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Caches the T5 and CLIP text embeddings of every caption once, so training never loads the text encoders.
+"""Caches the text embeddings of every caption once, so training never loads the text encoders: T5 and CLIP for
+FLUX.1, Qwen3 for FLUX.2 [klein], Mistral Small 3.1 for FLUX.2 [dev] (the family is read from the model).
 
     python compute_embeddings.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
         --instance_data_dir my_images --output_path embeddings.parquet \\
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from flux_qlora import families
 from flux_qlora.cli import (
     add_config_arg,
     add_dataset_args,
@@ -34,11 +36,12 @@ from flux_qlora.cli import (
 from flux_qlora.data import Sample, drop_duplicates, load_samples
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, reusable_rows
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family
 from flux_qlora.models import load_text_pipeline
 
 logger = logging.getLogger("compute_embeddings")
 
-MAX_T5_LENGTH = 512  # FLUX.1-dev's T5 was trained with at most 512 tokens
+MAX_T5_LENGTH = 512  # FLUX.1-dev's T5 was trained with at most 512 tokens; the FLUX.2 pipelines' limit too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_args(parser)
     parser.add_argument("--output_path", type=str, default="embeddings.parquet", help="The parquet file to write.")
     parser.add_argument("--max_sequence_length", type=int, default=77,
-                        help=f"T5 tokens per caption (1 to {MAX_T5_LENGTH}); longer captions are truncated.")
+                        help=f"Text tokens per caption (1 to {MAX_T5_LENGTH}); longer captions are truncated "
+                        "(the FLUX.2 chat template takes ~10 of them).")
     parser.add_argument("--validation_prompt", type=str, action="append", default=[],
                         help="A prompt to embed for validation images during training (repeatable).")
     parser.add_argument("--batch_size", type=int, default=8, help="Captions encoded per forward pass.")
-    parser.add_argument("--t5_8bit", action="store_true",
-                        help="Load T5 in 8-bit (bitsandbytes, CUDA only): about half the GPU memory of bf16.")
+    parser.add_argument("--quantize_text_encoder", choices=("8bit", "nf4"), default=None,
+                        help="Load the big text encoder (T5-XXL, Qwen3, Mistral Small 3.1) in 8 bits or NF4 "
+                        "(bitsandbytes, CUDA only): FLUX.2 [dev]'s 24 B encoder needs nf4 on a 24 GB card.")
+    parser.add_argument("--t5_8bit", action="store_true", help="The same as --quantize_text_encoder 8bit.")
     parser.add_argument("--device", type=str, default=None, help="Encoder device (default: cuda if available).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     add_config_arg(parser)
@@ -88,12 +94,11 @@ def rows_to_compute(samples: list[Sample], prompts: list[str], known: dict[str, 
 
 
 @torch.no_grad()
-def encode_rows(pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, args: argparse.Namespace) -> None:
+def encode_rows(family: Family, pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter,
+                args: argparse.Namespace) -> None:
     for start in tqdm(range(0, len(rows), args.batch_size), desc="Encoding captions", unit="batch"):
         keys, captions = zip(*rows[start : start + args.batch_size])
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            list(captions), prompt_2=None, max_sequence_length=args.max_sequence_length
-        )
+        prompt_embeds, pooled, text_ids = family.encode_prompts(pipe, list(captions), args.max_sequence_length)
         writer.write(list(keys), list(captions), prompt_embeds, pooled, text_ids)
 
 
@@ -105,8 +110,9 @@ def main(args: argparse.Namespace) -> None:
     logger.info("%d images with captions from %s%s", len(samples), args.dataset_name or args.instance_data_dir,
                 "".join(f" (with {len(extra)} {what} images from {folder})" for extra, what, folder in extras if extra))
 
+    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     source = embedding_source(args)
-    writer = EmbeddingsWriter(args.output_path, source)
+    writer = EmbeddingsWriter(args.output_path, source, family.name)
     reusable = reusable_rows(args.output_path, source)
     # The empty caption too: what the trainer's --caption_dropout trains on.
     prompts = list(dict.fromkeys([*args.validation_prompt, ""]))
@@ -115,17 +121,18 @@ def main(args: argparse.Namespace) -> None:
                 len(samples) + len(prompts) - len(rows))
     if rows:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_text_pipeline(args.pretrained_model_name_or_path, device, args.t5_8bit, **hub_kwargs(args))
-        encode_rows(pipe, rows, writer, args)
+        quantize = args.quantize_text_encoder or ("8bit" if args.t5_8bit else None)
+        pipe = load_text_pipeline(family, args.pretrained_model_name_or_path, device, quantize, **hub_kwargs(args))
+        encode_rows(family, pipe, rows, writer, args)
         del pipe
 
     keep = list(dict.fromkeys([s.image_hash for s in samples] + [prompt_key(p) for p in prompts]))
     count = writer.finish(keep, reuse=Path(args.output_path) if reusable else None)
-    logger.info("Wrote %d rows (%d images, %d validation prompts, the empty caption) to %s", count, len(samples),
-                len(prompts) - 1, args.output_path)
+    logger.info("Wrote %d rows (%d images, %d validation prompts, the empty caption) of %s embeddings to %s", count,
+                len(samples), len(prompts) - 1, family.label, args.output_path)
 
 
 if __name__ == "__main__":
     args = parse_args()
     setup_logging(args.debug)
-    run_main(main, args, memory_fix="Use less: --t5_8bit, a smaller --batch_size, or --device cpu.")
+    run_main(main, args, memory_fix="Use less: --quantize_text_encoder nf4, a smaller --batch_size, or --device cpu.")

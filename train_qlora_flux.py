@@ -38,6 +38,7 @@ from flux_qlora import (
     cli,
     compile_cache,
     embeddings,
+    families,
     flow,
     lora,
     memory,
@@ -54,6 +55,7 @@ from flux_qlora.convert import COMFYUI_WEIGHT_NAME, convert_file
 from flux_qlora.data import load_samples
 from flux_qlora.errors import UserError
 from flux_qlora.evaluation import eval_loss
+from flux_qlora.families import Family
 from flux_qlora.hardware import Device, check_bf16, check_fp8_training, pick_attention_backend
 from flux_qlora.latent_cache import LatentCache, vae_fingerprint
 from flux_qlora.reports import RunStats, Startup, launch_seconds
@@ -229,7 +231,7 @@ def load_transformer_with_lora(args: argparse.Namespace, settings: TrainSettings
     # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
     transformer.requires_grad_(False)
     set_seed(args.seed)
-    targets = lora.target_modules(args.lora_layers)
+    targets = lora.target_modules(args.lora_layers, settings.family)
     lora.add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, targets)
     if args.do_fp8_training and args.base_precision == "bf16":  # the NF4 base's FP8 is compiled in: compile_blocks
         blocks.enable_fp8_training(transformer)
@@ -262,8 +264,9 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     sets: list[ImageSet]  # what each micro step draws from: the training images, then the regularisation images
     held_out: TrainData | None  # the eval loss's images, latents cached
-    validation: dict[str, tuple[torch.Tensor, torch.Tensor]]  # validation prompt -> its embeddings
+    validation: validation.SampleSettings | None  # the sample images' prompts and settings (--validation_prompt)
     vae: torch.nn.Module  # on the CPU between sample images when latents are cached
+    family: Family  # the model's: its transformer's inputs and positions
 
 
 def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.Tensor]:
@@ -287,15 +290,29 @@ def make_micro_step(args: argparse.Namespace, run: Run) -> Callable[..., torch.T
             for inputs, image_set in zip(StepInputs.unflatten(flat, has_masks), run.sets):
                 size = tuple(inputs.latents.shape[-2:])
                 if size not in image_ids:
-                    image_ids[size] = flow.latent_image_ids(*size, device=device, dtype=dtype)
+                    image_ids[size] = run.family.image_ids(*size, device=device, dtype=dtype)
                 loss = loss + image_set.loss_weight * flow.flow_matching_step(
-                    transformer, inputs.batch, inputs.noise, inputs.sigmas, text_ids, image_ids[size], guidance,
-                    args.weighting_scheme)
+                    transformer, run.family, inputs.batch, inputs.noise, inputs.sigmas, text_ids, image_ids[size],
+                    guidance, args.weighting_scheme)
         accelerator.backward(loss)
         run.flat_lora.after_backward()
         return loss.detach()
 
     return step.in_cuda_graph(micro_step, args.cuda_graphs)
+
+
+def sample_settings(args: argparse.Namespace, settings: TrainSettings, table: embeddings.TextEmbeddings,
+                    device: torch.device) -> validation.SampleSettings | None:
+    """The sample images' prompts (their embeddings from the file, or encoded now and the encoders freed) and
+    settings; None without --validation_prompt."""
+    if not args.validation_prompt:
+        return None
+    family = settings.family
+    prompts = embeddings.validation_embeddings(table, args.validation_prompt, family,
+                                               args.pretrained_model_name_or_path, device, **cli.hub_kwargs(args))
+    negative = table.prompt("") if family.samples_with_negative else None
+    return validation.SampleSettings(prompts, *settings.sizes.validation, args.validation_inference_steps,
+                                     args.validation_guidance_scale, args.seed, negative)
 
 
 def first_step_done(args: argparse.Namespace, stats: RunStats, device: torch.device, main_process: bool) -> None:
@@ -371,7 +388,8 @@ def train(args: argparse.Namespace, settings: TrainSettings, run: Run, stats: Ru
             profiler.after_step(step_index)
             if (step_index % args.checkpointing_steps == 0 or stop) and step_index < max_steps:
                 path = checkpoints.save_checkpoint(accelerator, args.output_dir, step_index,
-                                                   {"losses": stats.losses, "eval_losses": stats.eval_losses},
+                                                   {"losses": stats.losses, "eval_losses": stats.eval_losses,
+                                                    "family": run.family.name},
                                                    args.checkpoints_total_limit)
                 logger.info("Saved checkpoint %s", path)
                 if stop:
@@ -395,19 +413,14 @@ def train(args: argparse.Namespace, settings: TrainSettings, run: Run, stats: Ru
 @torch.no_grad()
 def generate_samples(args: argparse.Namespace, settings: TrainSettings, run: Run, step_index: int) -> list[str]:
     """Validation images of --validation_prompt (none without, and none on the other processes)."""
-    if not args.validation_prompt or not run.accelerator.is_main_process:
+    if run.validation is None or not run.accelerator.is_main_process:
         return []
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
-    sample_settings = validation.SampleSettings(run.validation, *settings.sizes.validation,
-                                                args.validation_inference_steps, args.validation_guidance_scale,
-                                                args.seed)
+    scheduler = run.family.load_scheduler(args.pretrained_model_name_or_path,
+                                          {"revision": args.revision, "cache_dir": args.cache_dir})
     with run.ema.weights() if args.validate_ema else nullcontext():
         return validation.sample_images(
-            run.accelerator, run.transformer, run.vae, scheduler, sample_settings, Path(args.output_dir), step_index,
-            vae_home="cpu" if settings.latents != "none" else run.accelerator.device)
+            run.accelerator, run.family, run.transformer, run.vae, scheduler, run.validation, Path(args.output_dir),
+            step_index, vae_home="cpu" if settings.latents != "none" else run.accelerator.device)
 
 
 def evaluate(args: argparse.Namespace, run: Run, stats: RunStats, step_index: int) -> None:
@@ -416,7 +429,8 @@ def evaluate(args: argparse.Namespace, run: Run, stats: RunStats, step_index: in
         return
     model = run.accelerator.unwrap_model(run.transformer)  # no DDP hooks: the other processes don't take part
     guidance = args.guidance_scale if model.config.guidance_embeds else None
-    loss = eval_loss(model, run.held_out, guidance, args.weighting_scheme, run.accelerator.autocast, args.seed)
+    loss = eval_loss(model, run.family, run.held_out, guidance, args.weighting_scheme, run.accelerator.autocast,
+                     args.seed)
     stats.eval_losses.append([step_index, loss])
     run.accelerator.log({"eval_loss": loss}, step=step_index)
 
@@ -469,7 +483,8 @@ def write_model_card(args: argparse.Namespace, settings: TrainSettings, output_d
         base_precision=run_config.base_precision_label(args.base_precision, args.do_fp8_training),
         sizes=settings.sizes.describe(), instance_prompt=args.instance_prompt,
         validation_prompts=args.validation_prompt, sample_files=sample_files,
-        comfyui_file=args.export_format and COMFYUI_WEIGHT_NAME)
+        comfyui_file=args.export_format and COMFYUI_WEIGHT_NAME, family_label=settings.family.label,
+        pipeline_class=settings.family.pipeline_classes[0], inference_steps=settings.family.default_steps)
     (output_dir / "README.md").write_text(card.render())
 
 
@@ -527,6 +542,8 @@ def main(args: argparse.Namespace) -> dict:
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     config = models.read_transformer_config(args.pretrained_transformer_model_name_or_path
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    settings = settings.for_family(families.detect(args.pretrained_model_name_or_path, config, args.revision,
+                                                   args.cache_dir))
     attention_backend = check_hardware(args, accelerator, weight_dtype, config)
     lora.check_rank(args.rank, config)
     plan = plan_memory(args, settings, accelerator, weight_dtype, config)
@@ -540,13 +557,11 @@ def main(args: argparse.Namespace) -> dict:
                                        int(plan.lora_gib * 2**30) + 2**20)
 
     table = embeddings.read_embeddings(args.data_df_path)
-    embeddings.check_embeddings_fit(table, config, args.data_df_path)
-    validation_prompts = embeddings.validation_embeddings(table, args.validation_prompt,
-                                                          args.pretrained_model_name_or_path, device,
-                                                          **cli.hub_kwargs(args))
+    embeddings.check_embeddings_fit(table, settings.family, config, args.data_df_path)
+    samples = sample_settings(args, settings, table, device)
     images = load_images(args, settings, table, weight_dtype)
     startup.mark("images_indexed", device)  # apart from the VAE: which one is slow
-    vae = models.load_vae(args.pretrained_model_name_or_path, device, weight_dtype, **cli.hub_kwargs(args))
+    vae = settings.family.load_vae(args.pretrained_model_name_or_path, device, weight_dtype, cli.hub_kwargs(args))
     startup.mark("vae_loaded", device)
     cache_latents(args, settings, images, vae, accelerator)
     startup.mark("data_loaded", device)
@@ -556,7 +571,8 @@ def main(args: argparse.Namespace) -> dict:
             args.num_train_epochs * sets[0].order.micro_steps_per_epoch / args.gradient_accumulation_steps))
     checkpoints.check_resume_target(args.resume_from_checkpoint, args.output_dir, settings.max_train_steps)
     if accelerator.is_main_process:  # the flags as given: --config of this file runs the same training again
-        run_config.write_config(vars(args), Path(args.output_dir) / run_config.CONFIG_NAME, run_config.run_versions())
+        run_config.write_config(vars(args), Path(args.output_dir) / run_config.CONFIG_NAME,
+                                {"model family": settings.family.name, **run_config.run_versions()})
 
     transformer = load_transformer_with_lora(args, settings, device, weight_dtype, attention_backend)
     model_gib = reports.allocated_gib(device)
@@ -570,11 +586,14 @@ def main(args: argparse.Namespace) -> dict:
     ema = step.LoraEma(flat_lora, args.ema_decay) if args.use_ema else step.NoEma()
     if args.use_ema:
         accelerator.register_for_checkpointing(ema)
-    run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, sets, images.held_out,
-              validation_prompts, vae)
+    run = Run(accelerator, transformer, flat_lora, ema, optimizer, lr_scheduler, sets, images.held_out, samples,
+              vae, settings.family)
     del transformer  # held by `run` alone, which end_processes() unwraps
 
     resumed = checkpoints.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+    if resumed:
+        families.check_same_family(resumed.get("family"), settings.family, f"the checkpoint in {args.output_dir}",
+                                   "resume with the model it trained on (or start a new --output_dir)")
     stats = RunStats(resumed.get("global_step", 0), list(resumed.get("losses", [])), model_gib=model_gib,
                      predicted_peak_gib=plan.peak_gib, eval_losses=list(resumed.get("eval_losses", [])),
                      startup=startup)

@@ -49,7 +49,7 @@ def build_pipeline(tokenizer_dir: Path):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from flux_qlora.tiny import write_clip_tokenizer, write_t5_tokenizer
+    from flux_qlora.families.flux1 import write_clip_tokenizer, write_t5_tokenizer
 
     if not (tokenizer_dir / "t5").exists():
         write_clip_tokenizer(tokenizer_dir / "clip")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.models import FLUX_DEV_CONFIG
+from flux_qlora.families.flux1 import FLUX_DEV_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,6 +33,7 @@ def main() -> None:
     from peft import LoraConfig, prepare_model_for_kbit_training
 
     from flux_qlora import flow
+    from flux_qlora.families.flux1 import FLUX1
     from flux_qlora.reports import launch_seconds
 
     device = torch.device("cuda")
@@ -54,7 +55,7 @@ def main() -> None:
     prompt_embeds = torch.randn(1, 77, 4096, device=device, dtype=torch.bfloat16)
     pooled = torch.randn(1, 768, device=device, dtype=torch.bfloat16)
     text_ids = torch.zeros(77, 3, device=device, dtype=torch.bfloat16)
-    image_ids = flow.latent_image_ids(h, w, device=device, dtype=torch.bfloat16)
+    image_ids = FLUX1.image_ids(h, w, device=device, dtype=torch.bfloat16)
     guidance = torch.ones(1, device=device)
     torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from flux_qlora import seeds
+from flux_qlora import families, seeds
 from flux_qlora.buckets import Size, check_not_too_elongated, check_not_too_small, nearest_bucket
 from flux_qlora.data import Sample, crop, open_mask, resize_to_cover
 from flux_qlora.embeddings import TextEmbeddings
@@ -221,12 +221,13 @@ def to_model_input(pixels: torch.Tensor, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> torch.Tensor:
-    """Scaled latents ((mean - shift) * scale) of uint8 pixels; the mean, not a sample, so caches are exact."""
-    device, dtype = vae.device, vae.dtype
+    """Normalized latents (FLUX.1: (mean - shift) * scale; FLUX.2: by the VAE's BatchNorm statistics) of uint8
+    pixels; the mean, not a sample, so caches are exact."""
+    device, dtype, family = vae.device, vae.dtype, families.for_vae(vae)
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="Caching latents", disable=not show_progress):
         dist = vae.encode(to_model_input(pixels[start : start + batch_size], device, dtype)).latent_dist
-        chunks.append(((dist.mean - vae.config.shift_factor) * vae.config.scaling_factor).to(dtype))
+        chunks.append(family.normalize_latents(vae, dist.mean).to(dtype))
     return torch.cat(chunks)
 
 

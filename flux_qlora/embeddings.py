@@ -25,6 +25,7 @@ import torch
 
 from flux_qlora.data import Sample
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family, check_same_family
 from flux_qlora.files import written_atomically
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def prompt_key(prompt: str) -> str:
 
 @dataclass
 class TextEmbeddings:
-    """Stacked embeddings: prompt_embeds (N, seq, dim), pooled_prompt_embeds (N, pooled_dim), text_ids (seq, 3)."""
+    """Stacked embeddings: prompt_embeds (N, seq, dim), pooled_prompt_embeds (N, pooled_dim; (N, 0) for FLUX.2,
+    which has no pooled vector), text_ids (seq, 3 or 4 position axes)."""
 
     keys: list[str]
     captions: list[str]
@@ -98,8 +100,9 @@ class EmbeddingsWriter:
     An interrupted run leaves its finished parts behind; the next run reads them (`done_keys`) and goes on.
     """
 
-    def __init__(self, output_path: str | Path, source: dict, rows_per_part: int = 256):
+    def __init__(self, output_path: str | Path, source: dict, family: str = "flux1", rows_per_part: int = 256):
         self.output_path = Path(output_path)
+        self.family = family
         self.parts_dir = self.output_path.with_name(self.output_path.name + ".parts")
         self.source = source
         self.rows_per_part = rows_per_part
@@ -117,7 +120,7 @@ class EmbeddingsWriter:
     def write(self, keys, captions, prompt_embeds, pooled, text_ids) -> None:
         if self._manifest is None:
             self._manifest = make_manifest(prompt_embeds.shape[1:], pooled.shape[1:], text_ids.shape[-2:],
-                                           source=self.source)
+                                           source=self.source, family=self.family)
         self._pending.append(_table(keys, captions, prompt_embeds, pooled, text_ids))
         if sum(t.num_rows for t in self._pending) >= self.rows_per_part:
             self._flush()
@@ -252,12 +255,16 @@ def read_embeddings(path: str | Path) -> TextEmbeddings:
     )
 
 
-def check_embeddings_fit(embeddings: TextEmbeddings, config: dict, path: str) -> None:
-    """The parquet's widths are the transformer's text inputs (T5 -> joint_attention_dim, CLIP ->
-    pooled_projection_dim): embeddings of other text encoders are refused before the model loads."""
+def check_embeddings_fit(embeddings: TextEmbeddings, family: Family, config: dict, path: str) -> None:
+    """The parquet was made for this family (its manifest says; files without one are FLUX.1's) and its widths are
+    the transformer's text inputs (T5 or the stacked Qwen3/Mistral layers -> joint_attention_dim, CLIP ->
+    pooled_projection_dim; FLUX.2 has none): embeddings of other text encoders are refused before the model loads."""
+    check_same_family(embeddings.manifest.get("family"), family, f"--data_df_path {path}",
+                      "re-run compute_embeddings.py with this model")
     widths = {"joint_attention_dim": embeddings.prompt_embeds.shape[-1],
               "pooled_projection_dim": embeddings.pooled_prompt_embeds.shape[-1]}
-    wrong = {name: width for name, width in widths.items() if config.get(name, width) != width}
+    wrong = {name: width for name, width in widths.items() if config.get(name, 0 if "pooled" in name else width)
+             != width}
     if wrong:
         name, width = next(iter(wrong.items()))
         raise UserError(f"{path} holds embeddings {width} wide, the transformer's {name} is {config[name]}: it was "
@@ -315,7 +322,7 @@ TEXT_ENCODERS_GIB = 12.0  # T5-XXL + CLIP in bf16 (~9.8 GB) with room for the en
 
 
 @torch.no_grad()
-def validation_embeddings(table, prompts: list[str], model: str, device: torch.device,
+def validation_embeddings(table, prompts: list[str], family: Family, model: str, device: torch.device,
                           **hub_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """prompt -> (prompt_embeds, pooled) for each validation prompt: from the embeddings file, or, for prompts
     compute_embeddings.py didn't embed, encoded here with the text encoders at the file's sequence length, on a GPU
@@ -330,9 +337,8 @@ def validation_embeddings(table, prompts: list[str], model: str, device: torch.d
         return embeddings
     on_gpu = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] / 2**30 >= TEXT_ENCODERS_GIB
     where = str(device) if on_gpu else "cpu"
-    pipe = load_text_pipeline(model, where, dtype=None if on_gpu else torch.bfloat16, **hub_kwargs)
-    prompt_embeds, pooled, _ = pipe.encode_prompt(missing, prompt_2=None,
-                                                  max_sequence_length=table.prompt_embeds.shape[1])  # one pass
+    pipe = load_text_pipeline(family, model, where, dtype=None if on_gpu else torch.bfloat16, **hub_kwargs)
+    prompt_embeds, pooled, _ = family.encode_prompts(pipe, missing, table.prompt_embeds.shape[1])  # one pass
     for i, prompt in enumerate(missing):
         embeddings[prompt] = (prompt_embeds[i : i + 1].float().cpu(), pooled[i : i + 1].float().cpu())
     del pipe

@@ -1,4 +1,4 @@
-"""Flow-matching maths for Flux training, as diffusers' Flux trainers define it.
+"""Flow-matching maths for FLUX.1 and FLUX.2 training, as diffusers' Flux trainers define it.
 
 x_t = (1 - sigma) * x_0 + sigma * noise; the transformer predicts the velocity noise - x_0 from packed 2x2
 latent patches; sigma is drawn from a density over 1000 discrete training timesteps and optionally shifted.
@@ -8,6 +8,7 @@ The trainer decides when a step runs; `draw_noise_and_sigmas` and `flow_matching
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from flux_qlora.batches import Batch
+    from flux_qlora.families import Family
 
 NUM_TRAIN_TIMESTEPS = 1000
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
@@ -32,14 +34,6 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     b, _, d = tokens.shape
     tokens = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return tokens.reshape(b, d // 4, height, width)
-
-
-def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
-    """(H/2 * W/2, 3) positions of the packed tokens: (0, row, column), as FluxPipeline makes them."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] = torch.arange(height // 2)[:, None]
-    ids[..., 2] = torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 def sample_density(scheme: str, batch_size: int, generator: torch.Generator | None = None,
@@ -62,13 +56,6 @@ def sigmas_from_density(u: torch.Tensor) -> torch.Tensor:
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Moves training towards noisier timesteps: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """exp(mu) of FLUX.1-dev's resolution-dependent shift (its scheduler config's defaults)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
 
 
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
@@ -103,7 +90,8 @@ class TimestepSampling:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    shift: float | None = 1.0  # None: FLUX.1-dev's resolution-dependent shift
+    shift: float | None = 1.0  # None: the family's resolution-dependent shift
+    resolution_shift: Callable[[int], float] | None = None  # the family's: image tokens -> shift (`Family`)
 
 
 def draw_noise_and_sigmas(sampling: TimestepSampling, generator: torch.Generator, global_batch: int, part: slice,
@@ -115,24 +103,22 @@ def draw_noise_and_sigmas(sampling: TimestepSampling, generator: torch.Generator
                        sampling.mode_scale)[part]
     sigmas = sigmas_from_density(u)
     h, w = latent_shape[-2:]
-    shift = resolution_shift(h * w // 4) if sampling.shift is None else sampling.shift
+    shift = sampling.resolution_shift(h * w // 4) if sampling.shift is None else sampling.shift
     return noise, shift_sigmas(sigmas, shift) if shift != 1.0 else sigmas
 
 
-def flow_matching_step(transformer: torch.nn.Module, batch: Batch, noise: torch.Tensor, sigmas: torch.Tensor,
-                       text_ids: torch.Tensor, image_ids: torch.Tensor, guidance: float | None,
+def flow_matching_step(transformer: torch.nn.Module, family: Family, batch: Batch, noise: torch.Tensor,
+                       sigmas: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor, guidance: float | None,
                        scheme: str) -> torch.Tensor:
-    """One forward pass and its loss: noise the latents to sigma, predict the velocity (noise - latents).
-    `guidance`: the guidance vector's value, None for a transformer without guidance embeddings."""
+    """One forward pass and its loss: noise the latents to sigma, predict the velocity (noise - latents) with the
+    transformer of `family`. `guidance`: the guidance vector's value, None for a transformer without guidance
+    embeddings."""
     latents = batch.latents
     sig = sigmas.view(-1, 1, 1, 1).to(latents.device)
     noise = noise.to(latents.device, latents.dtype)
     noisy = ((1 - sig) * latents.float() + sig * noise.float()).to(latents.dtype)
-    model_pred = transformer(
-        hidden_states=pack_latents(noisy), timestep=sig.flatten().to(latents.dtype),
-        guidance=None if guidance is None else torch.full((latents.shape[0],), guidance, device=latents.device),
-        pooled_projections=batch.pooled_prompt_embeds, encoder_hidden_states=batch.prompt_embeds,
-        txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-    )[0]
+    guidance = None if guidance is None else torch.full((latents.shape[0],), guidance, device=latents.device)
+    model_pred = family.forward(transformer, pack_latents(noisy), sig.flatten().to(latents.dtype), guidance,
+                                batch.prompt_embeds, batch.pooled_prompt_embeds, text_ids, image_ids)
     model_pred = unpack_latents(model_pred, *latents.shape[-2:])
     return flow_matching_loss(model_pred, noise, latents, sig.flatten(), scheme, batch.mask)

@@ -1,4 +1,4 @@
-"""LoRA adapters on the Flux transformer: add them, save them as diffusers reads them, load them back."""
+"""LoRA adapters on the FLUX.1 or FLUX.2 transformer: add them, save them as diffusers reads them, load them back."""
 
 from __future__ import annotations
 
@@ -11,24 +11,21 @@ import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family
+from flux_qlora.families.flux1 import FLUX1
 from flux_qlora.files import looks_like_hub_id, written_atomically
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
 INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
-LORA_TARGET_PRESETS = {
-    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
-    "attention+context": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
-    "all-linear": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
-                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
-                   "norm1.linear", "norm1_context.linear", "norm.linear"],
-}
+PRESET_NAMES = ("attention", "attention+context", "all-linear")  # each family's module names: Family.lora_presets
 
 
-def target_modules(lora_layers: str) -> list[str]:
-    """A preset name (attention, attention+context, all-linear) or a comma-separated list of module names."""
-    if lora_layers in LORA_TARGET_PRESETS:
-        return LORA_TARGET_PRESETS[lora_layers]
+def target_modules(lora_layers: str, family: Family = FLUX1) -> list[str]:
+    """A preset name (attention, attention+context, all-linear: module names of `family`'s transformer) or a
+    comma-separated list of module names."""
+    if lora_layers in family.lora_presets:
+        return family.lora_presets[lora_layers]
     return [name.strip() for name in lora_layers.split(",") if name.strip()]
 
 

@@ -67,10 +67,11 @@ class TrainingShape:
 
 def _skeleton(config: dict) -> nn.Module:
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
+
+    from flux_qlora.families import from_transformer_config
 
     with init_empty_weights():
-        return FluxTransformer2DModel.from_config(config)
+        return from_transformer_config(config, "the memory plan's config").transformer_cls().from_config(config)
 
 
 def _is_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -78,7 +79,8 @@ def _is_target(name: str, targets: tuple[str, ...]) -> bool:
 
 
 def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
-    """The predicted peak of a training run on a transformer of `config` (FluxTransformer2DModel's config.json)."""
+    """The predicted peak of a training run on a transformer of `config` (a FLUX.1 or FLUX.2 transformer's
+    config.json)."""
     from flux_qlora.models import QUANTIZED_PREFIXES, repeated_blocks
 
     model = _skeleton(config)
@@ -108,9 +110,9 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     if shape.gradient_checkpointing and shape.offload_activations:
         offloaded = (tokens * shape.batch_size * per_token * math.ceil(blocks / shape.checkpointing_interval)
                      * CKPT_INPUT_BYTES)
-    latent_bytes = 16 * (shape.width // 8) * (shape.height // 8) * shape.compute_bytes
+    latent_bytes = config["in_channels"] // 4 * (shape.width // 8) * (shape.height // 8) * shape.compute_bytes
     pixel_bytes = 3 * shape.width * shape.height
-    embedding_bytes = ((shape.text_tokens * config["joint_attention_dim"] + config["pooled_projection_dim"])
+    embedding_bytes = ((shape.text_tokens * config["joint_attention_dim"] + config.get("pooled_projection_dim", 0))
                        * shape.compute_bytes)
     image_bytes = {"memory": latent_bytes, "disk": 0, "none": pixel_bytes}[shape.latents]
     data = shape.num_images * (embedding_bytes + image_bytes)

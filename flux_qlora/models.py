@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flux_qlora import families
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family
 from flux_qlora.files import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -25,12 +27,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
 
 
-# FLUX.1-dev's transformer config (its config.json), for the memory plan's tests and the benchmarks' random model.
-FLUX_DEV_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 # Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
 # in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
 QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
@@ -47,31 +43,21 @@ def _check_model_source(name_or_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_text_pipeline(name_or_path: str, device: str, t5_8bit: bool = False, revision: str | None = None,
-                       variant: str | None = None, cache_dir: str | None = None, dtype: torch.dtype | None = None):
-    """A FluxPipeline holding only the tokenizers and text encoders, on `device` (in `dtype`; default bf16 on a
-    GPU, else fp32)."""
-    from diffusers import FluxPipeline
-
+def load_text_pipeline(family: Family, name_or_path: str, device: str, quantize: str | None = None,
+                       revision: str | None = None, variant: str | None = None, cache_dir: str | None = None,
+                       dtype: torch.dtype | None = None):
+    """A pipeline of `family` holding only the tokenizer(s) and text encoder(s), on `device` (in `dtype`; default
+    bf16 on a GPU, else fp32); `quantize` ("8bit" or "nf4", bitsandbytes on a GPU) for the big text encoder."""
     _check_model_source(name_or_path)
+    if quantize and not device.startswith("cuda"):
+        raise UserError(f"--quantize_text_encoder {quantize} (or --t5_8bit) needs a CUDA GPU (bitsandbytes); drop it "
+                        "on the CPU.")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    common = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
-    extra = {}
-    if t5_8bit:
-        if not device.startswith("cuda"):
-            raise UserError("--t5_8bit needs a CUDA GPU (bitsandbytes 8-bit inference); drop the flag on the CPU.")
-        from transformers import BitsAndBytesConfig, T5EncoderModel
-
-        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            name_or_path, subfolder="text_encoder_2", dtype=dtype,
-            quantization_config=BitsAndBytesConfig(load_in_8bit=True), **common)
-    pipe = FluxPipeline.from_pretrained(name_or_path, transformer=None, vae=None, dtype=dtype, **common, **extra)
-    for name in ("text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name)
-        if not getattr(module, "is_loaded_in_8bit", False):
-            module.to(device)
+    hub = {"revision": revision, "variant": variant, "cache_dir": cache_dir}
+    pipe = family.load_text_pipeline(name_or_path, device, quantize, dtype, hub)
     pipe.set_progress_bar_config(disable=True)
-    logger.info("Text encoders loaded on %s (%s)", device, str(dtype).removeprefix("torch."))
+    logger.info("%s text encoder(s) loaded on %s (%s%s)", family.label, device, str(dtype).removeprefix("torch."),
+                f", {quantize}" if quantize else "")
     return pipe
 
 
@@ -98,13 +84,12 @@ def _local_transformer_folder(path: Path) -> Path:
 
 
 def _flux_config(folder: Path) -> dict:
-    """The config.json of a transformer folder, refused unless it is a Flux transformer's."""
+    """The config.json of a transformer folder, refused unless it is a FLUX.1 or FLUX.2 transformer's."""
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json: point --pretrained_model_name_or_path at a Flux pipeline "
                         "folder (with transformer/) or a transformer folder.")
     config = json.loads((folder / "config.json").read_text())
-    if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
-        raise UserError(f"{folder} holds a {config['_class_name']}, not a FluxTransformer2DModel.")
+    families.from_transformer_config(config, str(folder))  # refuses other transformers
     return config
 
 
@@ -230,15 +215,15 @@ def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> No
 
 def load_transformer(name_or_path: str, device: str | torch.device, weight_dtype: torch.dtype,
                      revision=None, variant=None, cache_dir=None, nf4: bool = True):
-    """The Flux transformer with its blocks' linear layers in NF4 (all in `weight_dtype` with `nf4=False`) and
-    everything else in `weight_dtype`."""
+    """The FLUX.1 or FLUX.2 transformer (its family read from its config) with its blocks' linear layers in NF4
+    (all in `weight_dtype` with `nf4=False`) and everything else in `weight_dtype`."""
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
     from tqdm.auto import tqdm
 
     config, files = resolve_transformer(name_or_path, revision, variant, cache_dir)
+    family = families.from_transformer_config(config, name_or_path)
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
+        model = family.transformer_cls().from_config(config)
     quantized = set(_replace_linears_with_nf4(model, weight_dtype)) if nf4 else set()
     device = torch.device(device)
     for file in tqdm(files, desc="Loading transformer", disable=len(files) < 2):
@@ -246,22 +231,12 @@ def load_transformer(name_or_path: str, device: str | torch.device, weight_dtype
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise UserError(f"the transformer checkpoint in {files[0].parent} lacks {len(missing)} weights "
-                        f"(e.g. {missing[0]}): is it a Flux transformer matching its config.json?")
+                        f"(e.g. {missing[0]}): is it a {family.label} transformer matching its config.json?")
     model.requires_grad_(False)
     model.eval()
     logger.info("Transformer loaded on %s: %d linear layers in NF4, %.1f MiB of weights",
                 device, len(quantized), module_bytes(model) / 2**20)
     return model
-
-
-def load_vae(name_or_path: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
-             variant: str | None = None, cache_dir: str | None = None):
-    """The pipeline's VAE, frozen, on `device`."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", revision=revision, variant=variant,
-                                        cache_dir=cache_dir, dtype=dtype)
-    return vae.requires_grad_(False).to(device)
 
 
 def quantize_to_nf4(model: nn.Module, device: str | torch.device) -> None:
@@ -299,5 +274,6 @@ def count_nf4_layers(model: nn.Module) -> int:
 
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The 19 double-stream and 38 single-stream blocks of FLUX.1-dev, in the order the forward runs them."""
+    """The double-stream then single-stream blocks (FLUX.1-dev: 19 + 38, FLUX.2 [dev]: 8 + 48), in the order the
+    forward runs them; both families name them alike."""
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]

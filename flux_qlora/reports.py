@@ -247,6 +247,9 @@ class ModelCard:
     validation_prompts: list[str] = field(default_factory=list)
     sample_files: list[str] = field(default_factory=list)
     comfyui_file: str | None = None  # the kohya/ComfyUI-layout copy (--export_format), if written
+    family_label: str = "FLUX.1"  # the model family, as people name it
+    pipeline_class: str = "FluxPipeline"  # the diffusers pipeline that loads the base and the LoRA
+    inference_steps: int = 28
 
     def render(self) -> str:
         widgets = "\n".join(f"- text: {json.dumps(p)}\n  output:\n    url: {f}"
@@ -263,7 +266,7 @@ library_name: diffusers
 license: other
 tags:
 - flux
-- lora
+{"- flux2" + chr(10) if self.family_label.startswith("FLUX.2") else ""}- lora
 - qlora
 - flux-qlora
 - text-to-image
@@ -272,26 +275,26 @@ tags:
 
 # {self.title}
 
-A LoRA for [{self.base_model}](https://huggingface.co/{self.base_model}), trained with flux-qlora on a
-{self.base_precision} base: rank {self.rank}, alpha {self.alpha} (folded into the weights: every loader applies the
-same strength), layers `{self.layers}`, {self.steps} steps at {self.sizes}.
+A {self.family_label} LoRA for [{self.base_model}](https://huggingface.co/{self.base_model}), trained with
+flux-qlora on a {self.base_precision} base: rank {self.rank}, alpha {self.alpha} (folded into the weights: every
+loader applies the same strength), layers `{self.layers}`, {self.steps} steps at {self.sizes}.
 {trigger}{samples}
 
 ## diffusers
 
 ```python
 import torch
-from diffusers import FluxPipeline
+from diffusers import {self.pipeline_class}
 
-pipe = FluxPipeline.from_pretrained("{self.base_model}", dtype=torch.bfloat16).to("cuda")
+pipe = {self.pipeline_class}.from_pretrained("{self.base_model}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{self.repo_id}")
-image = pipe("{example}", num_inference_steps=28).images[0]
+image = pipe("{example}", num_inference_steps={self.inference_steps}).images[0]
 ```
 
 ## ComfyUI
 
-Put {comfy} in `ComfyUI/models/loras/`, then add a *LoraLoaderModelOnly* node after the FLUX.1 model loader at
-strength 1.0 (the same strength as in diffusers).
+Put {comfy} in `ComfyUI/models/loras/`, then add a *LoraLoaderModelOnly* node after the {self.family_label} model
+loader at strength 1.0 (the same strength as in diffusers).
 """
 
 

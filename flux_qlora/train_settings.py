@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flux_qlora import flow
 from flux_qlora.buckets import TrainingSizes, resolve_sizes
 from flux_qlora.cli import add_attention_backend_arg, add_compile_cache_arg, check_compile_cache_dir, check_dataset_args
 from flux_qlora.errors import UserError
-from flux_qlora.lora import INIT_CHOICES, LORA_TARGET_PRESETS, target_modules
+from flux_qlora.families import Family
+from flux_qlora.families.flux1 import FLUX1
+from flux_qlora.lora import INIT_CHOICES, PRESET_NAMES, target_modules
 from flux_qlora.memory import TrainingShape
 
 
@@ -28,6 +30,11 @@ class TrainSettings:
     latents: str  # where latents are cached: "none" (encoded each step), "memory" or "disk" (--cache_latents_dir)
     sampling: flow.TimestepSampling
     max_train_steps: int | None  # --max_train_steps; None until the sample order gives it from --num_train_epochs
+    family: Family = FLUX1  # the model's (read from it once the flags are checked: `for_family`)
+
+    def for_family(self, family: Family) -> TrainSettings:
+        """The settings for a model of `family`: its resolution-dependent timestep shift, its LoRA presets."""
+        return replace(self, family=family, sampling=replace(self.sampling, resolution_shift=family.resolution_shift))
 
 
 def resolve(args: argparse.Namespace) -> TrainSettings:
@@ -39,7 +46,7 @@ def resolve(args: argparse.Namespace) -> TrainSettings:
     sampling = timestep_sampling(args)
     check_flag_combinations(args)
     latents = "disk" if args.cache_latents_dir else "memory" if args.cache_latents else "none"
-    return TrainSettings(sizes, latents, sampling, args.max_train_steps)
+    return TrainSettings(sizes, latents, sampling, args.max_train_steps).for_family(FLUX1)  # until the model is read
 
 
 def training_shape(args: argparse.Namespace, settings: TrainSettings, text_tokens: int, num_images: int,
@@ -51,7 +58,7 @@ def training_shape(args: argparse.Namespace, settings: TrainSettings, text_token
         width=width, height=height, text_tokens=text_tokens,
         batch_size=args.train_batch_size * (2 if args.class_data_dir else 1),  # a regularisation batch beside it
         nf4=args.base_precision == "nf4", compute_bytes=compute_bytes, rank=args.rank,
-        targets=tuple(target_modules(args.lora_layers)), eight_bit_adam=args.use_8bit_adam,
+        targets=tuple(target_modules(args.lora_layers, settings.family)), eight_bit_adam=args.use_8bit_adam,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
         num_images=num_images, latents=settings.latents)
@@ -111,7 +118,7 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--init_lora_weights", type=str, default="gaussian", choices=INIT_CHOICES,
                       help="LoRA initialisation (peft's init_lora_weights; B starts at zero except for pissa/olora).")
     lora.add_argument("--lora_layers", type=str, default="attention",
-                      help=f"Target modules: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma-separated list "
+                      help=f"Target modules: a preset ({', '.join(PRESET_NAMES)}) or a comma-separated list "
                            "such as 'to_k,to_q,to_v,to_out.0'.")
     lora.add_argument("--use_ema", action="store_true",
                       help="Keep an exponential moving average of the LoRA weights, saved beside the LoRA as "

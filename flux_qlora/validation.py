@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora.families import Family
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,19 +22,17 @@ class SampleSettings:
     steps: int
     guidance_scale: float
     seed: int
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's, for classifier-free guidance
 
 
 @torch.no_grad()
-def sample_images(accelerator, transformer, vae, scheduler, settings: SampleSettings, output_dir: Path, step: int,
-                  vae_home: str | torch.device) -> list[str]:
+def sample_images(accelerator, family: Family, transformer, vae, scheduler, settings: SampleSettings,
+                  output_dir: Path, step: int, vae_home: str | torch.device) -> list[str]:
     """Writes `samples/step-<step>-<i>.png` for each prompt (also to the trackers) and returns their paths relative
     to `output_dir`. The VAE goes back to `vae_home` afterwards (the CPU when latents are cached)."""
-    from diffusers import FluxPipeline
-
     model = accelerator.unwrap_model(transformer)
     vae.to(accelerator.device)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None)
+    pipe = family.sample_pipeline(model, vae, scheduler)
     pipe.set_progress_bar_config(disable=True)
     (output_dir / "samples").mkdir(exist_ok=True)
     was_training = model.training
@@ -40,8 +40,8 @@ def sample_images(accelerator, transformer, vae, scheduler, settings: SampleSett
     files = []
     with accelerator.autocast():
         for i, (prompt, (prompt_embeds, pooled)) in enumerate(settings.prompts.items()):
-            image = pipe(prompt_embeds=prompt_embeds.to(accelerator.device, vae.dtype),
-                         pooled_prompt_embeds=pooled.to(accelerator.device, vae.dtype),
+            inputs = family.sample_kwargs(prompt_embeds, pooled, settings.negative)
+            image = pipe(**{k: v.to(accelerator.device, vae.dtype) for k, v in inputs.items()},
                          width=settings.width, height=settings.height, num_inference_steps=settings.steps,
                          guidance_scale=settings.guidance_scale,
                          generator=torch.Generator("cpu").manual_seed(settings.seed)).images[0]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import infer
 from flux_qlora import models
 from flux_qlora.convert import KOHYA_PREFIX, convert_file, to_diffusers, to_kohya
-from flux_qlora.lora import LORA_TARGET_PRESETS, add_lora, save_lora
+from flux_qlora.families.flux1 import FLUX1
+from flux_qlora.lora import add_lora, save_lora
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def all_linear_lora(tiny_model, tmp_path_factory):
 
     transformer = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
     torch.manual_seed(0)
-    add_lora(transformer, 4, 8, "gaussian", LORA_TARGET_PRESETS["all-linear"])
+    add_lora(transformer, 4, 8, "gaussian", FLUX1.lora_presets["all-linear"])
     deltas = {}
     for name, module in transformer.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
@@ -157,7 +158,7 @@ def test_a_lora_saved_with_alpha_other_than_rank_converts_at_its_strength(tiny_m
 
     transformer = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
     torch.manual_seed(0)
-    add_lora(transformer, 4, 8, "gaussian", LORA_TARGET_PRESETS["attention"])
+    add_lora(transformer, 4, 8, "gaussian", FLUX1.lora_presets["attention"])
     for module in transformer.modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)

@@ -8,6 +8,7 @@ from diffusers import FluxPipeline
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from flux_qlora import flow
+from flux_qlora.families.flux1 import FLUX1
 
 
 def test_pack_matches_diffusers_and_round_trips():
@@ -21,7 +22,7 @@ def test_pack_matches_diffusers_and_round_trips():
 
 
 def test_image_ids_match_diffusers():
-    ids = flow.latent_image_ids(6, 8)
+    ids = FLUX1.image_ids(6, 8)
     torch.testing.assert_close(ids, FluxPipeline._prepare_latent_image_ids(1, 3, 4, "cpu", torch.float32))
     assert ids[5].tolist() == [0.0, 1.0, 1.0]  # row 1, column 1 of a 3x4 token grid
 
@@ -35,8 +36,8 @@ def test_sigmas_are_the_discrete_training_timesteps():
 def test_shift_and_resolution_shift():
     assert flow.shift_sigmas(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)  # 1.5 / 2
     assert flow.shift_sigmas(torch.tensor([1.0]), 3.0).item() == pytest.approx(1.0)
-    assert flow.resolution_shift(256) == pytest.approx(math.exp(0.5))
-    assert flow.resolution_shift(4096) == pytest.approx(math.exp(1.15))
+    assert FLUX1.resolution_shift(256) == pytest.approx(math.exp(0.5))
+    assert FLUX1.resolution_shift(4096) == pytest.approx(math.exp(1.15))
 
 
 @pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap", "logit_normal", "mode"])

@@ -8,9 +8,9 @@ from helpers import run_script, tiny_forward, train_args
 
 from flux_qlora.blocks import give_single_blocks_contiguous_attention_gradients
 from flux_qlora.errors import UserError
+from flux_qlora.families.flux1 import FLUX_DEV_CONFIG
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
-from flux_qlora.models import FLUX_DEV_CONFIG
 
 CPU = Device("cpu")
 T4 = Device("cuda", (7, 5), "Tesla T4", 14.76)  # 15,843,721,216 bytes, as torch reports it

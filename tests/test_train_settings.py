@@ -7,8 +7,8 @@ import copy
 import pytest
 
 import train_qlora_flux
+from flux_qlora.families.flux1 import FLUX_DEV_CONFIG
 from flux_qlora.memory import TrainingShape, plan_training
-from flux_qlora.models import FLUX_DEV_CONFIG
 
 REQUIRED = ["--instance_data_dir", "images", "--data_df_path", "embeddings.parquet"]
 

@@ -1,0 +1,202 @@
+"""Model families: what differs between FLUX.1 and FLUX.2 lives in one module per family, behind `Family`.
+
+The scripts, the data side, NF4 loading, the compiled step, checkpoints, buckets, masks, EMA, the eval loss and
+serving ask the family for what they need (classes, text encoding, latent normalization, position ids, the
+transformer's inputs, LoRA presets, the tiny test model) and never branch on which one it is.
+
+A family is read from the model: a pipeline folder's `model_index.json` names its pipeline class, a transformer
+folder's `config.json` its transformer class (FLUX.2 [dev] and [klein] share one class; [dev] alone has guidance
+embeddings). It is recorded in the embeddings manifest, the checkpoint and `training_config.toml`, and files of
+one family are refused on another with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flux_qlora.errors import UserError
+
+
+class Family:
+    """The interface every family implements (flux1.py, flux2.py); the defaults are what the families share."""
+
+    name: str  # recorded in files: "flux1", "flux2-klein", "flux2-dev"
+    label: str  # for people: "FLUX.1", "FLUX.2 [klein]", "FLUX.2 [dev]"
+    pipeline_classes: tuple[str, ...]  # model_index.json's _class_name values of this family
+    transformer_class: str
+    vae_class: str
+    latent_channels: int  # the VAE's latent channels (the transformer sees 4x this: 2x2 packing)
+    lora_presets: dict[str, list[str]]  # --lora_layers presets: module names of this family's transformer
+    kohya_prefix: str | None = None  # the key prefix of kohya/ComfyUI LoRA files of this family
+    default_guidance: float = 3.5  # sample images' guidance scale
+    default_steps: int = 28  # sample images' step count
+    samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
+    guidance_embeds: bool = True  # the transformer takes a guidance vector (guidance-distilled models)
+
+    # --- classes --------------------------------------------------------------------------------------------
+    def transformer_cls(self) -> type[nn.Module]:
+        raise NotImplementedError
+
+    def pipeline_cls(self):
+        raise NotImplementedError
+
+    def repeated_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The double-stream then single-stream blocks, in the order the forward runs them."""
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    quantized_prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks.")
+
+    # --- text -----------------------------------------------------------------------------------------------
+    def load_text_pipeline(self, name_or_path: str, device: str, quantize: str | None, dtype: torch.dtype,
+                           hub: dict):
+        """A pipeline holding only the tokenizer(s) and text encoder(s), on `device`; `quantize` ("8bit"/"nf4",
+        GPU only) for the big encoder."""
+        raise NotImplementedError
+
+    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (N, seq, dim), pooled (N, pooled_dim; width 0 where the family has none), text_ids
+        (seq, id_axes)) as the family's pipeline computes them."""
+        raise NotImplementedError
+
+    default_max_sequence_length: int = 512
+
+    # --- latents and positions ------------------------------------------------------------------------------
+    def load_vae(self, name_or_path: str, device, dtype: torch.dtype, hub: dict):
+        raise NotImplementedError
+
+    def normalize_latents(self, vae, mean: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent mean -> what the transformer is trained on, (B, C, H/8, W/8)."""
+        raise NotImplementedError
+
+    def image_ids(self, height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+        """Positions of the packed 2x2-patch tokens of latents of (height, width)."""
+        raise NotImplementedError
+
+    def resolution_shift(self, image_seq_len: int) -> float:
+        """exp(mu) of the family's resolution-dependent timestep shift (training's `--timestep_shift auto`)."""
+        raise NotImplementedError
+
+    # --- the transformer's forward --------------------------------------------------------------------------
+    def forward(self, transformer: nn.Module, tokens: torch.Tensor, timestep: torch.Tensor, guidance,
+                prompt_embeds: torch.Tensor, pooled: torch.Tensor, text_ids: torch.Tensor,
+                image_ids: torch.Tensor) -> torch.Tensor:
+        """The velocity the transformer predicts for packed `tokens` at `timestep` (sigma in [0, 1])."""
+        raise NotImplementedError
+
+    def sample_pipeline(self, transformer: nn.Module, vae, scheduler):
+        """A pipeline around the training transformer and the VAE, no text encoders (prompt embeddings given)."""
+        raise NotImplementedError
+
+    def sample_kwargs(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                      negative: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The pipeline call's text inputs; `negative`: the empty prompt's embeddings, for families that sample
+        with classifier-free guidance (`samples_with_negative`)."""
+        raise NotImplementedError
+
+    def load_scheduler(self, name_or_path: str, hub: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **hub)
+
+    # --- the memory plan ------------------------------------------------------------------------------------
+    def embedding_width(self, config: dict) -> int:
+        """Values per caption besides the token embeddings (the pooled vector)."""
+        return config.get("pooled_projection_dim", 0)
+
+    # --- tests and the demo ---------------------------------------------------------------------------------
+    def build_tiny_pipeline(self, output_dir: Path, seed: int = 0) -> Path:
+        raise NotImplementedError
+
+    def load_snippet(self, base_model: str, lora_repo: str) -> str:
+        """The model card's "how to load it" code."""
+        cls = self.pipeline_classes[0]
+        return (f"import torch\nfrom diffusers import {cls}\n\npipe = {cls}.from_pretrained(\"{base_model}\", "
+                f"dtype=torch.bfloat16).to(\"cuda\")\npipe.load_lora_weights(\"{lora_repo}\")\n")
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+def all_families() -> list[Family]:
+    from flux_qlora.families import flux1, flux2
+
+    return [flux1.FLUX1, flux2.KLEIN, flux2.DEV]
+
+
+FAMILY_NAMES = ("flux1", "flux2-klein", "flux2-dev")
+
+
+def by_name(name: str) -> Family:
+    for family in all_families():
+        if family.name == name:
+            return family
+    raise UserError(f"unknown model family {name!r}; the families are {', '.join(FAMILY_NAMES)}.")
+
+
+def from_pipeline_class(class_name: str, where: str) -> Family:
+    for family in all_families():
+        if class_name in family.pipeline_classes:
+            return family
+    raise UserError(f"{where} holds a {class_name}: flux-qlora trains FLUX.1 (FluxPipeline) and FLUX.2 "
+                    "(Flux2Pipeline, Flux2KleinPipeline) models.")
+
+
+def from_transformer_config(config: dict, where: str) -> Family:
+    """A transformer folder alone: its class, and for FLUX.2 the guidance embeddings that only [dev] has."""
+    name = config.get("_class_name", "FluxTransformer2DModel")
+    matches = [f for f in all_families() if f.transformer_class == name]
+    if not matches:
+        raise UserError(f"{where} holds a {name}, not a FLUX.1 or FLUX.2 transformer.")
+    if len(matches) > 1:
+        guided = bool(config.get("guidance_embeds", False))
+        matches = [f for f in matches if f.guidance_embeds == guided] or matches
+    return matches[0]
+
+
+def for_vae(vae: nn.Module) -> Family:
+    """The family whose VAE this is (latents are normalized per family; both FLUX.2 variants share theirs)."""
+    for family in all_families():
+        if type(vae).__name__ == family.vae_class:
+            return family
+    raise UserError(f"a {type(vae).__name__} is not the VAE of a FLUX.1 or FLUX.2 pipeline.")
+
+
+def read_model_index(name_or_path: str, revision=None, cache_dir=None) -> dict | None:
+    """A pipeline's model_index.json (local folder or Hub id), None for a transformer-only folder or repo."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        index = path / "model_index.json"
+        return json.loads(index.read_text()) if index.exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
+                                               cache_dir=cache_dir)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+def detect(name_or_path: str, transformer_config: dict | None = None, revision=None, cache_dir=None) -> Family:
+    """The family of a model: from its pipeline's class, else (a transformer folder) from the transformer's config."""
+    index = read_model_index(name_or_path, revision, cache_dir)
+    if index is not None:
+        return from_pipeline_class(index.get("_class_name", "?"), name_or_path)
+    if transformer_config is None:
+        from flux_qlora.models import read_transformer_config
+
+        transformer_config = read_transformer_config(name_or_path, revision, cache_dir)
+    return from_transformer_config(transformer_config, name_or_path)
+
+
+def check_same_family(found: str | None, family: Family, what: str, fix: str) -> None:
+    """Refuses a file made for another family (`found`: the family it records; None: made before families were
+    recorded, so FLUX.1)."""
+    found = found or "flux1"
+    if found != family.name:
+        raise UserError(f"{what} was made for {by_name(found).label}, this model is {family.label}: {fix}.")
