@@ -231,7 +231,7 @@ def load_transformer_with_lora(args: argparse.Namespace, settings: TrainSettings
     # (~1 GB on Flux, no quality gain measured by others): only the LoRA weights are trained, in fp32.
     transformer.requires_grad_(False)
     set_seed(args.seed)
-    targets = lora.target_modules(args.lora_layers, settings.family)
+    targets = list(settings.lora_targets)
     lora.add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, targets)
     if args.do_fp8_training and args.base_precision == "bf16":  # the NF4 base's FP8 is compiled in: compile_blocks
         blocks.enable_fp8_training(transformer)
@@ -542,8 +542,8 @@ def main(args: argparse.Namespace) -> dict:
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     config = models.read_transformer_config(args.pretrained_transformer_model_name_or_path
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    settings = settings.for_family(families.detect(args.pretrained_model_name_or_path, config, args.revision,
-                                                   args.cache_dir))
+    family = families.detect(args.pretrained_model_name_or_path, config, args.revision, args.cache_dir)
+    settings = settings.for_model(family, config, args.lora_layers)
     attention_backend = check_hardware(args, accelerator, weight_dtype, config)
     lora.check_rank(args.rank, config)
     plan = plan_memory(args, settings, accelerator, weight_dtype, config)

@@ -71,6 +71,8 @@ def _table(keys: list[str], captions: list[str], prompt_embeds: torch.Tensor, po
            text_ids: torch.Tensor) -> pa.Table:
     def flat_lists(t: torch.Tensor) -> pa.Array:
         rows = t.detach().float().cpu().numpy().reshape(t.shape[0], -1)
+        if rows.shape[1] == 0:  # FLUX.2's pooled column: no pooled vector, an empty list per row
+            return pa.array([[]] * rows.shape[0], pa.list_(pa.float32()))
         return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1]).cast(pa.list_(pa.float32()))
 
     n = len(keys)

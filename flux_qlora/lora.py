@@ -21,12 +21,20 @@ INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
 PRESET_NAMES = ("attention", "attention+context", "all-linear")  # each family's module names: Family.lora_presets
 
 
-def target_modules(lora_layers: str, family: Family = FLUX1) -> list[str]:
+def target_modules(lora_layers: str, family: Family = FLUX1, config: dict | None = None) -> list[str]:
     """A preset name (attention, attention+context, all-linear: module names of `family`'s transformer) or a
-    comma-separated list of module names."""
-    if lora_layers in family.lora_presets:
-        return family.lora_presets[lora_layers]
-    return [name.strip() for name in lora_layers.split(",") if name.strip()]
+    comma-separated list of module names. A preset's `{single}` names one module per single block of a transformer
+    of `config` (FLUX.2's `attn.to_out` is a linear layer there and a ModuleList in the double blocks)."""
+    if lora_layers not in family.lora_presets:
+        return [name.strip() for name in lora_layers.split(",") if name.strip()]
+    names = []
+    for name in family.lora_presets[lora_layers]:
+        if "{single}" in name:
+            names += [name.format(single=f"single_transformer_blocks.{i}")
+                      for i in range((config or {}).get("num_single_layers", 0))]
+        else:
+            names.append(name)
+    return names
 
 
 def add_lora(transformer: nn.Module, rank: int, alpha: int | None, init: str, targets: list[str]) -> None:

@@ -30,11 +30,14 @@ class TrainSettings:
     latents: str  # where latents are cached: "none" (encoded each step), "memory" or "disk" (--cache_latents_dir)
     sampling: flow.TimestepSampling
     max_train_steps: int | None  # --max_train_steps; None until the sample order gives it from --num_train_epochs
-    family: Family = FLUX1  # the model's (read from it once the flags are checked: `for_family`)
+    family: Family = FLUX1  # the model's (read from it once the flags are checked: `for_model`)
+    lora_targets: tuple[str, ...] = ()  # the module names --lora_layers names in this model
 
-    def for_family(self, family: Family) -> TrainSettings:
-        """The settings for a model of `family`: its resolution-dependent timestep shift, its LoRA presets."""
-        return replace(self, family=family, sampling=replace(self.sampling, resolution_shift=family.resolution_shift))
+    def for_model(self, family: Family, config: dict, lora_layers: str) -> TrainSettings:
+        """The settings for a transformer of `family` and `config`: its resolution-dependent timestep shift, the
+        module names of --lora_layers."""
+        return replace(self, family=family, lora_targets=tuple(target_modules(lora_layers, family, config)),
+                       sampling=replace(self.sampling, resolution_shift=family.resolution_shift))
 
 
 def resolve(args: argparse.Namespace) -> TrainSettings:
@@ -46,7 +49,8 @@ def resolve(args: argparse.Namespace) -> TrainSettings:
     sampling = timestep_sampling(args)
     check_flag_combinations(args)
     latents = "disk" if args.cache_latents_dir else "memory" if args.cache_latents else "none"
-    return TrainSettings(sizes, latents, sampling, args.max_train_steps).for_family(FLUX1)  # until the model is read
+    # FLUX.1 until the model is read (`for_model`): the flag-only checks need no model.
+    return TrainSettings(sizes, latents, sampling, args.max_train_steps).for_model(FLUX1, {}, args.lora_layers)
 
 
 def training_shape(args: argparse.Namespace, settings: TrainSettings, text_tokens: int, num_images: int,
@@ -58,7 +62,7 @@ def training_shape(args: argparse.Namespace, settings: TrainSettings, text_token
         width=width, height=height, text_tokens=text_tokens,
         batch_size=args.train_batch_size * (2 if args.class_data_dir else 1),  # a regularisation batch beside it
         nf4=args.base_precision == "nf4", compute_bytes=compute_bytes, rank=args.rank,
-        targets=tuple(target_modules(args.lora_layers, settings.family)), eight_bit_adam=args.use_8bit_adam,
+        targets=settings.lora_targets, eight_bit_adam=args.use_8bit_adam,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpointing_interval=args.gradient_checkpointing_interval, offload_activations=args.offload_activations,
         num_images=num_images, latents=settings.latents)

@@ -40,7 +40,7 @@ TINY_TEXT_DIM = 32  # the tiny text encoders' hidden size; the transformer's joi
 # q, k, v and the MLP's input) and attn.to_out. The modulation is shared by all blocks (not per block).
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-SINGLE = ["to_qkv_mlp_proj", "attn.to_out"]
+SINGLE = ["to_qkv_mlp_proj", "{single}.attn.to_out"]  # {single}: each single block (lora.target_modules)
 MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
 
 
