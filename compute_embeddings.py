@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_dataset_args(parser)
     parser.add_argument("--output_path", type=str, default="embeddings.parquet", help="The parquet file to write.")
-    parser.add_argument("--max_sequence_length", type=int, default=77,
-                        help=f"Text tokens per caption (1 to {MAX_T5_LENGTH}); longer captions are truncated "
-                        "(the FLUX.2 chat template takes ~10 of them).")
+    parser.add_argument("--max_sequence_length", type=int, default=None,
+                        help=f"Text tokens per caption (1 to {MAX_T5_LENGTH}); longer captions are truncated. "
+                        "Default: 77 (FLUX.1, FLUX.2 [klein]: its chat template takes ~12 of them), 128 (FLUX.2 "
+                        "[dev]: its system message takes ~35).")
     parser.add_argument("--validation_prompt", type=str, action="append", default=[],
                         help="A prompt to embed for validation images during training (repeatable).")
     parser.add_argument("--batch_size", type=int, default=8, help="Captions encoded per forward pass.")
@@ -72,7 +73,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     check_dataset_args(args)
-    if not 1 <= args.max_sequence_length <= MAX_T5_LENGTH:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_LENGTH:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_T5_LENGTH} "
                         "(77 is the default; 512 for long captions).")
     if args.batch_size < 1:
@@ -81,10 +82,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--output_path {args.output_path}: folder {Path(args.output_path).parent} does not exist.")
 
 
-def embedding_source(args: argparse.Namespace) -> dict:
+def embedding_source(args: argparse.Namespace, max_sequence_length: int) -> dict:
     """What the embeddings depend on besides the caption: a cache made from another source is recomputed."""
     return {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision,
-            "max_sequence_length": args.max_sequence_length}
+            "max_sequence_length": max_sequence_length}
 
 
 def rows_to_compute(samples: list[Sample], prompts: list[str], known: dict[str, str]) -> list[tuple[str, str]]:
@@ -94,11 +95,11 @@ def rows_to_compute(samples: list[Sample], prompts: list[str], known: dict[str, 
 
 
 @torch.no_grad()
-def encode_rows(family: Family, pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter,
-                args: argparse.Namespace) -> None:
-    for start in tqdm(range(0, len(rows), args.batch_size), desc="Encoding captions", unit="batch"):
-        keys, captions = zip(*rows[start : start + args.batch_size])
-        prompt_embeds, pooled, text_ids = family.encode_prompts(pipe, list(captions), args.max_sequence_length)
+def encode_rows(family: Family, pipe, rows: list[tuple[str, str]], writer: EmbeddingsWriter, batch_size: int,
+                length: int) -> None:
+    for start in tqdm(range(0, len(rows), batch_size), desc="Encoding captions", unit="batch"):
+        keys, captions = zip(*rows[start : start + batch_size])
+        prompt_embeds, pooled, text_ids = family.encode_prompts(pipe, list(captions), length)
         writer.write(list(keys), list(captions), prompt_embeds, pooled, text_ids)
 
 
@@ -111,7 +112,8 @@ def main(args: argparse.Namespace) -> None:
                 "".join(f" (with {len(extra)} {what} images from {folder})" for extra, what, folder in extras if extra))
 
     family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
-    source = embedding_source(args)
+    length = args.max_sequence_length or family.default_max_sequence_length
+    source = embedding_source(args, length)
     writer = EmbeddingsWriter(args.output_path, source, family.name)
     reusable = reusable_rows(args.output_path, source)
     # The empty caption too: what the trainer's --caption_dropout trains on.
@@ -123,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         quantize = args.quantize_text_encoder or ("8bit" if args.t5_8bit else None)
         pipe = load_text_pipeline(family, args.pretrained_model_name_or_path, device, quantize, **hub_kwargs(args))
-        encode_rows(family, pipe, rows, writer, args)
+        encode_rows(family, pipe, rows, writer, args.batch_size, length)
         del pipe
 
     keep = list(dict.fromkeys([s.image_hash for s in samples] + [prompt_key(p) for p in prompts]))

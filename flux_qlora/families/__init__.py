@@ -63,7 +63,8 @@ class Family:
         (seq, id_axes)) as the family's pipeline computes them."""
         raise NotImplementedError
 
-    default_max_sequence_length: int = 512
+    # compute_embeddings.py's default text length: the caption's tokens and the template's (FLUX.1: CLIP's 77)
+    default_max_sequence_length: int = 77
 
     # --- latents and positions ------------------------------------------------------------------------------
     def load_vae(self, name_or_path: str, device, dtype: torch.dtype, hub: dict):

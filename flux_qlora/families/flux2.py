@@ -42,6 +42,9 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 SINGLE = ["to_qkv_mlp_proj", "{single}.attn.to_out"]  # {single}: each single block (lora.target_modules)
 MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+# As FLUX.1's all-linear takes its blocks' modulation and the output layer: here the modulation is shared.
+MODULATION = ["double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+              "single_stream_modulation.linear", "proj_out"]
 
 
 class Flux2(Family):
@@ -54,7 +57,7 @@ class Flux2(Family):
     lora_presets = {
         "attention": ATTENTION + SINGLE,
         "attention+context": ATTENTION + CONTEXT + SINGLE,
-        "all-linear": ATTENTION + CONTEXT + SINGLE + MLP,
+        "all-linear": ATTENTION + CONTEXT + SINGLE + MLP + MODULATION,
     }
 
     def transformer_cls(self):
@@ -193,6 +196,7 @@ class Dev(Flux2):
     pipeline_classes = ("Flux2Pipeline",)
     guidance_embeds = True
     text_layers = (10, 20, 30)
+    default_max_sequence_length = 128  # the pipeline's system message takes ~35 of them
     default_guidance = 4.0
     default_steps = 50
 
@@ -205,6 +209,29 @@ class Dev(Flux2):
         from transformers import Mistral3ForConditionalGeneration
 
         return Mistral3ForConditionalGeneration
+
+    def build_tiny_pipeline(self, output_dir, seed=0):
+        """A Flux2Pipeline folder with random weights: a 30-layer Mistral3 32 wide (the pipeline stacks layers 10,
+        20 and 30) with a one-layer Pixtral vision tower, a 2+2-block transformer 64 wide with guidance embeddings.
+        Its tokenizer is a plain tokenizer with a chat template: the real folder's PixtralProcessor needs
+        torchvision, and for text it tokenizes the same way."""
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+        torch.manual_seed(seed)
+        tokenizer = mistral_tokenizer()
+        vocab = tokenizer.get_vocab()
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=MistralConfig(vocab_size=len(vocab), hidden_size=TINY_TEXT_DIM, intermediate_size=64,
+                                      num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=512, pad_token_id=vocab["<pad>"]),
+            vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=8, image_size=56, patch_size=14),
+            image_token_index=vocab["[IMG]"], spatial_merge_size=2,
+        ))
+        pipe = self.pipeline_cls()(scheduler=tiny_scheduler(), vae=tiny_vae(), transformer=tiny_transformer(self),
+                                   text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe.save_pretrained(output_dir)
+        return Path(output_dir)
 
 
 KLEIN = Klein()
@@ -251,6 +278,35 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
+
+
+MISTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral Small 3.1's chat template, the parts the FLUX.2 pipeline uses: a system turn and a user turn of text.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{{ message['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ message['content'][0]['text'] }}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """A byte-level tokenizer with Mistral's special tokens and chat template. The pipeline's system message is one
+    token of its own, so that the tiny tests' short sequences still hold the caption (one token per byte would take
+    ~170 of them)."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, _ = byte_bpe_vocabulary(MISTRAL_SPECIAL_TOKENS)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": MISTRAL_SPECIAL_TOKENS[4:] + [SYSTEM_MESSAGE]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
 
 
 def qwen_tokenizer(staging: Path):

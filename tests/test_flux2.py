@@ -1,0 +1,161 @@
+"""FLUX.2 [klein] and [dev] on their tiny models: the embeddings and latents equal the diffusers pipelines' own, the
+trainer runs the whole path (NF4, LoRA, 8-bit AdamW, checkpointing, cached latents, eval loss, sample images), and
+diffusers loads the LoRA it writes. Files of one family are refused on another."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_one_line_error, built_once, run_script, train_args
+
+from flux_qlora import families
+from flux_qlora.embeddings import read_embeddings
+from flux_qlora.errors import UserError
+from flux_qlora.families.flux2 import DEV, KLEIN
+from flux_qlora.tiny import build_tiny_pipeline
+
+PROMPT = "a red circle on a green background"
+FAMILIES = {"klein": KLEIN, "dev": DEV}
+
+
+@pytest.fixture(scope="session", params=["klein", "dev"])
+def flux2(request, tmp_path_factory, tiny_images_master) -> dict:
+    """The tiny pipeline of a FLUX.2 variant, its embeddings and a 6-step training run, built once per test run."""
+    family = FAMILIES[request.param]
+
+    def build(folder: Path) -> Path:
+        model = build_tiny_pipeline(folder / "model", family=family.name)
+        run_script("compute_embeddings.py", "--pretrained_model_name_or_path", model, "--instance_data_dir",
+                   tiny_images_master, "--output_path", folder / "embeddings.parquet", "--validation_prompt", PROMPT,
+                   "--max_sequence_length", "24", "--device", "cpu")
+        run_script("train_qlora_flux.py", *train_args(
+            model, tiny_images_master, folder / "embeddings.parquet", folder / "lora", "--max_train_steps", "6",
+            "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--lora_layers", "all-linear",
+            "--validation_prompt", PROMPT, "--validation_inference_steps", "2", "--validation_split", "0.34",
+            "--eval_steps", "3", "--mixed_precision", "no"))
+        return folder
+
+    folder = built_once(tmp_path_factory, f"flux2-{request.param}", build)
+    return {"family": family, "model": folder / "model", "embeddings": folder / "embeddings.parquet",
+            "lora": folder / "lora"}
+
+
+def pipeline(flux2: dict):
+    return flux2["family"].pipeline_cls().from_pretrained(flux2["model"], dtype=torch.float32)
+
+
+def test_embeddings_equal_the_pipelines_encode_prompt(flux2, tiny_images_master):
+    table = read_embeddings(flux2["embeddings"])
+    assert table.manifest["family"] == flux2["family"].name
+    assert table.pooled_prompt_embeds.shape == (len(table.keys), 0)  # FLUX.2 has no pooled vector
+    captions = [(tiny_images_master / f"{i:03d}.txt").read_text() for i in range(2)]
+    pipe = pipeline(flux2)
+    expected, text_ids = pipe.encode_prompt(captions, max_sequence_length=24)
+    rows = [table.captions.index(c) for c in captions]
+    torch.testing.assert_close(table.prompt_embeds[rows], expected.float())
+    torch.testing.assert_close(table.text_ids, text_ids[0].float())  # (t, h, w, l) = (0, 0, 0, token)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (48, 32)])
+def test_latents_and_positions_equal_the_pipelines(size, flux2):
+    """Normalized by the VAE's BatchNorm over 2x2 patches and packed, our cached latents are the pipeline's tokens
+    (channel order included), and the image positions are its (t, h, w, l) ids."""
+    from flux_qlora import flow
+    from flux_qlora.batches import encode_latents
+
+    pipe = pipeline(flux2)
+    pixels = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = encode_latents(pipe.vae, pixels, show_progress=False)
+    theirs = pipe._encode_vae_image(pixels.float() / 127.5 - 1, None)
+    torch.testing.assert_close(flow.pack_latents(ours), pipe._pack_latents(theirs), rtol=1e-5, atol=1e-5)
+    assert ours.std() > 0.2 and abs(float(pipe.vae.bn.running_mean.abs().max())) > 0.1  # normalization did something
+    ids = flux2["family"].image_ids(*ours.shape[-2:])
+    torch.testing.assert_close(ids, pipe._prepare_latent_ids(theirs)[0].to(ids.dtype))
+
+
+def test_run_trains_checkpoints_evaluates_and_samples(flux2):
+    lora_dir, family = flux2["lora"], flux2["family"]
+    summary = json.loads((lora_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and len(summary["losses"]) == 6
+    assert summary["nf4_layers"] == 2 * 12 + 2 * 2  # every linear of the 2 double + 2 single blocks
+    assert [step for step, _ in summary["eval_losses"]] == [0, 3, 6]
+    assert (lora_dir / "checkpoint-3" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((lora_dir / "checkpoint-3" / "training_state.json").read_text())["family"] == family.name
+    assert len(summary["samples_after"]) == 1 and (lora_dir / summary["samples_after"][0]).stat().st_size > 100
+    card = (lora_dir / "README.md").read_text()
+    assert f"A {family.label} LoRA" in card and f"from diffusers import {family.pipeline_classes[0]}" in card
+    assert f"# model family {family.name}" in (lora_dir / "training_config.toml").read_text()
+
+
+def flux2_forward(transformer, family) -> torch.Tensor:
+    """The tiny FLUX.2 transformer on fixed random inputs (12 image tokens, 5 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return family.forward(transformer, torch.randn(1, 12, 32, generator=g), torch.tensor([0.7]),
+                              torch.tensor([3.5]) if family.guidance_embeds else None,
+                              torch.randn(1, 5, 96, generator=g), torch.zeros(1, 0),
+                              torch.tensor([[0.0, 0, 0, i] for i in range(5)]), family.image_ids(6, 8))
+
+
+def test_diffusers_load_lora_weights_reproduces_trained_model(flux2):
+    """Flux2(Klein)Pipeline.load_lora_weights on the same NF4 base gives the trained model's output."""
+    from flux_qlora.lora import add_lora, load_lora_into, target_modules
+    from flux_qlora.models import load_transformer, quantize_to_nf4
+
+    family, model = flux2["family"], flux2["model"]
+    trained = load_transformer(str(model), "cpu", torch.float32)
+    add_lora(trained, 4, None, "gaussian", target_modules("all-linear", family, trained.config))
+    load_lora_into(trained, flux2["lora"])
+    pipe = pipeline(flux2)
+    quantize_to_nf4(pipe.transformer, "cpu")
+    before = flux2_forward(pipe.transformer, family)
+    pipe.load_lora_weights(flux2["lora"])
+    after = flux2_forward(pipe.transformer, family)
+    torch.testing.assert_close(after, flux2_forward(trained, family), rtol=1e-4, atol=1e-5)
+    assert (after - before).abs().max() > 1e-4  # and the LoRA does change the output
+
+
+@pytest.mark.slow
+def test_loss_falls_when_overfitting_one_image(flux2, tiny_images_master, tmp_path):
+    """As FLUX.1's (test_train.py), with more steps: the tiny FLUX.2 model learns more slowly (0.72x in 60 steps at
+    3e-3, 0.54x in 90 at 5e-3, measured)."""
+    if flux2["family"] is DEV:
+        pytest.skip("one FLUX.2 variant is enough: the training path is the same")
+    one = tmp_path / "one"
+    one.mkdir()
+    for suffix in (".png", ".txt"):
+        shutil.copy(tiny_images_master / f"000{suffix}", one)
+    run_script("train_qlora_flux.py", *train_args(
+        flux2["model"], one, flux2["embeddings"], tmp_path / "out", "--max_train_steps", "90", "--rank", "16",
+        "--learning_rate", "5e-3", "--lora_layers", "all-linear", "--checkpointing_steps", "1000"))
+    losses = json.loads((tmp_path / "out" / "train_summary.json").read_text())["losses"]
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.7 * first, (first, last)
+
+
+def test_files_of_another_family_are_refused(flux2, tiny_model, tiny_embeddings, tiny_images_master, tmp_path):
+    family = flux2["family"]
+    # A FLUX.1 parquet on a FLUX.2 model, and this FLUX.2 parquet on FLUX.1.
+    result = run_script("train_qlora_flux.py", *train_args(flux2["model"], tiny_images_master, tiny_embeddings,
+                                                          tmp_path / "a"), check=False)
+    assert_one_line_error(result, "--data_df_path", f"made for FLUX.1, this model is {family.label}")
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, flux2["embeddings"],
+                                                          tmp_path / "b"), check=False)
+    assert_one_line_error(result, "--data_df_path", f"made for {family.label}, this model is FLUX.1")
+
+
+def test_family_is_read_from_the_pipeline_or_the_transformer(flux2, tiny_model, tmp_path):
+    family = flux2["family"]
+    assert families.detect(str(flux2["model"])) is family
+    assert families.detect(str(flux2["model"] / "transformer")) is family  # guidance embeddings: [dev] only
+    assert families.detect(str(tiny_model)) is families.by_name("flux1")
+    other = tmp_path / "other"
+    shutil.copytree(flux2["model"], other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(UserError, match="StableDiffusionXLPipeline: flux-qlora trains FLUX.1"):
+        families.detect(str(other))
