@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Generate images with FLUX.1-dev and your LoRAs: load, blend, fuse (+ re-quantize), or hotswap into a compiled
-transformer without recompiling.
+"""Generate images with FLUX.1 or FLUX.2 ([klein], [dev]; read from the model) and your LoRAs: load, blend, fuse
+(+ re-quantize), or hotswap into a compiled transformer without recompiling.
 
     # one LoRA on the base pipeline
     python infer.py --lora my-flux-lora --prompt "a yarn art dog" --output_dir outputs
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from flux_qlora import families
 from flux_qlora.blocks import compile_blocks_for_inference, fp8_eligible, set_attention_backend
 from flux_qlora.cli import (
     add_attention_backend_arg,
@@ -44,6 +45,7 @@ from flux_qlora.convert import read_lora_file
 from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, resolve_lora_file
 from flux_qlora.models import DTYPES, count_nf4_layers, load_transformer, quantize_to_nf4
@@ -84,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt_file", type=str, default=None, help="A text file with one prompt per line.")
     gen.add_argument("--height", type=int, default=1024, help="Image height in pixels (a multiple of 16).")
     gen.add_argument("--width", type=int, default=1024, help="Image width in pixels (a multiple of 16).")
-    gen.add_argument("--num_inference_steps", type=int, default=28)
-    gen.add_argument("--guidance_scale", type=float, default=3.5)
-    gen.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt.")
+    gen.add_argument("--num_inference_steps", type=int, default=None,
+                     help="Denoising steps (default: the model's: 28 FLUX.1, 50 FLUX.2 [dev] and [klein] base, 4 "
+                     "[klein] distilled).")
+    gen.add_argument("--guidance_scale", type=float, default=None,
+                     help="Guidance (default: the model's: 3.5 FLUX.1, 4.0 FLUX.2, none for [klein] distilled).")
+    gen.add_argument("--max_sequence_length", type=int, default=512, help="Text tokens per prompt.")
     gen.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
     gen.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
     gen.add_argument("--output_dir", type=str, default="outputs", help="Where the PNGs go.")
@@ -96,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fast = parser.add_argument_group("memory and speed")
     fast.add_argument("--cpu_offload", action="store_true", help="Model CPU offload: one component on the GPU at once.")
-    fast.add_argument("--quantize_t5", action="store_true",
-                      help="Load T5 in NF4 (CUDA): about a third of its bf16 memory.")
+    fast.add_argument("--quantize_text_encoder", choices=("nf4", "8bit"), default=None,
+                      help="Load the big text encoder (T5-XXL, Qwen3, Mistral Small 3.1) in NF4 or 8 bits (CUDA): "
+                      "about a third / half of its bf16 memory; FLUX.2 [dev] on a 24 GB card needs nf4.")
+    fast.add_argument("--quantize_t5", action="store_true", help="The same as --quantize_text_encoder nf4.")
     fast.add_argument("--free_text_encoders", action="store_true",
-                      help="Encode every prompt first, then free T5 and CLIP before generating: the same images "
+                      help="Encode every prompt first, then free the text encoders before generating: the same images "
                            "with ~6 GB less on the GPU (in fp16, T5's NF4 load keeps its 24 feed-forward output "
                            "layers in fp32, 4 GB). What a 16 GB card such as Colab's T4 needs at 1024x1024.")
     fast.add_argument("--compile", type=str, nargs="?", const="regional", default=None,
@@ -140,7 +147,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.save_fused and Path(args.save_fused).exists():
         raise UserError(f"--save_fused {args.save_fused} already exists: give a new folder (nothing is overwritten).")
     bad_scale = [s for s in args.lora_scale if not math.isfinite(s)]
-    if bad_scale or not math.isfinite(args.guidance_scale):
+    if bad_scale or not math.isfinite(args.guidance_scale or 0):
         raise UserError(f"--lora_scale / --guidance_scale {(bad_scale or [args.guidance_scale])[0]}: give a finite "
                         "number (e.g. 1.0 / 3.5).")
     if not 1 <= args.max_sequence_length <= 512:
@@ -160,7 +167,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--cpu_offload already keeps T5 and CLIP off the GPU between uses: drop "
                         "--free_text_encoders (or --cpu_offload, which is slower).")
     check_compile_cache_dir(args)
-    if args.num_images < 1 or args.num_inference_steps < 1:
+    if args.num_images < 1 or (args.num_inference_steps or 1) < 1:
         raise UserError("--num_images and --num_inference_steps must be at least 1.")
 
 
@@ -221,8 +228,9 @@ def pick_device(args) -> torch.device:
         check_fp8_device(hardware, "--fp8")
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs an NVIDIA GPU (this run is on the CPU): drop the flag.")
-    if args.quantize_t5 and device.type != "cuda":
-        raise UserError("--quantize_t5 needs a CUDA GPU (bitsandbytes NF4 inference); drop it on the CPU.")
+    if (args.quantize_t5 or args.quantize_text_encoder) and device.type != "cuda":
+        raise UserError("--quantize_text_encoder / --quantize_t5 needs a CUDA GPU (bitsandbytes); drop it on the "
+                        "CPU.")
     if advice := small_gpu_advice(hardware, args):
         logger.warning("%s", advice)
     return device
@@ -236,7 +244,8 @@ def small_gpu_advice(device: Device, args) -> str | None:
     for: the flags that make it fit (BENCHMARKS.md), or None."""
     if device.type != "cuda" or not device.memory_gib or device.memory_gib >= SMALL_GPU_GIB or args.cpu_offload:
         return None
-    wanted = [("--quantize nf4", args.quantize == "nf4" or args.fp8), ("--quantize_t5", args.quantize_t5),
+    wanted = [("--quantize nf4", args.quantize == "nf4" or args.fp8),
+              ("--quantize_text_encoder nf4", args.quantize_t5 or args.quantize_text_encoder),
               ("--free_text_encoders", args.free_text_encoders)]
     missing = [flag for flag, given in wanted if not given]
     if not missing:
@@ -246,40 +255,41 @@ def small_gpu_advice(device: Device, args) -> str | None:
 
 
 def load_pipeline(args, device: torch.device):
-    from diffusers import FluxPipeline
-
+    """The pipeline of the model's family (FluxPipeline, Flux2Pipeline, Flux2KleinPipeline)."""
+    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     dtype = DTYPES[args.dtype]
     common = {**hub_kwargs(args), "dtype": dtype}
     extra = {}
-    if args.quantize_t5:
-        from transformers import BitsAndBytesConfig, T5EncoderModel
-
-        extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder_2", **common,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=dtype))
+    quantize = args.quantize_text_encoder or ("nf4" if args.quantize_t5 else None)
+    if quantize:
+        extra[family.big_text_encoder] = family.load_big_text_encoder(args.pretrained_model_name_or_path, quantize,
+                                                                      dtype, hub_kwargs(args))
     if args.quantize == "nf4" and not args.fuse:
         # Straight to NF4 on the device, one tensor at a time: the full-precision transformer (24 GB for
         # FLUX.1-dev) never sits in system RAM, which a Colab VM (12.7 GB) doesn't have.
         extra["transformer"] = load_transformer(args.pretrained_model_name_or_path, device, dtype,
                                                 **hub_kwargs(args))
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
-    logger.info("Loaded %s (%s)", args.pretrained_model_name_or_path, args.dtype)
+    pipe = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
+    logger.info("Loaded %s (%s, %s)", args.pretrained_model_name_or_path, family.label, args.dtype)
     return pipe
 
 
 def apply_loras(pipe, loras: list[Lora], args, device) -> LoraServer:
     """Loads, blends, fuses and (re-)quantizes, in the order that keeps the merge exact; returns the server of the
     rounds to generate (with --hotswap fused nothing is merged yet: `server.start()` merges on the GPU)."""
+    family = family_of(pipe)
     for lora in loras:  # all of them before any work, hotswapped ones too
+        if lora.file.trained_family:  # ours, with its training_config.toml beside it
+            families.check_same_family(lora.file.trained_family, family, f"--lora {lora.source}",
+                                       "serve it on the model family it was trained on")
         check_lora_matches(lora.file, pipe.transformer)
     if args.quantize == "nf4" and not args.fuse and not count_nf4_layers(pipe.transformer):  # (a pipe passed in)
         quantize_to_nf4(pipe.transformer, device)  # the LoRAs then sit unmerged on the NF4 layers
     try:
         server = make_server(args.hotswap, pipe, loras, args.hotswap_target_rank)
-    except (ValueError, KeyError) as error:  # diffusers' loaders on a layout they can't map onto FLUX.1
+    except (ValueError, KeyError) as error:  # diffusers' loaders on a layout they can't map onto this model
         raise UserError(f"a --lora could not be loaded into this transformer ({str(error).splitlines()[0][:160]}): "
-                        "is it a LoRA for FLUX.1?") from error
+                        f"is it a LoRA for {family.label}?") from error
     if args.fuse:
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -326,26 +336,34 @@ def speed_up(pipe, args, server: LoraServer) -> None:
         replay_forward_from_cuda_graphs(pipe.transformer)
 
 
+def family_of(pipe) -> Family:
+    return families.from_pipeline_class(type(pipe).__name__, "the pipeline")
+
+
 def encode_prompts(pipe, prompts: list[str], args) -> dict[str, dict[str, torch.Tensor]]:
-    """Each prompt's T5 and CLIP embeddings, as the pipeline computes them when given the prompt."""
-    embeddings = {}
+    """Each prompt's embeddings as the pipeline's call inputs, as it computes them when given the prompt (and the
+    empty prompt's for the negative, where the pipeline guides with one: FLUX.2 [klein] base)."""
+    family = family_of(pipe)
     with torch.no_grad():
-        for prompt in dict.fromkeys(prompts):
-            prompt_embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=pipe._execution_device,
-                                                          max_sequence_length=args.max_sequence_length)
-            embeddings[prompt] = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-    return embeddings
+        def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            prompt_embeds, pooled, _ = family.encode_prompts(pipe, [prompt], args.max_sequence_length)
+            return prompt_embeds.to(pipe._execution_device), pooled.to(pipe._execution_device)
+
+        guided = family.samples_with_negative and not pipe.config.get("is_distilled") and args.guidance_scale > 1
+        negative = encode("") if guided else None
+        return {prompt: family.sample_kwargs(*encode(prompt), negative) for prompt in dict.fromkeys(prompts)}
 
 
 def free_text_encoders(pipe) -> None:
-    """Drops T5 and CLIP from the pipeline (and their GPU memory): the images are drawn from the embeddings."""
-    freed = sum(p.numel() * p.element_size() for name in ("text_encoder", "text_encoder_2")
-                for p in getattr(pipe, name).parameters())
-    pipe.text_encoder = pipe.text_encoder_2 = None
+    """Drops the text encoders from the pipeline (and their GPU memory): the images are drawn from the embeddings."""
+    names = family_of(pipe).text_encoders
+    freed = sum(p.numel() * p.element_size() for name in names for p in getattr(pipe, name).parameters())
+    for name in names:
+        setattr(pipe, name, None)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    logger.info("Prompts encoded; T5 and CLIP freed (%.1f GB)", freed / 1e9)
+    logger.info("Prompts encoded; the text encoders freed (%.1f GB)", freed / 1e9)
 
 
 def draw(pipe, prompt: str, args, embeddings: dict | None, seed: int):
@@ -472,7 +490,8 @@ def serve(pipe, server: LoraServer, prompts: list[str], args, device, embeddings
 
 
 def main(args: argparse.Namespace, pipe=None) -> list[dict]:
-    """`pipe`: an already loaded FluxPipeline to use instead of loading one (notebooks, benchmarks)."""
+    """`pipe`: an already loaded pipeline (FluxPipeline, Flux2Pipeline, Flux2KleinPipeline) to use instead of
+    loading one (notebooks, benchmarks)."""
     validate_args(args)
     prompts = read_prompts(args)
     device = pick_device(args)
@@ -480,6 +499,9 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
         start_compile_workers(device)
     loras = resolve_loras(args)
     pipe = pipe if pipe is not None else load_pipeline(args, device)
+    steps, guidance = family_of(pipe).serving_defaults(pipe)
+    args.num_inference_steps = args.num_inference_steps or steps  # the model's defaults where not given
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
     server = apply_loras(pipe, loras, args, device)
     if not prompts:
         return []

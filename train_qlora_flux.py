@@ -572,7 +572,7 @@ def main(args: argparse.Namespace) -> dict:
     checkpoints.check_resume_target(args.resume_from_checkpoint, args.output_dir, settings.max_train_steps)
     if accelerator.is_main_process:  # the flags as given: --config of this file runs the same training again
         run_config.write_config(vars(args), Path(args.output_dir) / run_config.CONFIG_NAME,
-                                {"model family": settings.family.name, **run_config.run_versions()})
+                                run_config.run_versions(), {"model_family": settings.family.name})
 
     transformer = load_transformer_with_lora(args, settings, device, weight_dtype, attention_backend)
     model_gib = reports.allocated_gib(device)

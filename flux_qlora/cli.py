@@ -231,6 +231,7 @@ def read_config(path: str, known: set[str]) -> dict:
         values = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         _exit_with(f"--config {path}: not a readable TOML file ({error}).")
+    values.pop("run", None)  # training_config.toml's record of what the run found (run_config.RUN_TABLE)
     unknown = sorted(set(values) - known)
     if unknown:
         _exit_with(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the dashes, "

@@ -24,7 +24,7 @@ import torch
 
 from flux_qlora.errors import UserError
 from flux_qlora.lora import LoraFile, layers, lora_config, read_safetensors
-from flux_qlora.run_config import trained_base_precision
+from flux_qlora.run_config import config_beside, trained_base_precision, trained_family
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def read_lora_file(path: Path) -> LoraFile:
     converted = kohya_as_diffusers(tensors, path)
     if converted is not None:
         tensors, metadata = converted, {}  # what diffusers saw in the converted copy it was once given
-    return LoraFile(path, tensors, metadata, trained_base_precision(path))
+    config = config_beside(path)
+    return LoraFile(path, tensors, metadata, trained_base_precision(config), trained_family(config))
 
 
 def kohya_as_diffusers(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor] | None:

@@ -183,6 +183,7 @@ class LoraFile:
     tensors: dict[str, torch.Tensor]  # in the diffusers layout: a kohya/ComfyUI file is converted on read
     metadata: dict[str, str]  # the safetensors header's (none for a converted kohya file: its config is folded in)
     trained_base: str | None  # NF4, bf16 or FP8: from the training_config.toml beside the file, if any
+    trained_family: str | None = None  # the model family it trained on: from the same file
 
     @property
     def rank(self) -> int:
@@ -240,8 +241,8 @@ def check_lora_matches(lora: LoraFile, transformer: nn.Module) -> None:
     and checked by diffusers itself."""
     state, file = lora.tensors, lora.path
     if not any(name in key for key in state for name in FLUX_LAYER_NAMES):
-        raise UserError(f"LoRA {file} has no FLUX.1 layers (e.g. {next(iter(state))}): it is for another model "
-                        "family (SD 1.5/SDXL UNet?); give a LoRA trained for FLUX.1.")
+        raise UserError(f"LoRA {file} has no FLUX.1 or FLUX.2 layers (e.g. {next(iter(state))}): it is for another "
+                        "model family (SD 1.5/SDXL UNet?); give a LoRA trained for this model.")
     modules = dict(transformer.named_modules())
     for name, (a, b) in lora.layers().items():
         check_layer_fits(file, name, modules.get(name) or modules.get(f"{name}.base_layer"), a.shape[1], b.shape[0])

@@ -22,12 +22,18 @@ def tracker_config(flags: dict) -> dict:
     return {k: v for k, v in recorded_flags(flags).items() if isinstance(v, int | float | str | bool)}
 
 
-def write_config(flags: dict, path: Path, versions: dict[str, str]) -> None:
-    """Every flag's value as TOML, with the library versions and git commit as
-    comments: `--config path` runs the same training again. `flags`: the parsed flags as the user gave them (what
-    the trainer derives from them is derived again the same way); secrets (--hub_token) are never written."""
+RUN_TABLE = "run"  # what the run found rather than was told: a record, which --config skips
+
+
+def write_config(flags: dict, path: Path, versions: dict[str, str], found: dict | None = None) -> None:
+    """Every flag's value as TOML, with the library versions and git commit as comments: `--config path` runs the
+    same training again. `flags`: the parsed flags as the user gave them (what the trainer derives from them is
+    derived again the same way); secrets (--hub_token) are never written. `found`: what the run read from its
+    inputs (the model family), in a last `[run]` table that --config skips and infer.py reads."""
     lines = [f"# {name} {version}" for name, version in versions.items()]
     lines += [f"{key} = {_toml(value)}" for key, value in recorded_flags(flags).items()]
+    if found:
+        lines += ["", f"[{RUN_TABLE}]", *(f"{key} = {_toml(value)}" for key, value in found.items())]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -41,16 +47,27 @@ def _toml(value) -> str:
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
 
 
-def trained_base_precision(lora_file: Path) -> str | None:
-    """NF4, bf16 or FP8: the base a LoRA trained on, from the training_config.toml beside it (None if absent)."""
+def config_beside(lora_file: Path) -> dict | None:
+    """The training_config.toml beside a LoRA file, read (None if absent or unreadable)."""
     config_file = Path(lora_file).parent / CONFIG_NAME
     if not config_file.is_file():
         return None
     try:
-        config = tomllib.loads(config_file.read_text())
+        return tomllib.loads(config_file.read_text())
     except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         return None
+
+
+def trained_base_precision(config: dict | None) -> str | None:
+    """NF4, bf16 or FP8: the base a LoRA trained on, from its run's config (None without one)."""
+    if config is None:
+        return None
     return base_precision_label(config.get("base_precision", "nf4"), bool(config.get("do_fp8_training")))
+
+
+def trained_family(config: dict | None) -> str | None:
+    """The model family a LoRA trained on, from its run's config (None without one, or from before families)."""
+    return (config or {}).get(RUN_TABLE, {}).get("model_family")
 
 
 def base_precision_label(base_precision: str, fp8_training: bool) -> str:

@@ -136,7 +136,8 @@ def read_lora_deltas(file: LoraFile) -> dict[str, Delta]:
     from diffusers import FluxPipeline
     from peft.utils.other import get_pattern_key
 
-    # a copy: diffusers pops the `.alpha` tensors out of the dict it is given
+    # a copy: diffusers pops the `.alpha` tensors out of the dict it is given. FLUX.1's loader reads every layout
+    # of FLUX.1 LoRAs; a diffusers-layout FLUX.2 LoRA (ours) passes through it unchanged.
     state, alphas = FluxPipeline.lora_state_dict(dict(file.tensors), return_alphas=True)
     config = {k.removeprefix("transformer."): v for k, v in (file.adapter_metadata or {}).items()}
     if config.get("use_dora") or any(".lora_magnitude_vector" in k or ".lora_B.bias" in k for k in state):

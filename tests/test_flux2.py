@@ -88,7 +88,7 @@ def test_run_trains_checkpoints_evaluates_and_samples(flux2):
     assert len(summary["samples_after"]) == 1 and (lora_dir / summary["samples_after"][0]).stat().st_size > 100
     card = (lora_dir / "README.md").read_text()
     assert f"A {family.label} LoRA" in card and f"from diffusers import {family.pipeline_classes[0]}" in card
-    assert f"# model family {family.name}" in (lora_dir / "training_config.toml").read_text()
+    assert f'[run]\nmodel_family = "{family.name}"' in (lora_dir / "training_config.toml").read_text()
 
 
 def flux2_forward(transformer, family) -> torch.Tensor:
@@ -159,3 +159,71 @@ def test_family_is_read_from_the_pipeline_or_the_transformer(flux2, tiny_model, 
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(UserError, match="StableDiffusionXLPipeline: flux-qlora trains FLUX.1"):
         families.detect(str(other))
+
+
+def served(flux2: dict, *flags: str):
+    """The FLUX.2 pipeline with infer.py's LoRA handling (on the CPU, fp32), and its LoRA server."""
+    import infer
+
+    args = infer.parse_args(["--pretrained_model_name_or_path", str(flux2["model"]), "--dtype", "fp32", *flags])
+    pipe = pipeline(flux2)
+    return pipe, infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
+
+
+def test_infer_fuses_blends_and_hotswaps_flux2_loras_alike(flux2):
+    family, lora = flux2["family"], str(flux2["lora"])
+    loaded = flux2_forward(served(flux2, "--lora", lora)[0].transformer, family)
+    fused = served(flux2, "--lora", lora, "--fuse")[0].transformer
+    assert not any("lora" in name for name, _ in fused.named_parameters())
+    torch.testing.assert_close(flux2_forward(fused, family), loaded, rtol=1e-4, atol=1e-5)
+    halves = served(flux2, "--lora", lora, "--lora_scale", "0.5", "--lora", lora, "--lora_scale", "0.5")[0]
+    torch.testing.assert_close(flux2_forward(halves.transformer, family), loaded, rtol=1e-4, atol=1e-5)
+    pipe, server = served(flux2, "--hotswap", "fused", "--lora", lora)
+    server.start()
+    server.swap(0)
+    torch.testing.assert_close(flux2_forward(pipe.transformer, family), loaded, rtol=1e-4, atol=1e-5)
+
+
+def test_infer_draws_the_same_image_from_prompts_and_from_freed_encoders(flux2, tmp_path):
+    """Also the family's defaults: 50 steps for [dev] and [klein] base (3 here), classifier-free guidance for klein
+    base from the empty prompt's embeddings once its encoder is freed."""
+    images = {}
+    for name, extra in (("prompts", []), ("embeddings", ["--free_text_encoders"])):
+        run_script("infer.py", "--pretrained_model_name_or_path", flux2["model"], "--lora", flux2["lora"],
+                   "--prompt", PROMPT, "--height", "48", "--width", "64", "--num_inference_steps", "3",
+                   "--output_dir", tmp_path / name, *extra)
+        (png,) = (tmp_path / name).glob("*.png")
+        images[name] = png
+    from PIL import Image
+
+    settings = json.loads(Image.open(images["prompts"]).text["flux_qlora"])
+    assert settings["guidance_scale"] == 4.0 and settings["steps"] == 3
+    assert Image.open(images["prompts"]).tobytes() == Image.open(images["embeddings"]).tobytes()
+
+
+def test_klein_distilled_serves_at_four_steps_and_refuses_a_dev_lora(flux2, tmp_path):
+    from PIL import Image
+
+    if flux2["family"] is DEV:  # a [klein] LoRA on [dev]: the training_config.toml beside it names its family
+        klein = built_once_path(flux2, "flux2-klein")
+        result = run_script("infer.py", "--pretrained_model_name_or_path", flux2["model"], "--lora", klein / "lora",
+                            "--prompt", PROMPT, "--output_dir", tmp_path, check=False)
+        assert_one_line_error(result, "--lora", "made for FLUX.2 [klein], this model is FLUX.2 [dev]")
+        return
+    distilled = tmp_path / "distilled"
+    shutil.copytree(flux2["model"], distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    run_script("infer.py", "--pretrained_model_name_or_path", distilled, "--lora", flux2["lora"], "--prompt", PROMPT,
+               "--height", "48", "--width", "64", "--output_dir", tmp_path / "images")
+    (png,) = (tmp_path / "images").glob("*.png")
+    settings = json.loads(Image.open(png).text["flux_qlora"])
+    assert (settings["steps"], settings["guidance_scale"]) == (4, 1.0)
+
+
+def built_once_path(flux2: dict, name: str) -> Path:
+    """The folder another variant's fixture built (both are built in one test run: the fixture is parametrized)."""
+    folder = flux2["model"].parent.parent / name
+    if not (folder / "lora" / "pytorch_lora_weights.safetensors").exists():
+        pytest.skip(f"{name} was not built in this run (run the whole file)")
+    return folder

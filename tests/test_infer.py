@@ -328,7 +328,7 @@ def test_running_out_of_gpu_memory_is_one_line_naming_flags_that_use_less(tiny_m
     pytest.param(["--fp8"], ["--fp8", "8.9"], id="fp8_on_cpu", marks=NO_GPU),
     pytest.param(["--cuda_graphs", "--device", "cpu"], ["--cuda_graphs", "NVIDIA GPU"], id="graphs_on_cpu"),
     pytest.param(["--lora", "{nan}"], ["NaN/inf", "earlier checkpoint"], id="nan_lora"),
-    pytest.param(["--lora", "{sdxl}"], ["no FLUX.1 layers", "another model family"], id="sdxl_lora"),
+    pytest.param(["--lora", "{sdxl}"], ["no FLUX.1 or FLUX.2 layers", "another model family"], id="sdxl_lora"),
     pytest.param(["--output_dir", "{tmp}/file.txt"], ["file.txt", "give a folder path"], id="output_dir_is_a_file"),
     pytest.param(["--prompt_file", "{tmp}/nope.txt"], ["--prompt_file", "nope.txt", "does not exist"],
                  id="missing_prompt_file"),

@@ -51,11 +51,40 @@ class Family:
     quantized_prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks.")
 
     # --- text -----------------------------------------------------------------------------------------------
+    text_encoders: tuple[str, ...]  # the pipeline's text encoder components
+    big_text_encoder: str  # the one worth quantizing (T5-XXL, Qwen3, Mistral Small 3.1)
+
+    def text_encoder_class(self):
+        raise NotImplementedError
+
+    def load_big_text_encoder(self, name_or_path: str, quantize: str, dtype: torch.dtype, hub: dict) -> nn.Module:
+        """The big text encoder in 8 bits or NF4 (bitsandbytes, on the GPU): T5-XXL ~4.9 / ~3 GB instead of ~9.5,
+        Mistral Small 3.1 ~25 / ~14 GB instead of ~48."""
+        from transformers import BitsAndBytesConfig
+
+        config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
+                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                     bnb_4bit_use_double_quant=True))
+        return self.text_encoder_class().from_pretrained(name_or_path, subfolder=self.big_text_encoder, dtype=dtype,
+                                                         quantization_config=config, **hub)
+
     def load_text_pipeline(self, name_or_path: str, device: str, quantize: str | None, dtype: torch.dtype,
                            hub: dict):
         """A pipeline holding only the tokenizer(s) and text encoder(s), on `device`; `quantize` ("8bit"/"nf4",
         GPU only) for the big encoder."""
-        raise NotImplementedError
+        extra = {self.big_text_encoder: self.load_big_text_encoder(name_or_path, quantize, dtype, hub)} if quantize \
+            else {}
+        pipe = self.pipeline_cls().from_pretrained(name_or_path, transformer=None, vae=None, dtype=dtype, **hub,
+                                                   **extra)
+        for name in self.text_encoders:
+            module = getattr(pipe, name)
+            if not getattr(module, "is_quantized", False):
+                module.to(device)
+        return pipe
+
+    def serving_defaults(self, pipe) -> tuple[int, float]:
+        """(steps, guidance scale) of the model's pipeline, as its model card gives them."""
+        return self.default_steps, self.default_guidance
 
     def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -52,25 +52,14 @@ class Flux1(Family):
 
         return FluxPipeline
 
-    # --- text -----------------------------------------------------------------------------------------------
-    def load_text_pipeline(self, name_or_path, device, quantize, dtype, hub):
-        """CLIP-L and T5-XXL (T5 in 8 bits with `quantize`: ~4.9 instead of ~9.5 GB)."""
-        from diffusers import FluxPipeline
+    # --- text: CLIP-L (pooled) and T5-XXL ---------------------------------------------------------------------
+    text_encoders = ("text_encoder", "text_encoder_2")
+    big_text_encoder = "text_encoder_2"
 
-        extra = {}
-        if quantize:
-            from transformers import BitsAndBytesConfig, T5EncoderModel
+    def text_encoder_class(self):
+        from transformers import T5EncoderModel
 
-            config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-                      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
-            extra["text_encoder_2"] = T5EncoderModel.from_pretrained(
-                name_or_path, subfolder="text_encoder_2", dtype=dtype, quantization_config=config, **hub)
-        pipe = FluxPipeline.from_pretrained(name_or_path, transformer=None, vae=None, dtype=dtype, **hub, **extra)
-        for name in ("text_encoder", "text_encoder_2"):
-            module = getattr(pipe, name)
-            if not getattr(module, "is_quantized", False):
-                module.to(device)
-        return pipe
+        return T5EncoderModel
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None,

@@ -65,27 +65,9 @@ class Flux2(Family):
 
         return Flux2Transformer2DModel
 
-    # --- text -----------------------------------------------------------------------------------------------
-    def text_encoder_class(self):
-        raise NotImplementedError
-
-    def load_text_pipeline(self, name_or_path, device, quantize, dtype, hub):
-        """The text encoder (NF4 or 8-bit with `quantize`: Mistral Small 3.1's 24 B are ~14 / ~25 GB then, ~48 in
-        bf16) and its tokenizer in a pipeline without transformer and VAE."""
-        extra = {}
-        if quantize:
-            from transformers import BitsAndBytesConfig
-
-            config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-                      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                                         bnb_4bit_use_double_quant=True))
-            extra["text_encoder"] = self.text_encoder_class().from_pretrained(
-                name_or_path, subfolder="text_encoder", dtype=dtype, quantization_config=config, **hub)
-        pipe = self.pipeline_cls().from_pretrained(name_or_path, transformer=None, vae=None, dtype=dtype, **hub,
-                                                   **extra)
-        if not getattr(pipe.text_encoder, "is_quantized", False):
-            pipe.text_encoder.to(device)
-        return pipe
+    # --- text: one encoder, three layers' hidden states stacked ------------------------------------------------
+    text_encoders = ("text_encoder",)
+    big_text_encoder = "text_encoder"
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         prompt_embeds, text_ids = pipe.encode_prompt(prompts, device=pipe.text_encoder.device,
@@ -163,6 +145,10 @@ class Klein(Flux2):
         from transformers import Qwen3ForCausalLM
 
         return Qwen3ForCausalLM
+
+    def serving_defaults(self, pipe):
+        """The distilled models (model_index.json's is_distilled): 4 steps without guidance."""
+        return (self.distilled_steps, 1.0) if pipe.config.get("is_distilled") else super().serving_defaults(pipe)
 
     def sample_pipeline(self, transformer, vae, scheduler):
         # Sample images draw without the text encoder: with guidance the pipeline encodes "" for the negative
