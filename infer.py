@@ -499,7 +499,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
         start_compile_workers(device)
     loras = resolve_loras(args)
     pipe = pipe if pipe is not None else load_pipeline(args, device)
-    steps, guidance = family_of(pipe).serving_defaults(pipe)
+    steps, guidance = family_of(pipe).serving_defaults(pipe.config)
     args.num_inference_steps = args.num_inference_steps or steps  # the model's defaults where not given
     args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
     server = apply_loras(pipe, loras, args, device)

@@ -307,12 +307,21 @@ def sample_settings(args: argparse.Namespace, settings: TrainSettings, table: em
     settings; None without --validation_prompt."""
     if not args.validation_prompt:
         return None
-    family = settings.family
+    family, hub = settings.family, cli.hub_kwargs(args)
     prompts = embeddings.validation_embeddings(table, args.validation_prompt, family,
-                                               args.pretrained_model_name_or_path, device, **cli.hub_kwargs(args))
+                                               args.pretrained_model_name_or_path, device, **hub)
     negative = table.prompt("") if family.samples_with_negative else None
-    return validation.SampleSettings(prompts, *settings.sizes.validation, args.validation_inference_steps,
-                                     args.validation_guidance_scale, args.seed, negative)
+    steps, guidance, distilled = 20, 3.5, False  # the defaults on the trained model itself
+    if args.validation_model:
+        families.check_same_family(families.detect(args.validation_model, revision=args.revision,
+                                                   cache_dir=args.cache_dir).name, family,
+                                   f"--validation_model {args.validation_model}", "give a model of the trained family")
+        index = families.read_model_index(args.validation_model, args.revision, args.cache_dir) or {}
+        (steps, guidance), distilled = family.serving_defaults(index), bool(index.get("is_distilled"))
+    return validation.SampleSettings(
+        prompts, *settings.sizes.validation, args.validation_inference_steps or steps,
+        guidance if args.validation_guidance_scale is None else args.validation_guidance_scale, args.seed, negative,
+        args.validation_model, distilled, hub)
 
 
 def first_step_done(args: argparse.Namespace, stats: RunStats, device: torch.device, main_process: bool) -> None:
@@ -415,7 +424,7 @@ def generate_samples(args: argparse.Namespace, settings: TrainSettings, run: Run
     """Validation images of --validation_prompt (none without, and none on the other processes)."""
     if run.validation is None or not run.accelerator.is_main_process:
         return []
-    scheduler = run.family.load_scheduler(args.pretrained_model_name_or_path,
+    scheduler = run.family.load_scheduler(args.validation_model or args.pretrained_model_name_or_path,
                                           {"revision": args.revision, "cache_dir": args.cache_dir})
     with run.ema.weights() if args.validate_ema else nullcontext():
         return validation.sample_images(

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Training benchmark on a FLUX.1-dev-shaped model with random weights (the real config: real memory, real speed).
+"""Training benchmark on a FLUX-shaped model with random weights (the real config: real memory, real speed).
 
     python bench/bench_train.py --workdir /dev/shm/fluxbench --configs nf4-ckpt-512x768 nf4-ckpt-1024x1024
+    python bench/bench_train.py --model flux2-klein-4b --workdir /dev/shm/klein4b --configs nf4-ckpt-1024x1024
 
-Builds (once) the transformer and VAE with FLUX.1-dev's configs, eight random images and their embeddings
-parquet (77 x 4096 T5 + 768 CLIP, random), then runs train_qlora_flux.py itself for each configuration and
-prints median s/step (first step excluded), peak allocated and reserved memory and tokens per second.
-Results: BENCHMARKS.md.
+Builds (once) the transformer and VAE with the real configs of --model (FLUX.1-dev, FLUX.2 [klein] 4B/9B), eight
+random images and their embeddings parquet (77 tokens of the model's text width, random), then runs
+train_qlora_flux.py itself for each configuration and prints median s/step (first step excluded), peak allocated
+and reserved memory and tokens per second. Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.families.flux1 import FLUX_DEV_CONFIG
+from flux_qlora.families import Family
+from flux_qlora.families.flux1 import FLUX1, FLUX_DEV_CONFIG
+from flux_qlora.families.flux2 import KLEIN, KLEIN_4B_CONFIG, KLEIN_9B_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,10 @@ FLUX_DEV_VAE = dict(
     norm_num_groups=32, sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
     use_post_quant_conv=False,
 )
+# --model -> (family, transformer config); FLUX.2 [dev] (32 B: 64 GB in bf16) does not fit this way on the GPU
+# machine's disk and RAM: it needs a model built straight into NF4.
+MODELS = {"flux1-dev": (FLUX1, FLUX_DEV_TRANSFORMER), "flux2-klein-4b": (KLEIN, KLEIN_4B_CONFIG),
+          "flux2-klein-9b": (KLEIN, KLEIN_9B_CONFIG)}
 FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                           base_image_seq_len=256, max_image_seq_len=4096)
 
@@ -55,9 +62,10 @@ MATRIX = [name for name in CONFIGS
           if not name.endswith("512x512") and (not name.startswith("fp8") or "-ckpt-" in name)]
 
 
-def build_model(folder: Path) -> None:
-    """FLUX.1-dev-shaped transformer (bf16 random weights, built on the GPU) + VAE + scheduler, in pipeline layout."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+def build_model(folder: Path, family: Family = FLUX1, config: dict = FLUX_DEV_TRANSFORMER) -> None:
+    """A transformer of `config` (bf16 random weights, built on the GPU) + the family's VAE + scheduler, in pipeline
+    layout."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
     if (folder / "transformer" / "config.json").exists():
         return
@@ -65,19 +73,21 @@ def build_model(folder: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        transformer = family.transformer_cls().from_config(config)
         torch.set_default_dtype(torch.float32)
     transformer.save_pretrained(folder / "transformer", max_shard_size="10GB")
     del transformer
     torch.cuda.empty_cache()
-    AutoencoderKL(**FLUX_DEV_VAE).to(torch.bfloat16).save_pretrained(folder / "vae")
+    vae = AutoencoderKL(**FLUX_DEV_VAE) if family is FLUX1 else AutoencoderKLFlux2()  # FLUX.2's: the defaults
+    vae.to(torch.bfloat16).save_pretrained(folder / "vae")
     FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER).save_pretrained(folder / "scheduler")
-    print(f"built FLUX.1-dev-shaped model in {folder} ({time.time() - start:.0f} s)", flush=True)
+    print(f"built {family.label}-shaped model in {folder} ({time.time() - start:.0f} s)", flush=True)
 
 
-def build_data(folder: Path, count: int = 8, sizes: list[tuple[int, int]] = ((1024, 1024),)) -> Path:
-    """Random images (sizes taken in turn) with captions, and an embeddings parquet of FLUX.1-dev's shapes keyed
-    by their hashes."""
+def build_data(folder: Path, count: int = 8, sizes: list[tuple[int, int]] = ((1024, 1024),), family: Family = FLUX1,
+               config: dict = FLUX_DEV_TRANSFORMER) -> Path:
+    """Random images (sizes taken in turn) with captions, and an embeddings parquet of the model's shapes (77
+    tokens of its text width; FLUX.1's pooled CLIP vector) keyed by their hashes."""
     import numpy as np
     from PIL import Image
 
@@ -90,7 +100,9 @@ def build_data(folder: Path, count: int = 8, sizes: list[tuple[int, int]] = ((10
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    writer = EmbeddingsWriter(parquet, {"pretrained_model_name_or_path": "bench"})
+    writer = EmbeddingsWriter(parquet, {"pretrained_model_name_or_path": "bench"}, family.name)
+    text_width, pooled_width = config["joint_attention_dim"], config.get("pooled_projection_dim", 0)
+    text_ids = family.text_ids(77)
     keys = []
     for i in range(count):
         width, height = sizes[i % len(sizes)]
@@ -98,8 +110,8 @@ def build_data(folder: Path, count: int = 8, sizes: list[tuple[int, int]] = ((10
         image.save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"random image {i}")
         keys.append(image_hash(image))
-        writer.write(keys[-1:], [f"random image {i}"], torch.randn(1, 77, 4096), torch.randn(1, 768),
-                     torch.zeros(77, 3))
+        writer.write(keys[-1:], [f"random image {i}"], torch.randn(1, 77, text_width), torch.randn(1, pooled_width),
+                     text_ids)
     writer.finish(keys)
     return parquet
 
@@ -186,6 +198,8 @@ def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fluxbench"))
+    parser.add_argument("--model", choices=list(MODELS), default="flux1-dev",
+                        help="Whose real config the random model has (each in a --workdir of its own).")
     parser.add_argument("--configs", nargs="+", default=["nf4-ckpt-512x768"], metavar="NAME",
                         choices=[*CONFIGS, *BUCKET_CONFIGS, "matrix"],
                         help=f"Configurations to run ({', '.join(CONFIGS)}), or 'matrix' = issue 6's whole matrix: "
@@ -216,12 +230,13 @@ def main() -> None:
 
     if "matrix" in args.configs:
         args.configs = MATRIX
-    build_model(args.workdir / "model")
-    build_data(args.workdir / "data")
+    family, config = MODELS[args.model]
+    build_model(args.workdir / "model", family, config)
+    build_data(args.workdir / "data", family=family, config=config)
     if any(name in BUCKET_CONFIGS for name in args.configs):
-        build_data(args.workdir / "mixed", count=9, sizes=MIXED_SIZES)
+        build_data(args.workdir / "mixed", count=9, sizes=MIXED_SIZES, family=family, config=config)
     results, reference = [], {}
-    if not args.skip_reference:
+    if not args.skip_reference and family is FLUX1:  # the reference recipe is FLUX.1's
         for w, h in sorted({CONFIGS[name][:2] for name in args.configs if name.startswith("nf4") and name in CONFIGS}):
             reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps)
             results.append(reference[f"{w}x{h}"])

@@ -81,11 +81,12 @@ def _is_target(name: str, targets: tuple[str, ...]) -> bool:
 def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     """The predicted peak of a training run on a transformer of `config` (a FLUX.1 or FLUX.2 transformer's
     config.json)."""
-    from flux_qlora.models import QUANTIZED_PREFIXES, repeated_blocks
+    from flux_qlora.models import quantized_prefixes, repeated_blocks
 
     model = _skeleton(config)
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
-    quantized = sum(m.weight.numel() for n, m in linears.items() if shape.nf4 and n.startswith(QUANTIZED_PREFIXES))
+    prefixes = quantized_prefixes(model)
+    quantized = sum(m.weight.numel() for n, m in linears.items() if shape.nf4 and n.startswith(prefixes))
     total = sum(p.numel() for p in model.parameters())
     weights = quantized * NF4_BYTES + (total - quantized) * shape.compute_bytes
 

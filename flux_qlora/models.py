@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
 
 
-# Only the repeated blocks hold the bulk (>99%) of the weights; the small embedders and the output layer stay
-# in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
-QUANTIZED_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+def quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Where the layers NF4 takes are: the family's (`Family.quantized_prefixes`)."""
+    return families.from_transformer_config(dict(model.config), "the transformer").quantized_prefixes
 
 
 def _check_model_source(name_or_path: str) -> None:
@@ -150,7 +150,7 @@ def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 def _block_linears(model: nn.Module) -> list[str]:
     """Names of the plain linear layers of the repeated blocks (the bulk of the weights), LoRA factors excluded."""
     return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and n.startswith(QUANTIZED_PREFIXES) and ".lora_" not in n]
+            if type(m) is nn.Linear and n.startswith(quantized_prefixes(model)) and ".lora_" not in n]
 
 
 def _replace_linears_with_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:

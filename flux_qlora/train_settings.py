@@ -207,8 +207,14 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                           "(the text encoders loaded briefly, then freed).")
     out.add_argument("--validation_steps", type=int, default=0,
                      help="Sample images every N steps (0: only before and after training).")
-    out.add_argument("--validation_inference_steps", type=int, default=20, help="Denoising steps of sample images.")
-    out.add_argument("--validation_guidance_scale", type=float, default=3.5, help="Guidance of sample images.")
+    out.add_argument("--validation_inference_steps", type=int, default=None,
+                     help="Denoising steps of sample images (default 20; with --validation_model, its own).")
+    out.add_argument("--validation_guidance_scale", type=float, default=None,
+                     help="Guidance of sample images (default 3.5; with --validation_model, its own).")
+    out.add_argument("--validation_model", type=str, default=None,
+                     help="Draw the sample images on another model of the same family with the LoRA as trained, "
+                          "e.g. the distilled FLUX.2 [klein] (black-forest-labs/FLUX.2-klein-4B: 4 steps, no "
+                          "guidance) for a LoRA trained on klein base, which is what it will be served on.")
     out.add_argument("--validation_split", type=float, default=0.0,
                      help="Hold this share of the images out of training (at least one) for an eval loss at fixed "
                           "timesteps and noise, every --eval_steps, logged and drawn in loss.png (or give a folder "
@@ -237,6 +243,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 # The trainer's flags that must lie in a range, with an example of a good value.
 AT_LEAST_ONE = ("eval_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
                 "checkpointing_steps", "logging_steps", "gradient_checkpointing_interval")
+OPTIONAL_AT_LEAST_ONE = ("max_train_steps", "validation_inference_steps")  # where given
 FRACTIONS = {"caption_dropout": "0.1", "validation_split": "0.1"}  # at least 0 and below 1
 
 
@@ -245,7 +252,8 @@ def check_ranges(args: argparse.Namespace) -> None:
     the trainer's validate_args)."""
     if args.validate_ema and not args.use_ema:
         raise UserError("--validate_ema draws the validation images with the EMA weights: add --use_ema.")
-    for name in AT_LEAST_ONE + (("max_train_steps",) if args.max_train_steps is not None else ()):
+    optional = tuple(name for name in OPTIONAL_AT_LEAST_ONE if getattr(args, name) is not None)
+    for name in AT_LEAST_ONE + optional:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
     for name, example in FRACTIONS.items():

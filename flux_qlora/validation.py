@@ -4,10 +4,13 @@ the cached prompt embeddings, the VAE on the GPU only to decode."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flux_qlora.families import Family
 
@@ -23,6 +26,9 @@ class SampleSettings:
     guidance_scale: float
     seed: int
     negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's, for classifier-free guidance
+    model: str | None = None  # another model of the family to draw on (--validation_model), with the LoRA
+    distilled: bool = False  # that model is step-distilled: no classifier-free guidance
+    hub: dict = field(default_factory=dict)  # its revision, variant, cache_dir
 
 
 @torch.no_grad()
@@ -30,9 +36,39 @@ def sample_images(accelerator, family: Family, transformer, vae, scheduler, sett
                   output_dir: Path, step: int, vae_home: str | torch.device) -> list[str]:
     """Writes `samples/step-<step>-<i>.png` for each prompt (also to the trackers) and returns their paths relative
     to `output_dir`. The VAE goes back to `vae_home` afterwards (the CPU when latents are cached)."""
-    model = accelerator.unwrap_model(transformer)
+    trained = accelerator.unwrap_model(transformer)
+    with lora_on_other_model(settings, trained, vae.dtype, accelerator.device) as model:
+        return draw_samples(accelerator, family, model, vae, scheduler, settings, output_dir, step, vae_home)
+
+
+@contextmanager
+def lora_on_other_model(settings: SampleSettings, trained: nn.Module, dtype: torch.dtype,
+                        device: torch.device) -> Iterator[nn.Module]:
+    """The training transformer itself, or (--validation_model) that model's transformer in NF4 with the LoRA's
+    current weights, loaded for these samples and freed after them (~2 GiB for FLUX.2 [klein] 4B)."""
+    if settings.model is None:
+        yield trained
+        return
+    from peft.utils import set_peft_model_state_dict
+
+    from flux_qlora.lora import lora_state_dict
+    from flux_qlora.models import load_transformer
+
+    other = load_transformer(settings.model, device, dtype, **settings.hub)
+    other.add_adapter(trained.peft_config["default"])
+    set_peft_model_state_dict(other, lora_state_dict(trained), adapter_name="default")
+    try:
+        yield other
+    finally:
+        del other
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def draw_samples(accelerator, family: Family, model: nn.Module, vae, scheduler, settings: SampleSettings,
+                 output_dir: Path, step: int, vae_home: str | torch.device) -> list[str]:
     vae.to(accelerator.device)
-    pipe = family.sample_pipeline(model, vae, scheduler)
+    pipe = family.sample_pipeline(model, vae, scheduler, settings.distilled)
     pipe.set_progress_bar_config(disable=True)
     (output_dir / "samples").mkdir(exist_ok=True)
     was_training = model.training

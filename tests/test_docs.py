@@ -51,8 +51,10 @@ def load_flag_reference() -> ModuleType:
 
 def test_the_package_map_names_every_module_and_only_modules_that_exist():
     package_map = section((ROOT / "docs" / "architecture.md").read_text(), "The package map")
-    mapped = set(re.findall(r"^\| `(\w+)\.py` \|", package_map, flags=re.M))
-    modules = {path.stem for path in (ROOT / "flux_qlora").glob("*.py") if path.name != "__init__.py"}
+    mapped = set(re.findall(r"^\| `([\w/]+)\.py` \|", package_map, flags=re.M))
+    package = ROOT / "flux_qlora"
+    modules = {str(path.relative_to(package).with_suffix("")) for path in package.rglob("*.py")
+               if path != package / "__init__.py"}
     assert not modules - mapped, f"modules missing from docs/architecture.md's package map: {sorted(modules - mapped)}"
     assert not mapped - modules, f"docs/architecture.md's package map names no such module: {sorted(mapped - modules)}"
 

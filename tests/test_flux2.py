@@ -58,6 +58,7 @@ def test_embeddings_equal_the_pipelines_encode_prompt(flux2, tiny_images_master)
     rows = [table.captions.index(c) for c in captions]
     torch.testing.assert_close(table.prompt_embeds[rows], expected.float())
     torch.testing.assert_close(table.text_ids, text_ids[0].float())  # (t, h, w, l) = (0, 0, 0, token)
+    torch.testing.assert_close(flux2["family"].text_ids(24), text_ids[0].float())
 
 
 @pytest.mark.parametrize("size", [(64, 96), (48, 32)])
@@ -81,7 +82,7 @@ def test_run_trains_checkpoints_evaluates_and_samples(flux2):
     lora_dir, family = flux2["lora"], flux2["family"]
     summary = json.loads((lora_dir / "train_summary.json").read_text())
     assert summary["steps"] == 6 and len(summary["losses"]) == 6
-    assert summary["nf4_layers"] == 2 * 12 + 2 * 2  # every linear of the 2 double + 2 single blocks
+    assert summary["nf4_layers"] == 2 * 12 + 2 * 2 + 3  # every linear of the 2 + 2 blocks, the shared modulation
     assert [step for step, _ in summary["eval_losses"]] == [0, 3, 6]
     assert (lora_dir / "checkpoint-3" / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((lora_dir / "checkpoint-3" / "training_state.json").read_text())["family"] == family.name
@@ -227,3 +228,31 @@ def built_once_path(flux2: dict, name: str) -> Path:
     if not (folder / "lora" / "pytorch_lora_weights.safetensors").exists():
         pytest.skip(f"{name} was not built in this run (run the whole file)")
     return folder
+
+
+def test_validation_model_draws_on_the_distilled_model_with_the_lora(flux2, tiny_images_master, tmp_path):
+    """--validation_model: klein base's LoRA sampled on the distilled model (here the same weights, told distilled),
+    the LoRA's current weights on its transformer: the same outputs as the trained model's."""
+    from flux_qlora.lora import add_lora, load_lora_into, target_modules
+    from flux_qlora.models import load_transformer
+    from flux_qlora.validation import SampleSettings, lora_on_other_model
+
+    if flux2["family"] is DEV:
+        pytest.skip("klein: base for training, distilled for serving")
+    distilled = tmp_path / "distilled"
+    shutil.copytree(flux2["model"], distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    trained = load_transformer(str(flux2["model"]), "cpu", torch.float32)
+    add_lora(trained, 4, None, "gaussian", target_modules("all-linear", KLEIN, trained.config))
+    load_lora_into(trained, flux2["lora"])
+    settings = SampleSettings({}, 64, 48, 4, 1.0, 0, model=str(distilled), distilled=True)
+    with lora_on_other_model(settings, trained, torch.float32, torch.device("cpu")) as other:
+        assert other is not trained
+        torch.testing.assert_close(flux2_forward(other, KLEIN), flux2_forward(trained, KLEIN))
+
+    run_script("train_qlora_flux.py", *train_args(
+        flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / "out", "--max_train_steps", "1",
+        "--validation_prompt", PROMPT, "--validation_model", distilled, "--checkpointing_steps", "1000"))
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert len(summary["samples_after"]) == 1 and (tmp_path / "out" / summary["samples_after"][0]).exists()

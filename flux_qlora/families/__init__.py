@@ -13,6 +13,7 @@ one family are refused on another with one line.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -48,6 +49,8 @@ class Family:
         """The double-stream then single-stream blocks, in the order the forward runs them."""
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
+    # The layers NF4 takes: the repeated blocks hold the bulk (>99% on FLUX.1) of the weights; the small embedders
+    # and the output layer stay in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
     quantized_prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks.")
 
     # --- text -----------------------------------------------------------------------------------------------
@@ -82,8 +85,9 @@ class Family:
                 module.to(device)
         return pipe
 
-    def serving_defaults(self, pipe) -> tuple[int, float]:
-        """(steps, guidance scale) of the model's pipeline, as its model card gives them."""
+    def serving_defaults(self, pipeline_config: Mapping) -> tuple[int, float]:
+        """(steps, guidance scale) of a model of this family, as its model card gives them; `pipeline_config`: its
+        model_index.json (a pipeline's `.config`)."""
         return self.default_steps, self.default_guidance
 
     def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int
@@ -107,6 +111,10 @@ class Family:
         """Positions of the packed 2x2-patch tokens of latents of (height, width)."""
         raise NotImplementedError
 
+    def text_ids(self, length: int) -> torch.Tensor:
+        """Positions of `length` text tokens, as the family's pipeline makes them."""
+        raise NotImplementedError
+
     def resolution_shift(self, image_seq_len: int) -> float:
         """exp(mu) of the family's resolution-dependent timestep shift (training's `--timestep_shift auto`)."""
         raise NotImplementedError
@@ -118,8 +126,9 @@ class Family:
         """The velocity the transformer predicts for packed `tokens` at `timestep` (sigma in [0, 1])."""
         raise NotImplementedError
 
-    def sample_pipeline(self, transformer: nn.Module, vae, scheduler):
-        """A pipeline around the training transformer and the VAE, no text encoders (prompt embeddings given)."""
+    def sample_pipeline(self, transformer: nn.Module, vae, scheduler, distilled: bool = False):
+        """A pipeline around the training transformer and the VAE, no text encoders (prompt embeddings given);
+        `distilled`: a step-distilled model (no classifier-free guidance)."""
         raise NotImplementedError
 
     def sample_kwargs(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor,

@@ -83,6 +83,9 @@ class Flux1(Family):
         ids[..., 2] = torch.arange(width // 2)[None, :]
         return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
+    def text_ids(self, length):
+        return torch.zeros(length, 3)
+
     def resolution_shift(self, image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
         """FLUX.1-dev's scheduler config's defaults."""
         slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -94,7 +97,7 @@ class Flux1(Family):
                            pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
                            txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
-    def sample_pipeline(self, transformer, vae, scheduler):
+    def sample_pipeline(self, transformer, vae, scheduler, distilled=False):
         from diffusers import FluxPipeline
 
         return FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer, text_encoder=None,

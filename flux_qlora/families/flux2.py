@@ -23,9 +23,9 @@ from flux_qlora.families.flux1 import byte_bpe_vocabulary
 # The transformers' config.json values of the released models (for the memory plan, the benchmarks' random
 # models and their tests); the text encoders' widths are 3x the encoder's hidden size (three layers stacked).
 KLEIN_4B_CONFIG = dict(
-    patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
-    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+    _class_name="Flux2Transformer2DModel", patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
+    mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
 )
 KLEIN_9B_CONFIG = {**KLEIN_4B_CONFIG, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
                    "joint_attention_dim": 12288}
@@ -51,6 +51,10 @@ class Flux2(Family):
     label_suffix: str
     text_layers: tuple[int, ...]  # hidden states of these encoder layers, stacked (as the pipeline does)
     latent_channels = 32
+    # The modulation is shared by all blocks here, not one per block: on [dev] 3 layers 6144 wide in, 36864,
+    # 36864 and 18432 out (0.57 B parameters, 1.1 GB in bf16), quantized as FLUX.1's per-block modulation is.
+    quantized_prefixes = ("transformer_blocks.", "single_transformer_blocks.", "double_stream_modulation_img.",
+                          "double_stream_modulation_txt.", "single_stream_modulation.")
     transformer_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     kohya_prefix = "diffusion_model."
@@ -97,6 +101,10 @@ class Flux2(Family):
                                    torch.arange(1))
         return ids.to(device=device, dtype=dtype)
 
+    def text_ids(self, length):
+        """(0, 0, 0, token): the pipelines' `_prepare_text_ids`."""
+        return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).float()
+
     def resolution_shift(self, image_seq_len):
         """exp(mu) of the FLUX.2 pipelines' empirical mu at their default step count (50): diffusers'
         `compute_empirical_mu`, whose fit is linear in the token count up to 4300 tokens."""
@@ -113,7 +121,7 @@ class Flux2(Family):
                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
                            return_dict=False)[0]
 
-    def sample_pipeline(self, transformer, vae, scheduler):
+    def sample_pipeline(self, transformer, vae, scheduler, distilled=False):
         return self.pipeline_cls()(scheduler=scheduler, vae=vae, transformer=transformer, text_encoder=None,
                                    tokenizer=None)
 
@@ -146,15 +154,17 @@ class Klein(Flux2):
 
         return Qwen3ForCausalLM
 
-    def serving_defaults(self, pipe):
+    def serving_defaults(self, pipeline_config):
         """The distilled models (model_index.json's is_distilled): 4 steps without guidance."""
-        return (self.distilled_steps, 1.0) if pipe.config.get("is_distilled") else super().serving_defaults(pipe)
+        if pipeline_config.get("is_distilled"):
+            return self.distilled_steps, 1.0
+        return super().serving_defaults(pipeline_config)
 
-    def sample_pipeline(self, transformer, vae, scheduler):
-        # Sample images draw without the text encoder: with guidance the pipeline encodes "" for the negative
-        # prompt, so it is given (sample_kwargs) and the pipeline is told it is not distilled.
+    def sample_pipeline(self, transformer, vae, scheduler, distilled=False):
+        # Sample images draw without the text encoder: with guidance the base model's pipeline encodes "" for the
+        # negative prompt, so it is given (sample_kwargs); the distilled one draws without guidance.
         return self.pipeline_cls()(scheduler=scheduler, vae=vae, transformer=transformer, text_encoder=None,
-                                   tokenizer=None, is_distilled=False)
+                                   tokenizer=None, is_distilled=distilled)
 
     def build_tiny_pipeline(self, output_dir, seed=0):
         """A Flux2KleinPipeline folder with random weights: a 27-layer Qwen3 32 wide (the pipeline stacks layers
