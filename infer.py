@@ -167,7 +167,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--cpu_offload already keeps T5 and CLIP off the GPU between uses: drop "
                         "--free_text_encoders (or --cpu_offload, which is slower).")
     check_compile_cache_dir(args)
-    if args.num_images < 1 or (args.num_inference_steps or 1) < 1:
+    if args.num_images < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
         raise UserError("--num_images and --num_inference_steps must be at least 1.")
 
 
@@ -186,9 +186,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def resolve_loras(args: argparse.Namespace) -> list[Lora]:
     """Each --lora read once (a kohya file converted), checked to be usable LoRA weights, all finite."""
     scales = args.lora_scale or [1.0] * len(args.lora)
+    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir) \
+        if args.lora else None  # ComfyUI/kohya files are read as this family's layers
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
-        file = read_lora_file(resolve_lora_file(source, args.weight_name, args.cache_dir))
+        file = read_lora_file(resolve_lora_file(source, args.weight_name, args.cache_dir), family)
         rank = file.rank
         file.check_finite()
         loras.append(Lora(source, file, rank, scale, f"lora_{i}"))

@@ -462,7 +462,7 @@ def finish(args: argparse.Namespace, settings: TrainSettings, run: Run, stats: R
                             lora.save_lora(model, output_dir, lora.EMA_WEIGHT_NAME, fold_alpha=True))
         if args.export_format:  # the same LoRA in the kohya/ComfyUI layout
             logger.info("Saved the %s LoRA to %s", args.export_format,
-                        convert_file(lora_path, output_dir / COMFYUI_WEIGHT_NAME, "comfyui"))
+                        convert_file(lora_path, output_dir / COMFYUI_WEIGHT_NAME, "comfyui", run.family))
     samples_after = generate_samples(args, settings, run, settings.max_train_steps)
     if accelerator.is_main_process:
         compile_cache.save_compile_cache(args.compile_cache_dir)  # graphs compiled after the first step

@@ -172,7 +172,7 @@ def test_flag_mistakes_are_refused_before_anything_loads(flags, expect, tiny_mod
 
 def test_parse_args_defaults():
     args = parse_args(["--instance_data_dir", "x"])
-    assert args.max_sequence_length == 77 and args.output_path == "embeddings.parquet"
+    assert args.max_sequence_length is None and args.output_path == "embeddings.parquet"  # the family's: FLUX.1 77
     assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
     assert prompt_key("a") != prompt_key("b")
 

@@ -36,7 +36,7 @@ def flux2(request, tmp_path_factory, tiny_images_master) -> dict:
             model, tiny_images_master, folder / "embeddings.parquet", folder / "lora", "--max_train_steps", "6",
             "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--lora_layers", "all-linear",
             "--validation_prompt", PROMPT, "--validation_inference_steps", "2", "--validation_split", "0.34",
-            "--eval_steps", "3", "--mixed_precision", "no"))
+            "--eval_steps", "3", "--mixed_precision", "no", "--export_format", "comfyui"))
         return folder
 
     folder = built_once(tmp_path_factory, f"flux2-{request.param}", build)
@@ -256,3 +256,51 @@ def test_validation_model_draws_on_the_distilled_model_with_the_lora(flux2, tiny
         "--validation_prompt", PROMPT, "--validation_model", distilled, "--checkpointing_steps", "1000"))
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert len(summary["samples_after"]) == 1 and (tmp_path / "out" / summary["samples_after"][0]).exists()
+
+
+def test_comfyui_export_round_trips_and_diffusers_loads_it(flux2, tmp_path):
+    """The trainer's --export_format comfyui copy: ComfyUI's FLUX.2 names (diffusion_model.*, fused qkv, the scale
+    folded in, no .alpha), back to ours exactly, and diffusers' own FLUX.2 loader gives the trained model's output."""
+    from safetensors.torch import load_file, save_file
+
+    from flux_qlora.convert import COMFYUI_WEIGHT_NAME, read_lora_file, to_diffusers
+
+    family = flux2["family"]
+    ours = load_file(flux2["lora"] / "pytorch_lora_weights.safetensors")
+    comfy = load_file(flux2["lora"] / COMFYUI_WEIGHT_NAME)
+    assert all(k.startswith("diffusion_model.") for k in comfy) and not any(k.endswith(".alpha") for k in comfy)
+    a = comfy["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
+    assert a.shape[0] == 3 * 4  # q, k and v's rank-4 LoRAs as one
+    for name in ("single_blocks.1.linear1", "single_blocks.1.linear2", "double_blocks.1.txt_mlp.2",
+                 "double_stream_modulation_img.lin", "final_layer.linear"):
+        assert f"diffusion_model.{name}.lora_B.weight" in comfy, name
+    back = to_diffusers(comfy, family.lora_layout)
+    assert set(back) == set(ours)
+    for key in ours:  # alpha = rank in our saved files: nothing to fold, so exact
+        torch.testing.assert_close(back[key], ours[key], rtol=0, atol=0)
+    # infer.py reads the ComfyUI file as the same LoRA
+    assert set(read_lora_file(flux2["lora"] / COMFYUI_WEIGHT_NAME, family).tensors) == set(ours)
+    # diffusers' own FLUX.2 loader (its ai-toolkit path splits the fused qkv its own way)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    from flux_qlora.models import quantize_to_nf4
+
+    theirs, mine = pipeline(flux2), pipeline(flux2)
+    quantize_to_nf4(theirs.transformer, "cpu")
+    quantize_to_nf4(mine.transformer, "cpu")
+    theirs.load_lora_weights(str(tmp_path), weight_name="comfy.safetensors")
+    mine.load_lora_weights(flux2["lora"])
+    torch.testing.assert_close(flux2_forward(theirs.transformer, family), flux2_forward(mine.transformer, family),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_converter_names_the_family_it_converts_for(flux2, tmp_path):
+    """`python -m flux_qlora.convert` reads the family the run recorded beside the LoRA; --family overrides."""
+    from safetensors.torch import load_file
+
+    run_script("-m", "flux_qlora.convert", flux2["lora"] / "pytorch_lora_weights.safetensors",
+               tmp_path / "comfy.safetensors", "--to", "comfyui")
+    assert all(k.startswith("diffusion_model.") for k in load_file(tmp_path / "comfy.safetensors"))
+    run_script("-m", "flux_qlora.convert", tmp_path / "comfy.safetensors", tmp_path / "back.safetensors", "--to",
+               "diffusers", "--family", flux2["family"].name)
+    assert set(load_file(tmp_path / "back.safetensors")) == set(
+        load_file(flux2["lora"] / "pytorch_lora_weights.safetensors"))

@@ -14,12 +14,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from flux_qlora.errors import UserError
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """How a family's LoRA layers are named where ComfyUI, Forge and kohya read them: the original (BFL) module
+    names, where a block's q, k and v (FLUX.1's single blocks: also the MLP input) are one fused linear."""
+
+    prefix: str  # before every layer name
+    separator: str  # between the parts of a layer name ("_" in kohya's layout)
+    down: str  # the suffixes of the two factors
+    up: str
+    alpha: bool  # an `.alpha` tensor per layer (scale alpha / rank); without, the scale is folded into `up`
+    double: dict[str, tuple[str, int | None]]  # diffusers name in a double block -> (BFL name, part of a fused one)
+    single: dict[str, tuple[str, int | None]]  # the same in a single block
+    top: dict[str, str]  # the linears outside the blocks
+    part_widths: dict[str, tuple[int, ...]]  # a fused layer's parts, in model widths
+    base_model: str  # what the file's metadata names (ss_base_model_version)
+
+    def key(self, name: str) -> str:
+        """'double_blocks.0.img_attn.qkv' -> this layout's layer key."""
+        return self.prefix + name.replace(".", self.separator)
 
 
 class Family:
@@ -32,7 +54,8 @@ class Family:
     vae_class: str
     latent_channels: int  # the VAE's latent channels (the transformer sees 4x this: 2x2 packing)
     lora_presets: dict[str, list[str]]  # --lora_layers presets: module names of this family's transformer
-    kohya_prefix: str | None = None  # the key prefix of kohya/ComfyUI LoRA files of this family
+    lora_layout: LoraLayout  # its LoRAs' names in ComfyUI / kohya files
+    lora_markers: tuple[str, ...]  # module-name parts only this family's LoRAs have (diffusers layout)
     default_guidance: float = 3.5  # sample images' guidance scale
     default_steps: int = 28  # sample images' step count
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
@@ -203,6 +226,15 @@ def for_vae(vae: nn.Module) -> Family:
         if type(vae).__name__ == family.vae_class:
             return family
     raise UserError(f"a {type(vae).__name__} is not the VAE of a FLUX.1 or FLUX.2 pipeline.")
+
+
+def for_lora(layer_names: list[str], recorded: str | None = None) -> Family:
+    """The family a diffusers-layout LoRA is for: the one its run recorded, else the one whose own module names it
+    uses (FLUX.1 where it names only modules both have: the double blocks' attention is named alike)."""
+    if recorded:
+        return by_name(recorded)
+    found = [f for f in all_families() if any(m in name for name in layer_names for m in f.lora_markers)]
+    return found[0] if len(found) == 1 else all_families()[0]
 
 
 def read_model_index(name_or_path: str, revision=None, cache_dir=None) -> dict | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.families import Family
+from flux_qlora.families import Family, LoraLayout
 
 # FLUX.1-dev's transformer config (its config.json), for the memory plan's tests and the benchmarks' random model.
 FLUX_DEV_CONFIG = dict(
@@ -32,7 +32,24 @@ class Flux1(Family):
     vae_class = "AutoencoderKL"
     latent_channels = 16
     guidance_embeds = True
-    kohya_prefix = "lora_unet_"
+    lora_layout = LoraLayout(
+        prefix="lora_unet_", separator="_", down="lora_down.weight", up="lora_up.weight", alpha=True,
+        double={"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+                "attn.to_out.0": ("img_attn.proj", None), "attn.add_q_proj": ("txt_attn.qkv", 0),
+                "attn.add_k_proj": ("txt_attn.qkv", 1), "attn.add_v_proj": ("txt_attn.qkv", 2),
+                "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
+                "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
+                "ff_context.net.2": ("txt_mlp.2", None), "norm1.linear": ("img_mod.lin", None),
+                "norm1_context.linear": ("txt_mod.lin", None)},
+        # linear1 = [q; k; v; mlp], the MLP part mlp_ratio = 4 times as wide as each of q, k, v
+        single={"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
+                "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)},
+        # norm_out's modulation is left out: its rows are swapped
+        top={"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"},
+        part_widths={"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1), "linear1": (1, 1, 1, 4)},
+        base_model="flux1",
+    )
+    lora_markers = ("proj_mlp", "ff.net.", "norm1.linear", "norm1_context.linear", ".norm.linear", "time_text_embed")
     lora_presets = {
         "attention": ["to_k", "to_q", "to_v", "to_out.0"],
         "attention+context": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.families import Family
+from flux_qlora.families import Family, LoraLayout
 from flux_qlora.families.flux1 import byte_bpe_vocabulary
 
 # The transformers' config.json values of the released models (for the memory plan, the benchmarks' random
@@ -57,7 +57,31 @@ class Flux2(Family):
                           "double_stream_modulation_txt.", "single_stream_modulation.")
     transformer_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
-    kohya_prefix = "diffusion_model."
+    # ComfyUI's FLUX.2 names (BFL's), under the prefix every FLUX.2-capable ComfyUI maps for each linear layer;
+    # lora_A/lora_B with the scale folded in (no .alpha): what diffusers' FLUX.2 loader reads back too. Its fused
+    # qkv takes q, k and v as one LoRA with stacked downs and a block-diagonal up (exact).
+    lora_layout = LoraLayout(
+        prefix="diffusion_model.", separator=".", down="lora_A.weight", up="lora_B.weight", alpha=False,
+        double={"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+                "attn.to_out.0": ("img_attn.proj", None), "attn.add_q_proj": ("txt_attn.qkv", 0),
+                "attn.add_k_proj": ("txt_attn.qkv", 1), "attn.add_v_proj": ("txt_attn.qkv", 2),
+                "attn.to_add_out": ("txt_attn.proj", None), "ff.linear_in": ("img_mlp.0", None),
+                "ff.linear_out": ("img_mlp.2", None), "ff_context.linear_in": ("txt_mlp.0", None),
+                "ff_context.linear_out": ("txt_mlp.2", None)},
+        single={"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)},
+        # norm_out's modulation is left out: ComfyUI swaps its halves and diffusers' LoRA loader does not
+        top={"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer"},
+        part_widths={"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1)},
+        base_model="flux2",
+    )
+    lora_markers = ("to_qkv_mlp_proj", ".linear_in", ".linear_out", "stream_modulation", "time_guidance_embed")
     lora_presets = {
         "attention": ATTENTION + SINGLE,
         "attention+context": ATTENTION + CONTEXT + SINGLE,
