@@ -105,8 +105,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dtype: torch.dtype,
-                   config: dict) -> str | None:
+def check_hardware(args: argparse.Namespace, settings: TrainSettings, accelerator: Accelerator,
+                   weight_dtype: torch.dtype, config: dict) -> str | None:
     """What this device can't run is refused here, before anything loads; returns the attention backend."""
     device = Device.of(accelerator.device)
     if args.do_fp8_training:
@@ -114,7 +114,8 @@ def check_hardware(args: argparse.Namespace, accelerator: Accelerator, weight_dt
     if args.cuda_graphs:
         processes = accelerator.num_processes
         step.check_cuda_graphs(accelerator.device, processes, step.lora_compute_dtype(processes, weight_dtype))
-    return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"])
+    return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"],
+                                  cudnn_training=settings.family.cudnn_attention_training)
 
 
 def plan_memory(args: argparse.Namespace, settings: TrainSettings, accelerator: Accelerator,
@@ -553,7 +554,7 @@ def main(args: argparse.Namespace) -> dict:
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     family = families.detect(args.pretrained_model_name_or_path, config, args.revision, args.cache_dir)
     settings = settings.for_model(family, config, args.lora_layers)
-    attention_backend = check_hardware(args, accelerator, weight_dtype, config)
+    attention_backend = check_hardware(args, settings, accelerator, weight_dtype, config)
     lora.check_rank(args.rank, config)
     plan = plan_memory(args, settings, accelerator, weight_dtype, config)
     if args.dry_run:

@@ -94,6 +94,8 @@ def streams_alike(args: tuple) -> tuple:
     own (4 graphs instead of 2, compile time measured: BENCHMARKS.md). The price: the first block's input
     gradients, computed and dropped."""
     def alike(tensor):
+        if tensor is None:  # FLUX.2's single blocks: one joint stream, the text one None
+            return None
         tensor = canonical_strides(tensor)
         return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
 
@@ -112,8 +114,8 @@ def compile_blocks_for_inference(transformer: nn.Module) -> None:
     the graph: the first single block gets whole tensors, the others slices of the previous block's joint
     sequence, and that difference cost a second single-block graph in the warm-up (3 graphs instead of 2)."""
     def canonical_streams(module, args, kwargs):
-        return (tuple(canonical_strides(a) if i < 2 else a for i, a in enumerate(args)),
-                {k: canonical_strides(v) if k in ("hidden_states", "encoder_hidden_states") else v
+        return (tuple(canonical_strides(a) if i < 2 and a is not None else a for i, a in enumerate(args)),
+                {k: canonical_strides(v) if k in ("hidden_states", "encoder_hidden_states") and v is not None else v
                  for k, v in kwargs.items()})
 
     for block in repeated_blocks(transformer):

@@ -304,3 +304,35 @@ def test_the_converter_names_the_family_it_converts_for(flux2, tmp_path):
                "diffusers", "--family", flux2["family"].name)
     assert set(load_file(tmp_path / "back.safetensors")) == set(
         load_file(flux2["lora"] / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(flux2, tiny_images_master, tmp_path):
+    """--compile on FLUX.2's blocks (its single blocks get one joint stream: no text stream to make alike): one
+    graph per block kind, the same losses as eager."""
+    if flux2["family"] is DEV:
+        pytest.skip("the blocks are the same in [dev]")
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        run_script("train_qlora_flux.py", *train_args(
+            flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / name, "--max_train_steps", "3",
+            "--mixed_precision", "no", "--checkpointing_steps", "1000", *extra))
+        summary = json.loads((tmp_path / name / "train_summary.json").read_text())
+        losses[name] = summary["losses"]
+    assert summary["graphs_compiled"] == 2
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
+
+
+def test_training_attention_is_flash_not_cudnn_for_flux2():
+    """FLUX.1's workaround for the cuDNN backward (contiguous single-block gradients) has no FLUX.2 counterpart yet:
+    FLUX.2 trains with flash attention on Hopper, and asking for cuDNN is one line."""
+    from flux_qlora.hardware import Device, pick_attention_backend
+
+    h100 = Device("cuda", (9, 0), "NVIDIA H100", 79.1)
+    assert pick_attention_backend(None, h100, torch.bfloat16) == "_native_cudnn"  # FLUX.1
+    assert pick_attention_backend(None, h100, torch.bfloat16, cudnn_training=KLEIN.cudnn_attention_training) == \
+        "_native_flash"
+    with pytest.raises(UserError, match="--attention_backend _native_cudnn can't run"):
+        pick_attention_backend("_native_cudnn", h100, torch.bfloat16, cudnn_training=False)
+    assert pick_attention_backend("_native_cudnn", h100, torch.bfloat16, training=False, cudnn_training=False) == \
+        "_native_cudnn"  # serving has no backward

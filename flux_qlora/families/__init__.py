@@ -58,6 +58,9 @@ class Family:
     lora_markers: tuple[str, ...]  # module-name parts only this family's LoRAs have (diffusers layout)
     default_guidance: float = 3.5  # sample images' guidance scale
     default_steps: int = 28  # sample images' step count
+    # Training may use PyTorch's cuDNN attention: the family's blocks hand its backward contiguous gradients
+    # (blocks.give_single_blocks_contiguous_attention_gradients: FLUX.1's single blocks).
+    cudnn_attention_training: bool = True
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
     guidance_embeds: bool = True  # the transformer takes a guidance vector (guidance-distilled models)
 

@@ -51,6 +51,9 @@ class Flux2(Family):
     label_suffix: str
     text_layers: tuple[int, ...]  # hidden states of these encoder layers, stacked (as the pipeline does)
     latent_channels = 32
+    # The single blocks concatenate attention and MLP outputs inside their processor, out of reach of FLUX.1's
+    # workaround for the cuDNN backward: training takes flash attention until one is measured on a GPU.
+    cudnn_attention_training = False
     # The modulation is shared by all blocks here, not one per block: on [dev] 3 layers 6144 wide in, 36864,
     # 36864 and 18432 out (0.57 B parameters, 1.1 GB in bf16), quantized as FLUX.1's per-block modulation is.
     quantized_prefixes = ("transformer_blocks.", "single_transformer_blocks.", "double_stream_modulation_img.",
