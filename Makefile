@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_output
+# make demo FAMILY=flux2-klein (or flux2-dev): the same flow on that family's tiny model
+FAMILY ?= flux1
 
 .PHONY: demo test test-gpu test-gpu-quick lint clean
 
@@ -35,7 +37,7 @@ lint: $(VENV)/.installed
 
 # The whole flow on the CPU with the tiny Flux-shaped model and the generated image set.
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(PY) $(DEMO)
+	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(PY) $(DEMO) $(FAMILY)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
