@@ -25,7 +25,7 @@ import torch
 
 from flux_qlora.families import Family
 from flux_qlora.families.flux1 import FLUX1, FLUX_DEV_CONFIG
-from flux_qlora.families.flux2 import KLEIN, KLEIN_4B_CONFIG, KLEIN_9B_CONFIG
+from flux_qlora.families.flux2 import DEV, DEV_CONFIG, KLEIN, KLEIN_4B_CONFIG, KLEIN_9B_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,12 @@ FLUX_DEV_VAE = dict(
     norm_num_groups=32, sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
     use_post_quant_conv=False,
 )
-# --model -> (family, transformer config); FLUX.2 [dev] (32 B: 64 GB in bf16) does not fit this way on the GPU
-# machine's disk and RAM: it needs a model built straight into NF4.
+# --model -> (family, transformer config)
 MODELS = {"flux1-dev": (FLUX1, FLUX_DEV_TRANSFORMER), "flux2-klein-4b": (KLEIN, KLEIN_4B_CONFIG),
-          "flux2-klein-9b": (KLEIN, KLEIN_9B_CONFIG)}
+          "flux2-klein-9b": (KLEIN, KLEIN_9B_CONFIG), "flux2-dev": (DEV, DEV_CONFIG)}
+# FLUX.2 [dev]'s 32 B are 64 GB in bf16, more than the GPU machine's disk and half its RAM: built straight into NF4
+# (bench/build_nf4_model.py), so it benchmarks the NF4 base only.
+BUILT_IN_NF4 = {"flux2-dev"}
 FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                           base_image_seq_len=256, max_image_seq_len=4096)
 
@@ -62,21 +64,26 @@ MATRIX = [name for name in CONFIGS
           if not name.endswith("512x512") and (not name.startswith("fp8") or "-ckpt-" in name)]
 
 
-def build_model(folder: Path, family: Family = FLUX1, config: dict = FLUX_DEV_TRANSFORMER) -> None:
-    """A transformer of `config` (bf16 random weights, built on the GPU) + the family's VAE + scheduler, in pipeline
-    layout."""
+def build_model(folder: Path, family: Family = FLUX1, config: dict = FLUX_DEV_TRANSFORMER, nf4: bool = False) -> None:
+    """A transformer of `config` (random weights, built on the GPU: bf16, or with `nf4` straight into NF4) + the
+    family's VAE + scheduler, in pipeline layout."""
     from diffusers import AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
     if (folder / "transformer" / "config.json").exists():
         return
     start = time.time()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        transformer = family.transformer_cls().from_config(config)
-        torch.set_default_dtype(torch.float32)
-    transformer.save_pretrained(folder / "transformer", max_shard_size="10GB")
-    del transformer
+    if nf4:
+        from build_nf4_model import build_nf4_transformer
+
+        build_nf4_transformer(folder / "transformer", family, config)
+    else:
+        with torch.device("cuda"):
+            torch.set_default_dtype(torch.bfloat16)
+            transformer = family.transformer_cls().from_config(config)
+            torch.set_default_dtype(torch.float32)
+        transformer.save_pretrained(folder / "transformer", max_shard_size="10GB")
+        del transformer
     torch.cuda.empty_cache()
     vae = AutoencoderKL(**FLUX_DEV_VAE) if family is FLUX1 else AutoencoderKLFlux2()  # FLUX.2's: the defaults
     vae.to(torch.bfloat16).save_pretrained(folder / "vae")
@@ -231,7 +238,7 @@ def main() -> None:
     if "matrix" in args.configs:
         args.configs = MATRIX
     family, config = MODELS[args.model]
-    build_model(args.workdir / "model", family, config)
+    build_model(args.workdir / "model", family, config, nf4=args.model in BUILT_IN_NF4)
     build_data(args.workdir / "data", family=family, config=config)
     if any(name in BUCKET_CONFIGS for name in args.configs):
         build_data(args.workdir / "mixed", count=9, sizes=MIXED_SIZES, family=family, config=config)

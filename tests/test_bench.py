@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import run_script
+from helpers import ROOT, run_script
 
 
 def test_memory_at_peak_finds_the_peak_and_who_allocated_it(tmp_path):
@@ -28,3 +28,28 @@ def test_memory_at_peak_finds_the_peak_and_who_allocated_it(tmp_path):
     assert "0.293 GiB      1 x  train_qlora_flux.py:7 dequantize" in out
 
 
+
+
+def test_build_nf4_model_writes_a_prequantized_transformer_the_loader_reads(tmp_path):
+    """bench/build_nf4_model.py (how FLUX.2 [dev]'s 32 B are benchmarked without 64 GB of bf16): here FLUX.2's tiny
+    config on the CPU, loaded as a pre-quantized checkpoint and run."""
+    import sys
+
+    import torch
+
+    from flux_qlora.families.flux2 import DEV, TINY_TEXT_DIM
+    from flux_qlora.models import count_nf4_layers, load_transformer
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from build_nf4_model import build_nf4_transformer
+
+    config = dict(_class_name="Flux2Transformer2DModel", in_channels=32, num_layers=1, num_single_layers=1,
+                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=3 * TINY_TEXT_DIM,
+                  timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
+    build_nf4_transformer(tmp_path / "transformer", DEV, config, "cpu")
+    model = load_transformer(str(tmp_path / "transformer"), "cpu", torch.float32)
+    assert count_nf4_layers(model) == 12 + 2 + 3  # the double and single block's linears, the shared modulation
+    g = torch.Generator().manual_seed(0)
+    out = DEV.forward(model, torch.randn(1, 12, 32, generator=g), torch.tensor([0.5]), torch.tensor([3.5]),
+                      torch.randn(1, 5, 96, generator=g), torch.zeros(1, 0), DEV.text_ids(5), DEV.image_ids(6, 8))
+    assert out.shape == (1, 12, 32) and bool(torch.isfinite(out).all()) and out.std() > 0.1
