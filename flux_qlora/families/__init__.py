@@ -71,10 +71,6 @@ class Family:
     def pipeline_cls(self):
         raise NotImplementedError
 
-    def repeated_blocks(self, transformer: nn.Module) -> list[nn.Module]:
-        """The double-stream then single-stream blocks, in the order the forward runs them."""
-        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
     # The layers NF4 takes: the repeated blocks hold the bulk (>99% on FLUX.1) of the weights; the small embedders
     # and the output layer stay in the weight dtype, as in the NF4 checkpoints the diffusers team publishes.
     quantized_prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks.")
@@ -168,20 +164,9 @@ class Family:
 
         return FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **hub)
 
-    # --- the memory plan ------------------------------------------------------------------------------------
-    def embedding_width(self, config: dict) -> int:
-        """Values per caption besides the token embeddings (the pooled vector)."""
-        return config.get("pooled_projection_dim", 0)
-
     # --- tests and the demo ---------------------------------------------------------------------------------
     def build_tiny_pipeline(self, output_dir: Path, seed: int = 0) -> Path:
         raise NotImplementedError
-
-    def load_snippet(self, base_model: str, lora_repo: str) -> str:
-        """The model card's "how to load it" code."""
-        cls = self.pipeline_classes[0]
-        return (f"import torch\nfrom diffusers import {cls}\n\npipe = {cls}.from_pretrained(\"{base_model}\", "
-                f"dtype=torch.bfloat16).to(\"cuda\")\npipe.load_lora_weights(\"{lora_repo}\")\n")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -242,25 +227,40 @@ def for_lora(layer_names: list[str], recorded: str | None = None) -> Family:
 
 def read_model_index(name_or_path: str, revision=None, cache_dir=None) -> dict | None:
     """A pipeline's model_index.json (local folder or Hub id), None for a transformer-only folder or repo."""
+    from flux_qlora.files import looks_like_hub_id
+
     path = Path(name_or_path)
     if path.is_dir():
         index = path / "model_index.json"
         return json.loads(index.read_text()) if index.exists() else None
+    if not looks_like_hub_id(name_or_path):
+        raise UserError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub id "
+                        "(owner/name) either.")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
                                                cache_dir=cache_dir)).read_text())
     except EntryNotFoundError:
         return None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise UserError(f"{name_or_path}: could not read its model_index.json from the Hub "
+                        f"({error.__class__.__name__}); check the id, --revision and your connection.") from None
 
 
 def detect(name_or_path: str, transformer_config: dict | None = None, revision=None, cache_dir=None) -> Family:
-    """The family of a model: from its pipeline's class, else (a transformer folder) from the transformer's config."""
+    """The family of a model: from its pipeline's class, else (a transformer folder) from the transformer's config;
+    a `transformer_config` given with a pipeline (--pretrained_transformer_model_name_or_path) must be of its family."""
     index = read_model_index(name_or_path, revision, cache_dir)
     if index is not None:
-        return from_pipeline_class(index.get("_class_name", "?"), name_or_path)
+        family = from_pipeline_class(index.get("_class_name", "?"), name_or_path)
+        if transformer_config is not None:
+            other = from_transformer_config(transformer_config, "the transformer")
+            if other is not family:
+                raise UserError(f"the transformer is a {other.label} one and {name_or_path} a {family.label} "
+                                "pipeline: give a transformer of the pipeline's family.")
+        return family
     if transformer_config is None:
         from flux_qlora.models import read_transformer_config
 
