@@ -318,17 +318,18 @@ def test_the_converter_names_the_family_it_converts_for(flux2, tmp_path):
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(flux2, tiny_images_master, tmp_path):
     """--compile on FLUX.2's blocks (its single blocks get one joint stream: no text stream to make alike): one
-    graph per block kind, the same losses as eager."""
+    graph per block kind, the same first losses as the fixture's eager run (eval loss and samples draw from streams
+    of their own, so they don't move the training's)."""
     skip_dev(flux2, "the blocks are the same")
-    losses = {}
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        run_script("train_qlora_flux.py", *train_args(
-            flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / name, "--max_train_steps", "2",
-            "--mixed_precision", "no", "--checkpointing_steps", "1000", *extra))
-        summary = json.loads((tmp_path / name / "train_summary.json").read_text())
-        losses[name] = summary["losses"]
-    assert summary["graphs_compiled"] == 2
-    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
+    run_script("train_qlora_flux.py", *train_args(
+        flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / "compiled", "--max_train_steps", "2",
+        "--learning_rate", "1e-3", "--lora_layers", "all-linear", "--validation_split", "0.34",
+        "--mixed_precision", "no", "--checkpointing_steps", "1000", "--compile"))
+    compiled = json.loads((tmp_path / "compiled" / "train_summary.json").read_text())
+    eager = json.loads((flux2["lora"] / "train_summary.json").read_text())
+    assert compiled["graphs_compiled"] == 2
+    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"][:2]), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_training_attention_is_flash_not_cudnn_for_flux2():
