@@ -263,14 +263,15 @@ def check_embeddings_fit(embeddings: TextEmbeddings, family: Family, config: dic
     pooled_projection_dim; FLUX.2 has none): embeddings of other text encoders are refused before the model loads."""
     check_same_family(embeddings.manifest.get("family"), family, f"--data_df_path {path}",
                       "re-run compute_embeddings.py with this model")
-    widths = {"joint_attention_dim": embeddings.prompt_embeds.shape[-1],
-              "pooled_projection_dim": embeddings.pooled_prompt_embeds.shape[-1]}
-    wrong = {name: width for name, width in widths.items() if config.get(name, 0 if "pooled" in name else width)
-             != width}
+    found = {"joint_attention_dim": embeddings.prompt_embeds.shape[-1],
+             "pooled_projection_dim": embeddings.pooled_prompt_embeds.shape[-1]}
+    expected = {"joint_attention_dim": config.get("joint_attention_dim", found["joint_attention_dim"]),
+                "pooled_projection_dim": config.get("pooled_projection_dim", 0)}  # FLUX.2: none
+    wrong = [name for name in found if found[name] != expected[name]]
     if wrong:
-        name, width = next(iter(wrong.items()))
-        raise UserError(f"{path} holds embeddings {width} wide, the transformer's {name} is {config[name]}: it was "
-                        "made with other text encoders; re-run compute_embeddings.py with this model.")
+        name = wrong[0]
+        raise UserError(f"{path} holds embeddings {found[name]} wide, the transformer's {name} is {expected[name]}: "
+                        "it was made with other text encoders; re-run compute_embeddings.py with this model.")
 
 
 def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_path: str,

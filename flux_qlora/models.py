@@ -149,8 +149,9 @@ def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 
 def _block_linears(model: nn.Module) -> list[str]:
     """Names of the plain linear layers of the repeated blocks (the bulk of the weights), LoRA factors excluded."""
+    prefixes = quantized_prefixes(model)
     return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and n.startswith(quantized_prefixes(model)) and ".lora_" not in n]
+            if type(m) is nn.Linear and n.startswith(prefixes) and ".lora_" not in n]
 
 
 def _replace_linears_with_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
