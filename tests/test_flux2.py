@@ -240,7 +240,7 @@ def built_once_path(flux2: dict, name: str) -> Path:
 
 def test_validation_model_draws_on_the_distilled_model_with_the_lora(flux2, tiny_images_master, tmp_path):
     """--validation_model: klein base's LoRA sampled on the distilled model (here the same weights, told distilled),
-    the LoRA's current weights on its transformer: the same outputs as the trained model's."""
+    the LoRA's current weights on its transformer: the same outputs as the trained model's; its own defaults."""
     from flux_qlora.lora import add_lora, load_lora_into, target_modules
     from flux_qlora.models import load_transformer
     from flux_qlora.validation import SampleSettings, lora_on_other_model
@@ -258,11 +258,16 @@ def test_validation_model_draws_on_the_distilled_model_with_the_lora(flux2, tiny
         assert other is not trained
         torch.testing.assert_close(flux2_forward(other, KLEIN), flux2_forward(trained, KLEIN))
 
-    run_script("train_qlora_flux.py", *train_args(
-        flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / "out", "--max_train_steps", "1",
-        "--validation_prompt", PROMPT, "--validation_model", distilled, "--checkpointing_steps", "1000"))
-    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
-    assert len(summary["samples_after"]) == 1 and (tmp_path / "out" / summary["samples_after"][0]).exists()
+    # The trainer's sample settings for it: the distilled model's own step count and guidance, no CFG.
+    import train_qlora_flux
+
+    args = train_qlora_flux.parse_args([str(a) for a in train_args(
+        flux2["model"], tiny_images_master, flux2["embeddings"], tmp_path / "out", "--validation_prompt", PROMPT,
+        "--validation_model", distilled)])
+    settings = train_qlora_flux.validate_args(args).for_model(KLEIN, dict(trained.config), args.lora_layers)
+    samples = train_qlora_flux.sample_settings(args, settings, read_embeddings(flux2["embeddings"]),
+                                               torch.device("cpu"))
+    assert (samples.steps, samples.guidance_scale, samples.distilled, samples.model) == (4, 1.0, True, str(distilled))
 
 
 def test_comfyui_export_round_trips_and_diffusers_loads_it(flux2, tmp_path):
