@@ -1,5 +1,6 @@
-"""Validation images during training: drawn by the training transformer itself (no second copy of the model), with
-the cached prompt embeddings, the VAE on the GPU only to decode."""
+"""Validation images during training: drawn by the training transformer itself (no second copy of the model; with
+--validation_model, by that model's transformer carrying the LoRA, loaded for the samples only), with the cached
+prompt embeddings, the VAE on the GPU only to decode."""
 
 from __future__ import annotations
 
