@@ -183,11 +183,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def resolve_loras(args: argparse.Namespace) -> list[Lora]:
+def resolve_loras(args: argparse.Namespace, family: Family | None = None) -> list[Lora]:
     """Each --lora read once (a kohya file converted), checked to be usable LoRA weights, all finite."""
     scales = args.lora_scale or [1.0] * len(args.lora)
-    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir) \
-        if args.lora else None  # ComfyUI/kohya files are read as this family's layers
+    # `family`: the model's (a ComfyUI/kohya file is read as its layers; without, FLUX.1's)
     loras = []
     for i, (source, scale) in enumerate(zip(args.lora, scales)):
         file = read_lora_file(resolve_lora_file(source, args.weight_name, args.cache_dir), family)
@@ -256,9 +255,8 @@ def small_gpu_advice(device: Device, args) -> str | None:
             "(or --cpu_offload, slower); without, expect to run out of GPU memory.")
 
 
-def load_pipeline(args, device: torch.device):
+def load_pipeline(args, device: torch.device, family: Family):
     """The pipeline of the model's family (FluxPipeline, Flux2Pipeline, Flux2KleinPipeline)."""
-    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     dtype = DTYPES[args.dtype]
     common = {**hub_kwargs(args), "dtype": dtype}
     extra = {}
@@ -499,8 +497,10 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     device = pick_device(args)
     if args.compile:
         start_compile_workers(device)
-    loras = resolve_loras(args)
-    pipe = pipe if pipe is not None else load_pipeline(args, device)
+    family = family_of(pipe) if pipe is not None else families.detect(
+        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)  # read once
+    loras = resolve_loras(args, family)
+    pipe = pipe if pipe is not None else load_pipeline(args, device, family)
     steps, guidance = family_of(pipe).serving_defaults(pipe.config)
     args.num_inference_steps = args.num_inference_steps or steps  # the model's defaults where not given
     args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale

@@ -314,10 +314,12 @@ def sample_settings(args: argparse.Namespace, settings: TrainSettings, table: em
     negative = table.prompt("") if family.samples_with_negative else None
     steps, guidance, distilled = 20, 3.5, False  # the defaults on the trained model itself
     if args.validation_model:
-        families.check_same_family(families.detect(args.validation_model, revision=args.revision,
-                                                   cache_dir=args.cache_dir).name, family,
-                                   f"--validation_model {args.validation_model}", "give a model of the trained family")
-        index = families.read_model_index(args.validation_model, args.revision, args.cache_dir) or {}
+        where = f"--validation_model {args.validation_model}"
+        index = families.read_model_index(args.validation_model, args.revision, args.cache_dir)  # read once
+        if index is None:
+            raise UserError(f"{where}: no model_index.json; give a pipeline (its scheduler draws the samples).")
+        found = families.from_pipeline_class(index.get("_class_name", "?"), where)
+        families.check_same_family(found.name, family, where, "give a model of the trained family")
         (steps, guidance), distilled = family.serving_defaults(index), bool(index.get("is_distilled"))
     return validation.SampleSettings(
         prompts, *settings.sizes.validation, args.validation_inference_steps or steps,

@@ -149,11 +149,11 @@ def read_lora_file(path: Path, family: Family | None = None) -> LoraFile:
     serves LoRAs (load, fuse, both hotswaps) reads one layout."""
     tensors, metadata = read_safetensors(path)
     config = config_beside(path)
-    converted = comfyui_as_diffusers(tensors, path, family or (families.by_name(trained_family(config))
-                                                               if trained_family(config) else None))
+    recorded = trained_family(config)
+    converted = comfyui_as_diffusers(tensors, path, family or (families.by_name(recorded) if recorded else None))
     if converted is not None:
         tensors, metadata = converted, {}  # what diffusers saw in the converted copy it was once given
-    return LoraFile(path, tensors, metadata, trained_base_precision(config), trained_family(config))
+    return LoraFile(path, tensors, metadata, trained_base_precision(config), recorded)
 
 
 # The two namings ComfyUI reads any family's layers in: kohya's, and ComfyUI's own state-dict keys.

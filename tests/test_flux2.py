@@ -175,7 +175,7 @@ def served(flux2: dict, *flags: str):
 
     args = infer.parse_args(["--pretrained_model_name_or_path", str(flux2["model"]), "--dtype", "fp32", *flags])
     pipe = pipeline(flux2)
-    return pipe, infer.apply_loras(pipe, infer.resolve_loras(args), args, torch.device("cpu"))
+    return pipe, infer.apply_loras(pipe, infer.resolve_loras(args, flux2["family"]), args, torch.device("cpu"))
 
 
 def test_infer_fuses_blends_and_hotswaps_flux2_loras_alike(flux2):

@@ -52,7 +52,6 @@ class Family:
     pipeline_classes: tuple[str, ...]  # model_index.json's _class_name values of this family
     transformer_class: str
     vae_class: str
-    latent_channels: int  # the VAE's latent channels (the transformer sees 4x this: 2x2 packing)
     lora_presets: dict[str, list[str]]  # --lora_layers presets: module names of this family's transformer
     lora_layout: LoraLayout  # its LoRAs' names in ComfyUI / kohya files
     lora_markers: tuple[str, ...]  # module-name parts only this family's LoRAs have (diffusers layout)

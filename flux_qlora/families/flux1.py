@@ -30,7 +30,6 @@ class Flux1(Family):
     pipeline_classes = ("FluxPipeline",)
     transformer_class = "FluxTransformer2DModel"
     vae_class = "AutoencoderKL"
-    latent_channels = 16
     guidance_embeds = True
     lora_layout = LoraLayout(
         prefix="lora_unet_", separator="_", down="lora_down.weight", up="lora_up.weight", alpha=True,

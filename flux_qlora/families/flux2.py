@@ -50,7 +50,6 @@ MODULATION = ["double_stream_modulation_img.linear", "double_stream_modulation_t
 class Flux2(Family):
     label_suffix: str
     text_layers: tuple[int, ...]  # hidden states of these encoder layers, stacked (as the pipeline does)
-    latent_channels = 32
     # The single blocks concatenate attention and MLP outputs inside their processor, out of reach of FLUX.1's
     # workaround for the cuDNN backward: training takes flash attention until one is measured on a GPU.
     cudnn_attention_training = False
