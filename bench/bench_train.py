@@ -133,7 +133,7 @@ def launcher(gpu_profile: str | None) -> list[str]:
 
 
 def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profile: str | None = None,
-               fresh_compile_cache: bool = False, env_vars: dict[str, str] | None = None) -> dict:
+               fresh_compile_cache: bool = False, env_vars: dict[str, str] | None = None, rank: int = 4) -> dict:
     if name in BUCKET_CONFIGS:  # buckets of about resolution^2 pixels over the mixed-aspect images
         resolution, flags = BUCKET_CONFIGS[name]
         width = height = resolution
@@ -150,9 +150,9 @@ def run_config(name: str, workdir: Path, steps: int, extra: list[str], gpu_profi
         *launcher(gpu_profile),
         str(ROOT / "train_qlora_flux.py"), "--pretrained_model_name_or_path", str(workdir / "model"),
         "--instance_data_dir", str(data / "images"), "--data_df_path", str(data / "embeddings.parquet"),
-        "--output_dir", str(output), *size, "--rank", "4", "--use_8bit_adam", "--cache_latents", "--max_train_steps",
-        str(steps), "--checkpointing_steps", "100000", "--report_to", "none", "--logging_steps", "10",
-        "--profile_dir", str(output / "profile"), "--overwrite_output_dir",  # a rerun replaces the last one
+        "--output_dir", str(output), *size, "--rank", str(rank), "--use_8bit_adam", "--cache_latents",
+        "--max_train_steps", str(steps), "--checkpointing_steps", "100000", "--report_to", "none", "--logging_steps",
+        "10", "--profile_dir", str(output / "profile"), "--overwrite_output_dir",  # a rerun replaces the last one
         *flags, *extra,
     ]
     start = time.time()
@@ -192,10 +192,10 @@ def split_env(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
     return [t for t in tokens if not ENV_TOKEN.fullmatch(t)], env
 
 
-def run_reference(width: int, height: int, workdir: Path, steps: int) -> dict:
-    """bench/reference_recipe.py: the libraries' standard QLoRA calls, on the same model and sizes."""
+def run_reference(width: int, height: int, workdir: Path, steps: int, rank: int = 4) -> dict:
+    """bench/reference_recipe.py: the libraries' standard QLoRA calls, on the same model, sizes and rank."""
     command = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(workdir / "model"),
-               "--width", str(width), "--height", str(height), "--steps", str(steps)]
+               "--width", str(width), "--height", str(height), "--steps", str(steps), "--rank", str(rank)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         return {"config": "reference", "resolution": f"{width}x{height}", "error": result.stderr[-2000:]}
@@ -213,6 +213,7 @@ def main() -> None:
                              "{512x768, 1024x1024} x {checkpointing, none} x {NF4, bf16 base}, and the FP8 path with "
                              "checkpointing.")
     parser.add_argument("--steps", type=int, default=25, help="Optimizer steps per configuration.")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of every run, the reference recipe's too.")
     parser.add_argument("--extra", type=str, action="append", default=[],
                         help="Trainer flags for one more pass over --configs, e.g. --extra='--compile' (repeatable; "
                              "the plain flags always run first); NAME=VALUE tokens set that pass's environment, e.g. "
@@ -243,9 +244,9 @@ def main() -> None:
     if any(name in BUCKET_CONFIGS for name in args.configs):
         build_data(args.workdir / "mixed", count=9, sizes=MIXED_SIZES, family=family, config=config)
     results, reference = [], {}
-    if not args.skip_reference and family is FLUX1:  # the reference recipe is FLUX.1's
+    if not args.skip_reference:
         for w, h in sorted({CONFIGS[name][:2] for name in args.configs if name.startswith("nf4") and name in CONFIGS}):
-            reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps)
+            reference[f"{w}x{h}"] = run_reference(w, h, args.workdir, args.steps, args.rank)
             results.append(reference[f"{w}x{h}"])
             print(json.dumps(results[-1]), flush=True)
     passes = ([] if args.skip_plain else [""]) + args.extra
@@ -253,7 +254,7 @@ def main() -> None:
     for extra, profile, name in itertools.product(passes, args.gpu_profile, args.configs):
         flags, env = split_env(extra.split())
         results.append(run_config(name, args.workdir, args.steps, flags, profile, args.fresh_compile_cache,
-                                  {**common_env, **env}))
+                                  {**common_env, **env}, args.rank))
         base = reference.get(results[-1].get("resolution"), {})
         if "s_per_step" in base and "s_per_step" in results[-1]:
             results[-1]["speedup_vs_reference"] = base["s_per_step"] / results[-1]["s_per_step"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from helpers import ROOT, run_script
 
 
@@ -53,3 +55,46 @@ def test_build_nf4_model_writes_a_prequantized_transformer_the_loader_reads(tmp_
     out = DEV.forward(model, torch.randn(1, 12, 32, generator=g), torch.tensor([0.5]), torch.tensor([3.5]),
                       torch.randn(1, 5, 96, generator=g), torch.zeros(1, 0), DEV.text_ids(5), DEV.image_ids(6, 8))
     assert out.shape == (1, 12, 32) and bool(torch.isfinite(out).all()) and out.std() > 0.1
+
+
+
+def test_reference_recipe_puts_its_lora_on_exactly_the_layers_of_our_default_preset(tmp_path):
+    """bench/reference_recipe.py (diffusers' examples' QLoRA calls, the baseline of our speed-ups) and the trainer's
+    default `--lora_layers attention` wrap the same layers of a FLUX.2 transformer: a comparison at one rank is fair."""
+    import json
+    import sys
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from flux_qlora.families.flux2 import KLEIN
+    from flux_qlora.lora import target_modules
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from reference_recipe import example_targets
+
+    config = json.loads((KLEIN.build_tiny_pipeline(tmp_path / "model") / "transformer" / "config.json").read_text())
+
+    def wrapped(targets: list[str]) -> set[str]:
+        transformer = KLEIN.transformer_cls().from_config(config)
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=targets), transformer)
+        return {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+
+    ours = wrapped(target_modules("attention", KLEIN, config))
+    assert ours == wrapped(example_targets(KLEIN, config["num_single_layers"]))
+    assert {"single_transformer_blocks.1.attn.to_out", "single_transformer_blocks.1.attn.to_qkv_mlp_proj",
+            "transformer_blocks.1.attn.to_out.0"} <= ours
+
+
+@pytest.mark.gpu  # diffusers' bitsandbytes loading needs a GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' NF4 loading needs a GPU (the device machine)")
+def test_reference_recipe_trains_a_tiny_flux2_model(tmp_path):
+    import json
+
+    from flux_qlora.families.flux2 import KLEIN
+
+    model = KLEIN.build_tiny_pipeline(tmp_path / "model")
+    out = run_script("bench/reference_recipe.py", "--model", model, "--width", 64, "--height", 64, "--steps", 5,
+                     "--rank", 8).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["rank"] == 8 and len(result["losses"]) == 5 and result["peak_gib"] > 0
+    assert all(0 < loss < 10 for loss in result["losses"]) and result["s_per_step"] > 0
