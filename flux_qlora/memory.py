@@ -1,14 +1,13 @@
 """The memory plan: a training run's peak GPU memory and system RAM, predicted before anything loads.
 
 Weights and LoRA state are counted exactly from the transformer's config (a skeleton on the meta device). The
-activations are a model in the token count, calibrated on FLUX.1-dev-shaped runs (bf16 compute, `--compile
---cuda_graphs`, BENCHMARKS.md): with checkpointing the peak holds each checkpointed block's input plus one block's
-recomputed activations, without it every block's activations:
+activations are a model in the token count whose constants each family fits to its measured peaks
+(`Family.activations`; bf16 compute, `--compile --cuda_graphs`, BENCHMARKS.md): with checkpointing the peak holds
+each checkpointed block's input plus one block's recomputed activations, without it every block's activations:
 
     activations = WORKSPACE + tokens x batch x (checkpointed blocks x CKPT_INPUT + other blocks x BLOCK + BLOCK)
 
-Fitted to three measurements (512x768 and 1024x1024 with checkpointing: 6.85 / 8.02 GiB; 512x768 without: 13.73
-GiB); per hidden unit, so other widths scale.
+per token and hidden unit, so other widths of a family scale.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from flux_qlora.errors import UserError
+from flux_qlora.families import Family, from_transformer_config
 from flux_qlora.hardware import Device
 
 GIB = 2**30
-CKPT_INPUT_BYTES = 2.29  # per token and hidden unit, per checkpointed block (bf16 input, rotary, modulation)
-BLOCK_BYTES = 28.95  # per token and hidden unit: one block's activations kept for its backward, in bf16
-WORKSPACE_GIB = 0.18  # cuBLAS/attention workspaces, the batch's latents and embeddings, allocator slack
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # two codes per byte + 8-bit block scales + fp32 second-level scales
 PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA context and libraries in system RAM (estimate)
 
@@ -65,13 +62,11 @@ class TrainingShape:
     latents: str = "memory"  # cached in RAM; "disk": cached in files (read per batch); "none": pixels in RAM
 
 
-def _skeleton(config: dict) -> nn.Module:
+def _skeleton(config: dict, family: Family) -> nn.Module:
     from accelerate import init_empty_weights
 
-    from flux_qlora.families import from_transformer_config
-
     with init_empty_weights():
-        return from_transformer_config(config, "the memory plan's config").transformer_cls().from_config(config)
+        return family.transformer_cls().from_config(config)
 
 
 def _is_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -83,7 +78,9 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     config.json)."""
     from flux_qlora.models import quantized_prefixes, repeated_blocks
 
-    model = _skeleton(config)
+    family = from_transformer_config(config, "the memory plan's config")
+    model = _skeleton(config, family)
+    constants = family.activations
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     prefixes = quantized_prefixes(model)
     quantized = sum(m.weight.numel() for n, m in linears.items() if shape.nf4 and n.startswith(prefixes))
@@ -100,17 +97,17 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     tokens = (shape.width // 16) * (shape.height // 16) + shape.text_tokens
     per_token = hidden * shape.compute_bytes / 2  # the calibration ran in 2-byte compute
     if not shape.gradient_checkpointing:
-        kept = blocks * BLOCK_BYTES
+        kept = blocks * constants.block_bytes
     else:
         checkpointed = math.ceil(blocks / shape.checkpointing_interval)
         inputs = 2 if shape.offload_activations else checkpointed  # offloaded: the current and the prefetched
-        kept = inputs * CKPT_INPUT_BYTES + (blocks - checkpointed) * BLOCK_BYTES + BLOCK_BYTES
-    activations = WORKSPACE_GIB * GIB + tokens * shape.batch_size * per_token * kept
+        kept = inputs * constants.ckpt_input_bytes + (blocks - checkpointed + 1) * constants.block_bytes
+    activations = constants.workspace_gib * GIB + tokens * shape.batch_size * per_token * kept
 
     offloaded = 0
     if shape.gradient_checkpointing and shape.offload_activations:
         offloaded = (tokens * shape.batch_size * per_token * math.ceil(blocks / shape.checkpointing_interval)
-                     * CKPT_INPUT_BYTES)
+                     * constants.ckpt_input_bytes)
     latent_bytes = config["in_channels"] // 4 * (shape.width // 8) * (shape.height // 8) * shape.compute_bytes
     pixel_bytes = 3 * shape.width * shape.height
     embedding_bytes = ((shape.text_tokens * config["joint_attention_dim"] + config.get("pooled_projection_dim", 0))

@@ -24,6 +24,17 @@ from flux_qlora.errors import UserError
 
 
 @dataclass(frozen=True)
+class ActivationModel:
+    """The memory plan's activation constants of a family's blocks (memory.py), fitted to measured peaks: bytes per
+    token and hidden unit that a checkpointed block keeps (its bf16 input, rotary, modulation) and that one block
+    keeps for its backward, and the workspaces beside them."""
+
+    ckpt_input_bytes: float
+    block_bytes: float
+    workspace_gib: float
+
+
+@dataclass(frozen=True)
 class LoraLayout:
     """How a family's LoRA layers are named where ComfyUI, Forge and kohya read them: the original (BFL) module
     names, where a block's q, k and v (FLUX.1's single blocks: also the MLP input) are one fused linear."""
@@ -60,6 +71,7 @@ class Family:
     # Training may use PyTorch's cuDNN attention: the family's blocks hand its backward contiguous gradients
     # (blocks.give_single_blocks_contiguous_attention_gradients: FLUX.1's single blocks).
     cudnn_attention_training: bool = True
+    activations: ActivationModel  # the memory plan's constants, measured per family
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
     guidance_embeds: bool = True  # the transformer takes a guidance vector (guidance-distilled models)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.families import Family, LoraLayout
+from flux_qlora.families import ActivationModel, Family, LoraLayout
 
 # FLUX.1-dev's transformer config (its config.json), for the memory plan's tests and the benchmarks' random model.
 FLUX_DEV_CONFIG = dict(
@@ -31,6 +31,9 @@ class Flux1(Family):
     transformer_class = "FluxTransformer2DModel"
     vae_class = "AutoencoderKL"
     guidance_embeds = True
+    # Fitted to three FLUX.1-dev-shaped runs (bf16 compute, `--compile --cuda_graphs`, H100, BENCHMARKS.md): 512x768
+    # and 1024x1024 with checkpointing, 6.85 / 8.02 GiB; 512x768 without, 13.73 GiB.
+    activations = ActivationModel(ckpt_input_bytes=2.29, block_bytes=28.95, workspace_gib=0.18)
     lora_layout = LoraLayout(
         prefix="lora_unet_", separator="_", down="lora_down.weight", up="lora_up.weight", alpha=True,
         double={"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),

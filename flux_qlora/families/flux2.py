@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flux_qlora.families import Family, LoraLayout
+from flux_qlora.families import ActivationModel, Family, LoraLayout
 from flux_qlora.families.flux1 import byte_bpe_vocabulary
 
 # The transformers' config.json values of the released models (for the memory plan, the benchmarks' random
@@ -53,6 +53,8 @@ class Flux2(Family):
     # The single blocks concatenate attention and MLP outputs inside their processor, out of reach of FLUX.1's
     # workaround for the cuDNN backward: training takes flash attention until one is measured on a GPU.
     cudnn_attention_training = False
+    # PENDING: FLUX.1's constants until FLUX.2's are measured on the GPU machine
+    activations = ActivationModel(ckpt_input_bytes=2.29, block_bytes=28.95, workspace_gib=0.18)
     # The modulation is shared by all blocks here, not one per block: on [dev] 3 layers 6144 wide in, 36864,
     # 36864 and 18432 out (0.57 B parameters, 1.1 GB in bf16), quantized as FLUX.1's per-block modulation is.
     quantized_prefixes = ("transformer_blocks.", "single_transformer_blocks.", "double_stream_modulation_img.",
