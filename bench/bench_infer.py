@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Inference benchmark on a FLUX.1-dev-shaped pipeline with random weights: bf16 eager vs compile + FP8 + hotswap.
+"""Inference benchmark on a FLUX-shaped pipeline with random weights: bf16 eager vs compile + FP8 + hotswap.
 
     python bench/bench_infer.py --workdir /dev/shm/fi --configs baseline fused-all optimized-graphs --diagnose \
         --profile_dir /tmp/prof
+    python bench/bench_infer.py --model flux2-klein-4b --workdir /dev/shm/ki4b --configs baseline fused-all
 
-Builds the whole pipeline with FLUX.1-dev's shapes in GPU memory (transformer, VAE, T5-XXL- and CLIP-L-shaped
-encoders; locally built tokenizers) and three random LoRAs of ranks 8, 32 and 16 on the attention layers, then
-runs infer.py's main() on it (everything but the loading from disk) for each configuration: the baseline (bf16,
-eager, rank-16 LoRA) and servers that take all three LoRAs in turn through one compiled FP8 transformer
-(`configs` in main()), 1024x1024, 28 steps, guidance 3.5, VAE decode included. --diagnose adds an SDPA backend
+Builds the whole pipeline with --model's shapes in GPU memory (FLUX.1-dev: transformer, VAE, T5-XXL- and
+CLIP-L-shaped encoders; FLUX.2 [klein] 4B/9B: transformer, VAE, a Qwen3-4B/8B-shaped encoder, distilled; locally
+built tokenizers) and three random LoRAs of ranks 8, 32 and 16 on the default preset's layers, then runs infer.py's
+main() on it (everything but the loading from disk) for each configuration: the baseline (bf16, eager, rank-16
+LoRA) and servers that take all three LoRAs in turn through one compiled FP8 transformer (`configs` in main()),
+1024x1024, the model's serving steps and guidance (FLUX.1-dev 28 at 3.5; distilled klein 4 without), VAE decode
+included. --diagnose adds an SDPA backend
 comparison, GPU time per pipeline stage and, with --profile_dir, kernel tables and each configuration's distance
 from the baseline's latents.
 
@@ -33,19 +36,39 @@ from bench_train import (  # bench/ is the script's folder
     FLUX_DEV_SCHEDULER,
     FLUX_DEV_TRANSFORMER,
     FLUX_DEV_VAE,
+    MODELS,
     ROOT,
     launcher,
 )
 
+from flux_qlora.families import Family
+from flux_qlora.families.flux1 import FLUX1
 from flux_qlora.reports import kernel_seconds, write_profile_tables
 
 PROMPT = "a photo of a red fox sitting in a snowy forest at dawn, detailed fur, soft light"
 INDUCTOR_SETTINGS = {"fused-all-mk": {"triton.multi_kernel": 1}}  # inductor settings to try, by configuration
 LORA_RANKS = (8, 32, 16)  # served in this order: the last, rank 16, is the baseline's, for the accuracy check
+# The released text encoders' shapes, by the transformer's text width (3 x the encoder's hidden size): Qwen3-4B
+# (klein 4B), Qwen3-8B (klein 9B).
+QWEN3_CONFIGS = {
+    7680: dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    12288: dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
 
 
-def build_pipeline(tokenizer_dir: Path):
+def serving_flags(family: Family) -> list[str]:
+    """Steps and guidance as the model card serves it: FLUX.1-dev 28 at 3.5, distilled klein 4 without."""
+    return ["--num_inference_steps", "28", "--guidance_scale", "3.5"] if family is FLUX1 else \
+        ["--num_inference_steps", "4", "--guidance_scale", "1.0"]
+
+
+def build_pipeline(tokenizer_dir: Path, model: str = "flux1-dev"):
     """The whole pipeline in memory on the GPU (bf16, random weights): building beats writing and reading 35 GB."""
+    family, config = MODELS[model]
+    if family is not FLUX1:
+        return build_klein_pipeline(tokenizer_dir, config)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
@@ -73,24 +96,58 @@ def build_pipeline(tokenizer_dir: Path):
     )
 
 
-def build_loras(folder: Path) -> list[Path]:
-    """Random LoRAs (diffusers format) on every attention projection, ranks 8/16/32."""
+def build_klein_pipeline(tokenizer_dir: Path, config: dict):
+    """FLUX.2 [klein] (distilled) of `config`'s shapes with the matching Qwen3-shaped encoder, in GPU memory."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flux_qlora.families.flux2 import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer(tokenizer_dir / "qwen")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        transformer = Flux2Transformer2DModel.from_config(config)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_CONFIGS[config["joint_attention_dim"]],
+                                                    max_position_embeddings=40960, rope_theta=1e6,
+                                                    pad_token_id=tokenizer.pad_token_id))
+        vae = AutoencoderKLFlux2()
+        torch.set_default_dtype(torch.float32)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
+                              transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              is_distilled=True)
+
+
+def build_loras(folder: Path, family: Family = FLUX1, config: dict = FLUX_DEV_TRANSFORMER) -> list[Path]:
+    """Random LoRAs (diffusers format) on the layers of the trainer's default preset (`attention`) of a transformer
+    of `config`, ranks 8/32/16; shapes read from a skeleton of it."""
+    from accelerate import init_empty_weights
     from safetensors.torch import save_file
 
-    d = FLUX_DEV_TRANSFORMER["attention_head_dim"] * FLUX_DEV_TRANSFORMER["num_attention_heads"]
-    names = [f"transformer_blocks.{i}.attn.{t}" for i in range(FLUX_DEV_TRANSFORMER["num_layers"])
-             for t in ("to_q", "to_k", "to_v", "to_out.0")]
-    names += [f"single_transformer_blocks.{i}.attn.{t}" for i in range(FLUX_DEV_TRANSFORMER["num_single_layers"])
-              for t in ("to_q", "to_k", "to_v")]
+    from flux_qlora.lora import target_modules
+
+    with init_empty_weights():
+        skeleton = family.transformer_cls().from_config(config)
+    targets = target_modules("attention", family, config)
+    layers = {name: module for name, module in skeleton.named_modules()
+              if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)}
     files = []
     for rank in LORA_RANKS:
         path = folder / f"lora-r{rank}.safetensors"
         if not path.exists():
             g = torch.Generator().manual_seed(rank)
             state = {}
-            for name in names:
-                state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, d, generator=g) / d**0.5).bfloat16()
-                state[f"transformer.{name}.lora_B.weight"] = (torch.randn(d, rank, generator=g) * 0.01).bfloat16()
+            for name, layer in layers.items():
+                d_in, d_out = layer.in_features, layer.out_features
+                state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in**0.5
+                                                              ).bfloat16()
+                state[f"transformer.{name}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01
+                                                              ).bfloat16()
             folder.mkdir(parents=True, exist_ok=True)
             save_file(state, path)
         files.append(path)
@@ -159,14 +216,15 @@ class StageTimer:
         return {name: round(sum(a.elapsed_time(b) for a, b in pairs) / 1e3, 4) for name, pairs in self.pairs.items()}
 
 
-def diagnose(pipe, name: str, out_dir: Path | None) -> dict:
+def diagnose(pipe, name: str, out_dir: Path | None, serving: list[str]) -> dict:
     """Where one image's time goes: GPU seconds per stage, and (with out_dir) a profile of one more image."""
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5,
-                generator=torch.Generator("cpu").manual_seed(0))
-    timer = StageTimer({"clip": (pipe.text_encoder, "forward"), "t5": (pipe.text_encoder_2, "forward"),
-                        "transformer": (pipe.transformer, "forward"), "vae_decode": (pipe.vae, "decode")})
+    call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=int(serving[1]),
+                guidance_scale=float(serving[3]), generator=torch.Generator("cpu").manual_seed(0))
+    encoders = {attr: (getattr(pipe, attr), "forward") for attr in ("text_encoder", "text_encoder_2")
+                if getattr(pipe, attr, None) is not None}
+    timer = StageTimer({**encoders, "transformer": (pipe.transformer, "forward"), "vae_decode": (pipe.vae, "decode")})
     torch.cuda.synchronize()
     start = time.perf_counter()
     pipe(**call)
@@ -209,11 +267,12 @@ CAPPED_CONFIGS = {
 }
 
 
-def write_pipeline(folder: Path) -> Path:
-    """The FLUX.1-dev-shaped pipeline on disk (bf16 shards, ~33 GB), as infer.py loads a real one; built once."""
+def write_pipeline(folder: Path, model: str = "flux1-dev") -> Path:
+    """The --model-shaped pipeline on disk (bf16 shards; FLUX.1-dev ~33 GB), as infer.py loads a real one; built
+    once."""
     if not (folder / "model_index.json").exists():
         start = time.time()
-        pipe = build_pipeline(folder.parent / "tokenizers")
+        pipe = build_pipeline(folder.parent / "tokenizers", model)
         pipe.save_pretrained(folder, max_shard_size="10GB")
         del pipe
         gc.collect()
@@ -222,15 +281,16 @@ def write_pipeline(folder: Path) -> Path:
     return folder
 
 
-def run_capped(name: str, flags: list, profile: str, workdir: Path, lora: Path, images: int) -> list[dict]:
+def run_capped(name: str, flags: list, profile: str, workdir: Path, lora: Path, images: int,
+               model: str = "flux1-dev") -> list[dict]:
     """infer.py in its own process under the profile's memory cap, loading the pipeline from disk."""
     import subprocess
 
     out = workdir / "out" / f"{profile}-{name}"
     command = [*launcher(profile), str(ROOT / "infer.py"),
-               "--pretrained_model_name_or_path", str(write_pipeline(workdir / "pipeline")), "--lora", str(lora),
-               "--prompt", PROMPT, "--height", "1024", "--width", "1024", "--num_inference_steps", "28",
-               "--guidance_scale", "3.5", "--benchmark", str(images), "--output_dir", str(out), *flags]
+               "--pretrained_model_name_or_path", str(write_pipeline(workdir / "pipeline", model)), "--lora", str(lora),
+               "--prompt", PROMPT, "--height", "1024", "--width", "1024", *serving_flags(MODELS[model][0]),
+               "--benchmark", str(images), "--output_dir", str(out), *flags]
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
@@ -245,7 +305,7 @@ def run_capped(name: str, flags: list, profile: str, workdir: Path, lora: Path, 
 
 
 def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None = None,
-              diagnostics: list | None = None) -> list[dict]:
+              diagnostics: list | None = None, model: str = "flux1-dev") -> list[dict]:
     """infer.main on a freshly built pipeline (its own LoRA, FP8 and compile code paths; only loading skipped)."""
     import torch._inductor.config
 
@@ -255,11 +315,11 @@ def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None =
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    pipe = build_pipeline(workdir / "tokenizers")
+    pipe = build_pipeline(workdir / "tokenizers", model)
     print(f"{name}: pipeline built in {time.time() - start:.0f} s", flush=True)
-    args = infer.parse_args(["--prompt", PROMPT, "--height", "1024", "--width", "1024", "--num_inference_steps", "28",
-                             "--guidance_scale", "3.5", "--output_dir", str(workdir / "out" / name),
-                             *map(str, flags)])
+    serving = serving_flags(MODELS[model][0])
+    args = infer.parse_args(["--prompt", PROMPT, "--height", "1024", "--width", "1024", *serving,
+                             "--output_dir", str(workdir / "out" / name), *map(str, flags)])
     try:
         with torch._inductor.config.patch(INDUCTOR_SETTINGS.get(name, {})):
             rounds = infer.main(args, pipe=pipe)
@@ -270,7 +330,7 @@ def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None =
         r.update(config=name)
         print(json.dumps({k: v for k, v in r.items() if k != "files"}), flush=True)
     if diagnostics is not None:
-        diagnostics.append(diagnose(pipe, name, diagnose_dir))
+        diagnostics.append(diagnose(pipe, name, diagnose_dir, serving))
     del pipe
     gc.collect()
     return rounds
@@ -279,6 +339,8 @@ def run_infer(name: str, flags: list, workdir: Path, diagnose_dir: Path | None =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/fi"))
+    parser.add_argument("--model", choices=[m for m in MODELS if m != "flux2-dev"], default="flux1-dev",
+                        help="Whose real shapes the random pipeline has (each in a --workdir of its own).")
     parser.add_argument("--images", type=int, default=3, help="Timed images per LoRA (after one warm-up image).")
     parser.add_argument("--configs", nargs="+", default=["baseline", "optimized"],
                         help="Configurations, in order (see `configs` in main()).")
@@ -292,7 +354,7 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    loras = build_loras(args.workdir / "loras")
+    loras = build_loras(args.workdir / "loras", *MODELS[args.model])
     common = ["--benchmark", args.images]
     all_loras = sum((["--lora", p] for p in loras), [])
     optimized = ["--hotswap", *all_loras, "--compile", "--fp8"]
@@ -314,7 +376,7 @@ def main() -> None:
     if args.gpu_profile:
         results = [r for name in args.configs
                    for r in run_capped(name, CAPPED_CONFIGS[name], args.gpu_profile, args.workdir, loras[-1],
-                                       args.images)]
+                                       args.images, args.model)]
         if args.results:
             args.results.write_text(json.dumps({"runs": results}, indent=2))
         return
@@ -322,7 +384,7 @@ def main() -> None:
     if args.diagnose:
         diagnostics.append({"sdpa_1x24x4608x128": attention_microbench()})
     for name in args.configs:
-        results += run_infer(name, common + configs[name], args.workdir, args.profile_dir, diagnostics)
+        results += run_infer(name, common + configs[name], args.workdir, args.profile_dir, diagnostics, args.model)
     if args.profile_dir and diagnostics:
         diagnostics.append({"latents_error_vs_baseline": latent_errors(args.profile_dir, args.configs)})
     if args.results:

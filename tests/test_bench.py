@@ -98,3 +98,23 @@ def test_reference_recipe_trains_a_tiny_flux2_model(tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rank"] == 8 and len(result["losses"]) == 5 and result["peak_gib"] > 0
     assert all(0 < loss < 10 for loss in result["losses"]) and result["s_per_step"] > 0
+
+
+def test_inference_bench_loras_fit_the_model_they_are_built_for(tmp_path):
+    """bench/bench_infer.py's random LoRAs (read from a skeleton of the transformer's config, on the default preset's
+    layers) are what infer.py serves on that model: here tiny FLUX.2 [klein], each layer's shape checked by peft."""
+    import json
+    import sys
+
+    from flux_qlora.families.flux2 import KLEIN
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_infer import build_loras
+
+    model = KLEIN.build_tiny_pipeline(tmp_path / "model")
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    loras = build_loras(tmp_path / "loras", KLEIN, config)
+    assert [p.name for p in loras] == ["lora-r8.safetensors", "lora-r32.safetensors", "lora-r16.safetensors"]
+    run_script("infer.py", "--pretrained_model_name_or_path", model, "--lora", loras[-1], "--prompt", "a red circle",
+               "--height", 64, "--width", 64, "--num_inference_steps", 2, "--output_dir", tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
