@@ -88,6 +88,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse_args_with_config(build_parser(), input_args)
 
 
+def flag_defaults() -> dict:
+    """Every flag's default, as this version of the script has it."""
+    return {action.dest: action.default for action in build_parser()._actions}
+
+
 def validate_args(args: argparse.Namespace) -> TrainSettings:
     """Every check of the flags, before anything heavy loads; the settings derived from them, resolved once."""
     return train_settings.resolve(args)
@@ -401,7 +406,9 @@ def train(args: argparse.Namespace, settings: TrainSettings, run: Run, stats: Ru
             if (step_index % args.checkpointing_steps == 0 or stop) and step_index < max_steps:
                 path = checkpoints.save_checkpoint(accelerator, args.output_dir, step_index,
                                                    {"losses": stats.losses, "eval_losses": stats.eval_losses,
-                                                    "family": run.family.name},
+                                                    "family": run.family.name,
+                                                    "num_processes": accelerator.num_processes,
+                                                    "config": run_config.recorded_flags(vars(args))},
                                                    args.checkpoints_total_limit)
                 logger.info("Saved checkpoint %s", path)
                 if stop:
@@ -551,6 +558,8 @@ def main(args: argparse.Namespace) -> dict:
     check_bf16("--mixed_precision", args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                Device.for_launch())
     accelerator = make_accelerator(args)
+    checkpoints.check_same_run(args.resume_from_checkpoint, args.output_dir, vars(args), flag_defaults(),
+                               accelerator.num_processes)
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     config = models.read_transformer_config(args.pretrained_transformer_model_name_or_path
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)

@@ -13,12 +13,14 @@ import signal
 import sys
 import tempfile
 import threading
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
+from flux_qlora import run_config
 from flux_qlora.errors import Interrupted, UserError
 from flux_qlora.lora import LORA_WEIGHT_NAME, load_lora_into, save_lora
 
@@ -95,6 +97,32 @@ def check_resume_target(resume_from: str | None, output_dir: str, max_train_step
     if step >= max_train_steps:
         raise UserError(f"{checkpoint} is at step {step}, --max_train_steps is {max_train_steps}: nothing to train "
                         f"(the LoRA in {output_dir} is left as it is); raise --max_train_steps to train on.")
+
+
+def check_same_run(resume_from: str | None, output_dir: str, flags: dict, defaults: dict,
+                   num_processes: int) -> None:
+    """A resume is the same run: the flags of run_config.SAME_ON_RESUME must be those the checkpoint recorded, and
+    so must the number of processes (the global batch and the sample order depend on it); otherwise one line
+    lists each difference. `defaults`: the flags' defaults, for a flag the record lacks."""
+    checkpoint = find_checkpoint(resume_from, output_dir) if resume_from else None
+    if checkpoint is None:
+        return
+    state, source = read_training_state(checkpoint), checkpoint / STATE_FILE
+    recorded = state.get("config")
+    if recorded is None:  # written before checkpoints recorded their flags: the run's file, if any
+        source = checkpoint.parent / run_config.CONFIG_NAME
+        try:
+            recorded = tomllib.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            logger.warning("%s records no flags: resuming without checking they are the same.", checkpoint)
+            return
+    differences = run_config.resume_differences(recorded, flags, defaults)
+    if state.get("num_processes", num_processes) != num_processes:
+        differences.append(f"processes: {state['num_processes']} -> {num_processes}")
+    if differences:
+        raise UserError(f"{checkpoint} is of another run: {'; '.join(differences)} (checkpoint -> given). A resume "
+                        f"must train the same maths: give the checkpoint's values (recorded in {source}), or start "
+                        "a new run in another --output_dir.")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict,

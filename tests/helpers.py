@@ -4,6 +4,7 @@ pyproject.toml's `pythonpath = ["tests"]` makes this module importable as `helpe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -70,6 +71,19 @@ def train_args(model, images, embeddings, output_dir, *extra, size=("--width", "
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--data_df_path", embeddings,
             "--output_dir", output_dir, *size, *(["--cache_latents"] if cache_latents else []), "--use_8bit_adam",
             "--gradient_checkpointing", "--report_to", "none", "--logging_steps", "1", *extra]
+
+
+def flag_value(action: argparse.Action, nth: int = 0):
+    """A value of the flag's type and choices that is not its default (the `nth` such): what the tests generated
+    over every flag of a parser give it."""
+    if action.choices is not None:
+        others = [c for c in action.choices if c not in (action.default, action.const)]
+        return others[nth % len(others)] if others else list(action.choices)[nth % len(action.choices)]
+    if action.type is int:
+        return (action.default if isinstance(action.default, int) else 0) + 3 + nth
+    if action.type is float:
+        return 0.375 + nth
+    return f"value {nth} of {action.dest}"
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 import torch
-from helpers import VALIDATION, assert_one_line_error, run_script, train_args
+from helpers import VALIDATION, assert_one_line_error, flag_value, run_script, train_args
 from safetensors.torch import load_file
 
 import compute_embeddings
@@ -74,18 +74,6 @@ def _toml(value) -> str:
     return repr(value) if isinstance(value, int | float) else f'"{value}"'
 
 
-def _good_item(action: argparse.Action, nth: int = 0):
-    """A value of the flag's type, not its default."""
-    if action.choices is not None:
-        others = [c for c in action.choices if c not in (action.default, action.const)]
-        return others[nth % len(others)] if others else list(action.choices)[nth % len(action.choices)]
-    if action.type is int:
-        return (action.default if isinstance(action.default, int) else 0) + 3 + nth
-    if action.type is float:
-        return 0.375 + nth
-    return f"value {nth} of {action.dest}"
-
-
 def _many(action: argparse.Action) -> bool:
     return isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
 
@@ -96,9 +84,9 @@ def good_values(action: argparse.Action) -> list[tuple[object, list[str]]]:
     if action.nargs == 0:
         return [(not action.default, [flag])]
     if _many(action):
-        first, second = _good_item(action), _good_item(action, 1)
+        first, second = flag_value(action), flag_value(action, 1)
         return [([first, second], [flag, str(first), flag, str(second)]), (first, [flag, str(first)])]
-    cases = [(_good_item(action), [flag, str(_good_item(action))])]
+    cases = [(flag_value(action), [flag, str(flag_value(action))])]
     if action.nargs == "?":
         cases.append((True, [flag]))  # the flag alone
     return cases
