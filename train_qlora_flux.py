@@ -152,18 +152,21 @@ def load_images(args: argparse.Namespace, settings: TrainSettings, table: embedd
     train_rows = sorted(set(range(len(samples))) - set(held_out))
     empty_caption = table.prompt("") if args.caption_dropout else None
     train = load_image_set(args, settings, samples, table, weight_dtype, Augment(args.crop, args.random_flip,
-                                                                                 args.seed), train_rows, empty_caption)
+                                                                                 args.seed), train_rows, empty_caption,
+                           what="training images", alpha_required=args.alpha_mask)
     if args.eval_data_dir:
         samples = cli.eval_samples(args, trained=samples)
         held_out = list(range(len(samples)))
     held_out_data = held_out and load_image_set(  # center crops: the same inputs at every evaluation
         args, settings, samples, table, weight_dtype, Augment(seed=args.seed, stream="held-out"), held_out,
-        rerun=args.eval_data_dir and f"run compute_embeddings.py with --eval_data_dir {args.eval_data_dir}")
+        rerun=args.eval_data_dir and f"run compute_embeddings.py with --eval_data_dir {args.eval_data_dir}",
+        what="held-out images")
     prior_samples = cli.class_samples(args)
     prior = prior_samples and load_image_set(
         args, settings, prior_samples, table, weight_dtype,
         Augment(args.crop, args.random_flip, args.seed, stream="prior"),
-        rerun=f"run compute_embeddings.py with --class_data_dir {args.class_data_dir}")
+        rerun=f"run compute_embeddings.py with --class_data_dir {args.class_data_dir}",
+        what="regularisation images (--class_data_dir)")
     if prior:
         logger.info("%d regularisation images from %s, prior loss weight %g", len(prior_samples),
                     args.class_data_dir, args.prior_loss_weight)
@@ -173,11 +176,13 @@ def load_images(args: argparse.Namespace, settings: TrainSettings, table: embedd
 def load_image_set(args: argparse.Namespace, settings: TrainSettings, samples: list,
                    table: embeddings.TextEmbeddings, weight_dtype: torch.dtype, augment: Augment,
                    rows: list[int] | None = None, empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   rerun: str | None = None) -> TrainData:
+                   rerun: str | None = None, what: str = "images", alpha_required: bool = False) -> TrainData:
     """One recipe for every image set: the embeddings of `samples` (refused with `rerun` where the parquet lacks
-    one), the images of `rows` (default all) at their bucket of each training size."""
+    one), the images of `rows` (default all) at their bucket of each training size, their masks checked (`what`:
+    the set's name in a message; `alpha_required`: --alpha_mask must find an alpha channel)."""
     matched = embeddings.match_embeddings(samples, table, args.data_df_path, *([rerun] if rerun else []))
-    buckets = load_buckets(samples, settings.sizes.lists, settings.sizes.bucketed, args.alpha_mask, rows)
+    buckets = load_buckets(samples, settings.sizes.lists, settings.sizes.bucketed, args.alpha_mask, rows, what,
+                           alpha_required)
     return TrainData.build(matched, buckets, weight_dtype, augment, empty_caption)
 
 

@@ -174,7 +174,8 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once, nothing saved since the "
+                                    "last checkpoint (resume it with --resume_from_checkpoint latest)")
         self.received = signal.Signals(signum).name
         logger.warning("%s: saving a checkpoint after this step, then stopping (again: stop at once).", self.received)
 

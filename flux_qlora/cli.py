@@ -51,8 +51,8 @@ def run_main(main: Callable, args: argparse.Namespace, memory_fix: str = "") -> 
     except (Interrupted, KeyboardInterrupt) as stop:
         if getattr(args, "debug", False):
             raise
-        print(f"stopped: {stop or 'interrupted; nothing saved since the last checkpoint'}",
-              file=sys.stderr)
+        # str(): an exception is always true, and a bare KeyboardInterrupt's text is empty
+        print(f"stopped: {str(stop) or 'interrupted; nothing saved since the last checkpoint'}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -294,8 +294,9 @@ def _one_value(action: argparse.Action, value, flag: str):
     try:
         result = action.type(str(value)) if action.type else str(value)  # str(1e-4): as typed, "0.0001"
     except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-        reason = str(error) if isinstance(error, argparse.ArgumentTypeError) else f"takes {_kind(action)}"
-        raise ValueError(f"{flag} {reason}, e.g. {_example(action)}") from None
+        if isinstance(error, argparse.ArgumentTypeError):  # the type's own words, with its example
+            raise ValueError(f"{flag} {error}") from None
+        raise ValueError(f"{flag} takes {_kind(action)}, e.g. {_example(action)}") from None
     if action.choices is not None and result not in action.choices:
         raise ValueError(f"{flag} takes one of {', '.join(map(str, action.choices))}")
     return result

@@ -83,7 +83,18 @@ def flag_value(action: argparse.Action, nth: int = 0):
         return (action.default if isinstance(action.default, int) else 0) + 3 + nth
     if action.type is float:
         return 0.375 + nth
-    return f"value {nth} of {action.dest}"
+    if action.type in (str, None):
+        return f"value {nth} of {action.dest}"
+    candidates = [text for text in ("0.375", "0.625", "3", "4", "text") if _parses(action.type, text)]
+    return action.type(candidates[nth % len(candidates)])  # a type of its own (a range): what it takes
+
+
+def _parses(type_, text: str) -> bool:
+    try:
+        type_(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return True
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:

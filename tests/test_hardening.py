@@ -30,6 +30,7 @@ from helpers import (
 from PIL import Image
 
 from flux_qlora.batches import load_buckets
+from flux_qlora.checkpoints import StopSignals
 from flux_qlora.cli import describe_out_of_memory, run_main
 from flux_qlora.data import image_hash, load_local_samples
 from flux_qlora.files import written_atomically
@@ -287,3 +288,41 @@ def test_a_resume_with_other_maths_is_refused_before_anything_loads(tiny_model, 
                                                   "--resume_from_checkpoint", "latest"))
     config = tomllib.loads((out / "training_config.toml").read_text())
     assert config["max_train_steps"] == 3 and config["logging_steps"] == 2 and config["learning_rate"] == 1e-4
+
+
+def test_a_second_ctrl_c_stops_at_once_with_a_stopped_line_that_says_so(capsys):
+    """The handler the training loop runs under (StopSignals), in-process: the first signal asks for a checkpoint,
+    the second stops at once, and run_main's `stopped:` line says what happened, never nothing."""
+    def main(args):
+        signals = StopSignals(num_processes=1)
+        try:
+            signals._handle(signal.SIGINT, None)
+            assert signals.received == "SIGINT" and signals.forces_sync()
+            signals._handle(signal.SIGINT, None)  # raises
+        finally:
+            signals.restore()
+
+    for body, expect in [(main, "stopped: SIGINT again: stopped at once, nothing saved since the last checkpoint "
+                                "(resume it with --resume_from_checkpoint latest)"),
+                         (lambda args: (_ for _ in ()).throw(KeyboardInterrupt),  # Ctrl-C outside the loop
+                          "stopped: interrupted; nothing saved since the last checkpoint")]:
+        with pytest.raises(SystemExit) as stop:
+            run_main(body, argparse.Namespace(debug=False))
+        assert stop.value.code == 130
+        assert capsys.readouterr().err == expect + "\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers restored
+
+
+@pytest.mark.parametrize("decay", ["0", "1", "-0.5", "1.5", "nan", "inf", "abc"])
+def test_an_ema_decay_outside_0_1_is_refused_when_parsed(decay, tmp_path, capsys):
+    """On the command line and in a --config file: one line, exit code 2, before anything else runs."""
+    import train_qlora_flux
+
+    (tmp_path / "c.toml").write_text(f"ema_decay = {decay if decay != 'abc' else repr(decay)}\n")
+    for flags in (["--ema_decay", decay], ["--config", str(tmp_path / "c.toml")]):
+        with pytest.raises(SystemExit) as stop:
+            train_qlora_flux.parse_args(["--data_df_path", "e.parquet", *flags])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert stop.value.code == 2 and line.startswith("error: ") and "--ema_decay" in line, line
+        assert "above 0 and below 1" in line or "not a number" in line, line
+    assert train_qlora_flux.parse_args(["--data_df_path", "e.parquet", "--ema_decay", "0.9"]).ema_decay == 0.9
