@@ -88,6 +88,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse_args_with_config(build_parser(), input_args)
 
 
+def flag_defaults() -> dict:
+    """Every flag's default, as this version of the script has it."""
+    return {action.dest: action.default for action in build_parser()._actions}
+
+
 def validate_args(args: argparse.Namespace) -> TrainSettings:
     """Every check of the flags, before anything heavy loads; the settings derived from them, resolved once."""
     return train_settings.resolve(args)
@@ -147,18 +152,21 @@ def load_images(args: argparse.Namespace, settings: TrainSettings, table: embedd
     train_rows = sorted(set(range(len(samples))) - set(held_out))
     empty_caption = table.prompt("") if args.caption_dropout else None
     train = load_image_set(args, settings, samples, table, weight_dtype, Augment(args.crop, args.random_flip,
-                                                                                 args.seed), train_rows, empty_caption)
+                                                                                 args.seed), train_rows, empty_caption,
+                           what="training images", alpha_required=args.alpha_mask)
     if args.eval_data_dir:
         samples = cli.eval_samples(args, trained=samples)
         held_out = list(range(len(samples)))
     held_out_data = held_out and load_image_set(  # center crops: the same inputs at every evaluation
         args, settings, samples, table, weight_dtype, Augment(seed=args.seed, stream="held-out"), held_out,
-        rerun=args.eval_data_dir and f"run compute_embeddings.py with --eval_data_dir {args.eval_data_dir}")
+        rerun=args.eval_data_dir and f"run compute_embeddings.py with --eval_data_dir {args.eval_data_dir}",
+        what="held-out images")
     prior_samples = cli.class_samples(args)
     prior = prior_samples and load_image_set(
         args, settings, prior_samples, table, weight_dtype,
         Augment(args.crop, args.random_flip, args.seed, stream="prior"),
-        rerun=f"run compute_embeddings.py with --class_data_dir {args.class_data_dir}")
+        rerun=f"run compute_embeddings.py with --class_data_dir {args.class_data_dir}",
+        what="regularisation images (--class_data_dir)")
     if prior:
         logger.info("%d regularisation images from %s, prior loss weight %g", len(prior_samples),
                     args.class_data_dir, args.prior_loss_weight)
@@ -168,11 +176,13 @@ def load_images(args: argparse.Namespace, settings: TrainSettings, table: embedd
 def load_image_set(args: argparse.Namespace, settings: TrainSettings, samples: list,
                    table: embeddings.TextEmbeddings, weight_dtype: torch.dtype, augment: Augment,
                    rows: list[int] | None = None, empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   rerun: str | None = None) -> TrainData:
+                   rerun: str | None = None, what: str = "images", alpha_required: bool = False) -> TrainData:
     """One recipe for every image set: the embeddings of `samples` (refused with `rerun` where the parquet lacks
-    one), the images of `rows` (default all) at their bucket of each training size."""
+    one), the images of `rows` (default all) at their bucket of each training size, their masks checked (`what`:
+    the set's name in a message; `alpha_required`: --alpha_mask must find an alpha channel)."""
     matched = embeddings.match_embeddings(samples, table, args.data_df_path, *([rerun] if rerun else []))
-    buckets = load_buckets(samples, settings.sizes.lists, settings.sizes.bucketed, args.alpha_mask, rows)
+    buckets = load_buckets(samples, settings.sizes.lists, settings.sizes.bucketed, args.alpha_mask, rows, what,
+                           alpha_required)
     return TrainData.build(matched, buckets, weight_dtype, augment, empty_caption)
 
 
@@ -401,7 +411,9 @@ def train(args: argparse.Namespace, settings: TrainSettings, run: Run, stats: Ru
             if (step_index % args.checkpointing_steps == 0 or stop) and step_index < max_steps:
                 path = checkpoints.save_checkpoint(accelerator, args.output_dir, step_index,
                                                    {"losses": stats.losses, "eval_losses": stats.eval_losses,
-                                                    "family": run.family.name},
+                                                    "family": run.family.name,
+                                                    "num_processes": accelerator.num_processes,
+                                                    "config": run_config.recorded_flags(vars(args))},
                                                    args.checkpoints_total_limit)
                 logger.info("Saved checkpoint %s", path)
                 if stop:
@@ -551,6 +563,8 @@ def main(args: argparse.Namespace) -> dict:
     check_bf16("--mixed_precision", args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
                Device.for_launch())
     accelerator = make_accelerator(args)
+    checkpoints.check_same_run(args.resume_from_checkpoint, args.output_dir, vars(args), flag_defaults(),
+                               accelerator.num_processes)
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     config = models.read_transformer_config(args.pretrained_transformer_model_name_or_path
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)

@@ -12,6 +12,7 @@ every process of a data-parallel run draws its part of one global batch. Each mi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,6 +26,8 @@ from flux_qlora.embeddings import TextEmbeddings
 from flux_qlora.errors import UserError
 from flux_qlora.flow import TimestepSampling, draw_noise_and_sigmas
 from flux_qlora.latent_cache import LatentCache, LatentFiles, mask_digest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,18 +189,25 @@ class TrainData:
 
 
 def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: bool,
-                 alpha_mask: bool = False, rows: list[int] | None = None) -> list[Bucket]:
+                 alpha_mask: bool = False, rows: list[int] | None = None, what: str = "images",
+                 alpha_required: bool = False) -> list[Bucket]:
     """Each image (those of `rows`, default all) at the nearest size of each list of `sizes` (one list per
     resolution; one size for --width x --height), scaled to cover it, with its loss mask (NAME_mask.png, or with
     `alpha_mask` its alpha channel) if any image has one; the items grouped by size, in a fixed order.
-    `check_size`: refuse images that would be upscaled more than 2x (buckets)."""
+    `check_size`: refuse images that would be upscaled more than 2x (buckets). Masks that leave nothing to train
+    (`check_masks`) are refused or warned about, naming the set as `what`; `alpha_required`: refuse a set without
+    any alpha channel (--alpha_mask would do nothing)."""
     by_size: dict[Size, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
-    any_mask = False
-    for row in tqdm(range(len(samples)) if rows is None else rows, desc="Loading images", leave=False):
+    any_mask, black, with_alpha = False, [], 0
+    rows = range(len(samples)) if rows is None else rows
+    for row in tqdm(rows, desc="Loading images", leave=False):
         sample = samples[row]
         image = sample.open_image()
         mask = open_mask(sample, image, alpha_mask)
         any_mask |= mask is not None
+        with_alpha += "A" in image.getbands()
+        if mask is not None and mask.convert("L").getextrema()[1] == 0:
+            black.append(sample.source)
         for options in sizes:
             size = nearest_bucket(image.width, image.height, options)
             if check_size:
@@ -205,6 +215,11 @@ def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: boo
             check_not_too_elongated(image.width, image.height, size, sample.source)
             mask_cover = None if mask is None else resize_to_cover(mask, *size, mode="L")
             by_size.setdefault(size, []).append((row, resize_to_cover(image, *size), mask_cover))
+    check_masks(len(rows), black, what, alpha_mask)
+    if alpha_required and rows and not with_alpha:
+        raise UserError(f"--alpha_mask: none of the {len(rows)} {what} has an alpha channel (transparency), so no "
+                        "loss mask comes from it: drop --alpha_mask, or give images with transparency (RGBA PNG); a "
+                        "NAME_mask.png beside an image is its mask without the flag.")
     buckets, first = [], 0
     for size in sorted(by_size, key=lambda s: (s[0] / s[1], s[0])):
         rows, covers, masks = zip(*by_size[size])
@@ -212,6 +227,19 @@ def load_buckets(samples: list[Sample], sizes: list[list[Size]], check_size: boo
                               else None))
         first += len(rows)
     return buckets
+
+
+def check_masks(count: int, black: list[str], what: str, alpha_mask: bool) -> None:
+    """All-black loss masks train nothing: refused when every one of the `count` images has one (`black`: their
+    sources), a warning with the count when some do."""
+    if not black:
+        return
+    fix = "white is where the loss counts" + (" (with --alpha_mask: opaque)" if alpha_mask else "")
+    if len(black) == count:
+        raise UserError(f"all {count} {what} have an all-black loss mask (e.g. {black[0]}): nothing would train; "
+                        f"{fix}: fix the masks or remove them.")
+    logger.warning("%d of %d %s have an all-black loss mask (e.g. %s): they train nothing; %s.", len(black), count,
+                   what, black[0], fix)
 
 
 def to_model_input(pixels: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -317,6 +345,10 @@ def held_out_rows(samples: list[Sample], share: float) -> list[int]:
     image hashes, so the choice is fixed for a dataset and independent of file names and order."""
     if share <= 0:
         return []
+    if len(samples) < 2:
+        raise UserError(f"--validation_split {share} of {len(samples)} image(s) holds out none: one must stay to "
+                        "train (with 2 images or more any split above 0 holds out at least one); add images, or "
+                        "give held-out images with --eval_data_dir instead.")
     count = min(len(samples) - 1, max(1, round(share * len(samples))))
     return sorted(sorted(range(len(samples)), key=lambda row: samples[row].image_hash)[:count])
 

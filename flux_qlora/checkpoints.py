@@ -13,12 +13,14 @@ import signal
 import sys
 import tempfile
 import threading
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
+from flux_qlora import run_config
 from flux_qlora.errors import Interrupted, UserError
 from flux_qlora.lora import LORA_WEIGHT_NAME, load_lora_into, save_lora
 
@@ -97,6 +99,32 @@ def check_resume_target(resume_from: str | None, output_dir: str, max_train_step
                         f"(the LoRA in {output_dir} is left as it is); raise --max_train_steps to train on.")
 
 
+def check_same_run(resume_from: str | None, output_dir: str, flags: dict, defaults: dict,
+                   num_processes: int) -> None:
+    """A resume is the same run: the flags of run_config.SAME_ON_RESUME must be those the checkpoint recorded, and
+    so must the number of processes (the global batch and the sample order depend on it); otherwise one line
+    lists each difference. `defaults`: the flags' defaults, for a flag the record lacks."""
+    checkpoint = find_checkpoint(resume_from, output_dir) if resume_from else None
+    if checkpoint is None:
+        return
+    state, source = read_training_state(checkpoint), checkpoint / STATE_FILE
+    recorded = state.get("config")
+    if recorded is None:  # written before checkpoints recorded their flags: the run's file, if any
+        source = checkpoint.parent / run_config.CONFIG_NAME
+        try:
+            recorded = tomllib.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            logger.warning("%s records no flags: resuming without checking they are the same.", checkpoint)
+            return
+    differences = run_config.resume_differences(recorded, flags, defaults)
+    if state.get("num_processes", num_processes) != num_processes:
+        differences.append(f"processes: {state['num_processes']} -> {num_processes}")
+    if differences:
+        raise UserError(f"{checkpoint} is of another run: {'; '.join(differences)} (checkpoint -> given). A resume "
+                        f"must train the same maths: give the checkpoint's values (recorded in {source}), or start "
+                        "a new run in another --output_dir.")
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict,
                     total_limit: int | None) -> Path:
     """accelerator.save_state into `.checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`."""
@@ -146,7 +174,8 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once, nothing saved since the "
+                                    "last checkpoint (resume it with --resume_from_checkpoint latest)")
         self.received = signal.Signals(signum).name
         logger.warning("%s: saving a checkpoint after this step, then stopping (again: stop at once).", self.received)
 

@@ -51,8 +51,8 @@ def run_main(main: Callable, args: argparse.Namespace, memory_fix: str = "") -> 
     except (Interrupted, KeyboardInterrupt) as stop:
         if getattr(args, "debug", False):
             raise
-        print(f"stopped: {stop or 'interrupted; nothing saved since the last checkpoint'}",
-              file=sys.stderr)
+        # str(): an exception is always true, and a bare KeyboardInterrupt's text is empty
+        print(f"stopped: {str(stop) or 'interrupted; nothing saved since the last checkpoint'}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -211,32 +211,122 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
 
 def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
     """`parser.parse_args`, after `--config FILE` (TOML: flag names without the dashes as keys) has set the flags'
-    values; flags given on the command line win. A bad file or key is one `error:` line (exit 2)."""
+    values, each parsed as the command line parses it (`config_value`); flags given on the command line win (a
+    repeatable flag given there replaces the file's list). A bad flag, file or key is one `error:` line (exit 2)."""
+    parser.error = _parse_error  # argparse's own mistakes (a bad int, a missing flag) as one line too
     first = argparse.ArgumentParser(add_help=False)  # only --config, before the required flags are checked
     first.add_argument("--config", type=str, default=None)
     known, _ = first.parse_known_args(input_args)
-    if known.config:
-        values = read_config(known.config, {action.dest for action in parser._actions})
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False  # given by the file
-        parser.set_defaults(**values)
-    return parser.parse_args(input_args)
+    if not known.config:
+        return parser.parse_args(input_args)
+    values = read_config(known.config, parser)
+    replaced = {}  # a repeatable flag's list from the file: argparse would append the command line's to it
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False  # given by the file
+            if isinstance(action, argparse._AppendAction):
+                replaced[action.dest] = values.pop(action.dest)
+                values[action.dest] = None
+    parser.set_defaults(**values)
+    args = parser.parse_args(input_args)
+    for dest, value in replaced.items():
+        if getattr(args, dest) is None:  # not on the command line
+            setattr(args, dest, value)
+    return args
 
 
-def read_config(path: str, known: set[str]) -> dict:
+def config_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The flags a --config file may set, by key (the flag's name without the dashes): all but --help and --config."""
+    return {action.dest: action for action in parser._actions
+            if action.option_strings and action.dest not in ("help", "config")}
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The flag values of the TOML file `path`, each parsed by its flag's action (`config_value`); an unreadable
+    file, an unknown key or a value the flag would refuse is one `error:` line naming the file and the key."""
     import tomllib
 
     try:
         values = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         _exit_with(f"--config {path}: not a readable TOML file ({error}).")
     values.pop("run", None)  # training_config.toml's record of what the run found (run_config.RUN_TABLE)
-    unknown = sorted(set(values) - known)
+    actions = config_actions(parser)
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         _exit_with(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the dashes, "
                    "e.g. learning_rate = 1e-4.")
-    return values
+    parsed = {}
+    for key, value in values.items():
+        try:
+            parsed[key] = config_value(actions[key], value)
+        except ValueError as error:
+            _exit_with(f"--config {path}: {key} = {_shown(value)}: {error}.")
+    return parsed
+
+
+def config_value(action: argparse.Action, value):
+    """A TOML value as the command line would have given `action`'s flag: a switch takes true or false (a TOML
+    boolean, not a string such as "no"); a flag with an optional value (`--hotswap`) takes true for the flag alone
+    or a value; a repeatable or multi-value flag takes a list or one value for one item; every other value is
+    written as on the command line (a TOML number as its digits) and goes through the flag's type and choices, so
+    `rank = 4.7` is refused as `--rank 4.7` is. Raises ValueError saying what the flag takes."""
+    flag = action.option_strings[-1]
+    if action.nargs == 0:  # --random_flip: the key holds the flag's value
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} is a switch: write true or false (a TOML boolean, without quotes)")
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction):
+            return value
+        return action.const if value else action.default
+    if action.nargs == "?" and isinstance(value, bool):  # --hotswap alone is `hotswap = true`
+        return action.const if value else action.default
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]  # one value: one item
+        if action.nargs == "+" and not items:
+            raise ValueError(f"{flag} takes at least one value")
+        return [_one_value(action, item, flag) for item in items]
+    return _one_value(action, value, flag)
+
+
+def _one_value(action: argparse.Action, value, flag: str):
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{flag} takes {_kind(action)}, e.g. {_example(action)}")
+    try:
+        result = action.type(str(value)) if action.type else str(value)  # str(1e-4): as typed, "0.0001"
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+        if isinstance(error, argparse.ArgumentTypeError):  # the type's own words, with its example
+            raise ValueError(f"{flag} {error}") from None
+        raise ValueError(f"{flag} takes {_kind(action)}, e.g. {_example(action)}") from None
+    if action.choices is not None and result not in action.choices:
+        raise ValueError(f"{flag} takes one of {', '.join(map(str, action.choices))}")
+    return result
+
+
+def _kind(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(map(str, action.choices))
+    return {int: "an integer", float: "a number"}.get(action.type, "a string")
+
+
+def _example(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return _shown(list(action.choices)[0])
+    default = action.default
+    if action.type in (int, float) and isinstance(default, int | float) and not isinstance(default, bool):
+        return repr(default)
+    return {int: "4", float: "0.5"}.get(action.type, '"text"')
+
+
+def _shown(value) -> str:
+    """A TOML value as the file spells it (strings quoted), cut short."""
+    import json
+
+    text = json.dumps(value) if isinstance(value, str | bool | list) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_error(message: str) -> None:
+    _exit_with(f"{message} (see --help).")
 
 
 def _exit_with(message: str) -> None:

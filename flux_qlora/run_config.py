@@ -22,6 +22,62 @@ def tracker_config(flags: dict) -> dict:
     return {k: v for k, v in recorded_flags(flags).items() if isinstance(v, int | float | str | bool)}
 
 
+# A resume is the same run. The flags that change what a step computes (the maths) must be the checkpoint's: a
+# resume given others is refused (checkpoints.check_same_run), since the optimizer and schedule states would keep
+# the old values while the data, sizes or LoRA changed under them. Decided from what each flag reaches in the code.
+SAME_ON_RESUME = frozenset({
+    # the model and what its frozen base computes in
+    "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path", "revision", "variant",
+    "base_precision", "do_fp8_training", "mixed_precision",
+    # which images and captions train, and how each is made into a sample
+    "dataset_name", "dataset_config_name", "dataset_split", "image_column", "caption_column", "instance_prompt",
+    "class_prompt", "validation_split", "width", "height", "resolution", "bucket_step", "crop", "random_flip",
+    "cache_latents",  # with --crop random: one random place per image instead of one per epoch
+    "repeats", "alpha_mask", "caption_dropout", "prior_loss_weight", "seed",
+    # the LoRA and its average
+    "rank", "lora_alpha", "init_lora_weights", "lora_layers", "use_ema", "ema_decay",
+    # the optimizer, its step and its schedule
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    # the flow-matching loss
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_shift", "guidance_scale",
+})
+# Folders of inputs may have moved (another machine, a remounted drive), but whether the flag is given may not: it
+# adds a regularisation batch to every step.
+SAME_WHETHER_GIVEN = frozenset({"class_data_dir"})
+# May change on resume: how long the run is (with a decaying --lr_scheduler the rest of the schedule follows the
+# new end), where inputs and outputs are, what is logged, saved, sampled and evaluated, and how fast (the same maths
+# at another speed or memory).
+MAY_CHANGE_ON_RESUME = frozenset({
+    "max_train_steps", "num_train_epochs",
+    "instance_data_dir", "data_df_path", "cache_dir", "cache_latents_dir", "output_dir", "eval_data_dir",
+    "checkpointing_steps", "checkpoints_total_limit", "overwrite_output_dir", "resume_from_checkpoint",
+    "validation_prompt", "validation_steps", "validation_inference_steps", "validation_guidance_scale",
+    "validation_model", "validate_ema", "eval_steps", "report_to", "logging_steps", "profile_dir", "export_format",
+    "push_to_hub", "hub_model_id", "hub_token", "dry_run", "debug", "config",
+    "gradient_checkpointing", "gradient_checkpointing_interval", "offload_activations", "compile",
+    "compile_cache_dir", "cuda_graphs", "attention_backend",
+})
+
+
+def resume_differences(recorded: dict, given: dict, defaults: dict) -> list[str]:
+    """`flag: checkpoint value -> given value` for each flag of SAME_ON_RESUME (and SAME_WHETHER_GIVEN) where the
+    flags `given` now differ from those `recorded` with the checkpoint. A flag the record lacks had its default
+    (None is never recorded; a flag added since the checkpoint was written had its default then)."""
+    differences = []
+    for key in sorted(SAME_ON_RESUME | SAME_WHETHER_GIVEN):
+        before, now = recorded.get(key, defaults.get(key)), given.get(key)
+        if key in SAME_WHETHER_GIVEN:
+            before, now = ("given" if before else "not given"), ("given" if now else "not given")
+        if before != now:
+            differences.append(f"--{key}: {_shown(before)} -> {_shown(now)}")
+    return differences
+
+
+def _shown(value) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
+
+
 RUN_TABLE = "run"  # what the run found rather than was told: a record, which --config skips
 
 

@@ -114,6 +114,17 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
                        help="Share of samples trained on the empty caption instead of theirs (e.g. 0.1).")
 
 
+def open_fraction(text: str) -> float:
+    """argparse type: a number above 0 and below 1 (NaN is neither)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.999)") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 and below 1 (e.g. 0.999)")
+    return value
+
+
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
     """The trainer's LoRA flags: rank, alpha, initialisation, target layers, EMA."""
     lora = parser.add_argument_group("LoRA")
@@ -127,7 +138,9 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--use_ema", action="store_true",
                       help="Keep an exponential moving average of the LoRA weights, saved beside the LoRA as "
                            "pytorch_lora_weights_ema.safetensors (diffusers loads it with weight_name=...).")
-    lora.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimizer step.")
+    lora.add_argument("--ema_decay", type=open_fraction, default=0.999,
+                      help="EMA decay per optimizer step, above 0 and below 1 (0 would copy the weights, 1 never "
+                           "move from the initial ones).")
     lora.add_argument("--validate_ema", action="store_true", help="Draw the validation images with the EMA weights.")
 
 
@@ -263,8 +276,6 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--checkpoints_total_limit {args.checkpoints_total_limit} must be at least 1 (leave it out to "
                         "keep every checkpoint).")
     check_optimizer_values(args)
-    if not 0 <= args.ema_decay <= 1:
-        raise UserError(f"--ema_decay {args.ema_decay} must be between 0 and 1 (e.g. 0.999).")
     if args.prior_loss_weight < 0:
         raise UserError(f"--prior_loss_weight {args.prior_loss_weight} must be at least 0 (1.0 as in DreamBooth).")
 

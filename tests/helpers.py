@@ -4,6 +4,7 @@ pyproject.toml's `pythonpath = ["tests"]` makes this module importable as `helpe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -70,6 +71,30 @@ def train_args(model, images, embeddings, output_dir, *extra, size=("--width", "
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--data_df_path", embeddings,
             "--output_dir", output_dir, *size, *(["--cache_latents"] if cache_latents else []), "--use_8bit_adam",
             "--gradient_checkpointing", "--report_to", "none", "--logging_steps", "1", *extra]
+
+
+def flag_value(action: argparse.Action, nth: int = 0):
+    """A value of the flag's type and choices that is not its default (the `nth` such): what the tests generated
+    over every flag of a parser give it."""
+    if action.choices is not None:
+        others = [c for c in action.choices if c not in (action.default, action.const)]
+        return others[nth % len(others)] if others else list(action.choices)[nth % len(action.choices)]
+    if action.type is int:
+        return (action.default if isinstance(action.default, int) else 0) + 3 + nth
+    if action.type is float:
+        return 0.375 + nth
+    if action.type in (str, None):
+        return f"value {nth} of {action.dest}"
+    candidates = [text for text in ("0.375", "0.625", "3", "4", "text") if _parses(action.type, text)]
+    return action.type(candidates[nth % len(candidates)])  # a type of its own (a range): what it takes
+
+
+def _parses(type_, text: str) -> bool:
+    try:
+        type_(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return True
 
 
 def tiny_forward(transformer, grad: bool = False, device: str = "cpu") -> torch.Tensor:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, built_once, run_script, train_args
+from helpers import assert_one_line_error, assert_refused, built_once, run_script, train_args
 from PIL import Image
 
 from flux_qlora.batches import held_out_rows
@@ -23,6 +23,9 @@ def test_held_out_images_are_a_fixed_share_chosen_by_hash(tiny_images_master):
     assert {samples[r].image_hash for r in rows} == {s.image_hash for s in lowest}
     assert len(held_out_rows(samples, 0.01)) == 1 and len(held_out_rows(samples, 0.99)) == 5  # one kept, one trained
     assert held_out_rows(samples, 0.0) == []
+    # one image: a split holds out none (the image must train)
+    assert_refused(lambda: held_out_rows(samples[:1], 0.5), "--validation_split 0.5 of 1 image(s) holds out none",
+                   "2 images or more", "--eval_data_dir")
 
 
 @pytest.mark.parametrize("learning_rate, moves", [pytest.param("0", False, id="frozen-lora-flat-curve"),

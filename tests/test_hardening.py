@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from helpers import (
     ROOT,
     assert_one_line_error,
     assert_same_lora,
+    flag_value,
     run_script,
     script_env,
     stop_stalled,
@@ -28,10 +30,18 @@ from helpers import (
 from PIL import Image
 
 from flux_qlora.batches import load_buckets
+from flux_qlora.checkpoints import StopSignals
 from flux_qlora.cli import describe_out_of_memory, run_main
 from flux_qlora.data import image_hash, load_local_samples
 from flux_qlora.files import written_atomically
 from flux_qlora.reports import write_summary
+from flux_qlora.run_config import (
+    MAY_CHANGE_ON_RESUME,
+    SAME_ON_RESUME,
+    SAME_WHETHER_GIVEN,
+    recorded_flags,
+    resume_differences,
+)
 
 TOKEN = "hf_flux_qlora_test_SECRET_4d1c"
 
@@ -201,3 +211,118 @@ def test_a_stalled_script_shows_where_each_thread_waits():
     assert script.returncode == -signal.SIGKILL  # alive after the stacks: killed by the second signal
     # line 4 or 5: the signal may land while print() is still returning
     assert "Current thread" in stderr and re.search(r'File "<string>", line [45] in main', stderr), stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A resume is the same run: generated over the trainer's flags (run_config's named sets)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _trainer_flags() -> tuple[dict[str, argparse.Action], dict, dict]:
+    """(the trainer's flags by name, a run's flags as its checkpoint records them, the flags' defaults)."""
+    import train_qlora_flux
+    from flux_qlora.cli import config_actions
+
+    parser = train_qlora_flux.build_parser()
+    given = vars(train_qlora_flux.parse_args(["--data_df_path", "e.parquet", "--instance_data_dir", "images"]))
+    return config_actions(parser), recorded_flags(given), train_qlora_flux.flag_defaults()
+
+
+def _another(action: argparse.Action, value):
+    return (not value) if action.nargs == 0 else flag_value(action) if value != flag_value(action) else \
+        flag_value(action, 1)
+
+
+def test_every_trainer_flag_is_either_kept_or_free_on_resume():
+    """A new flag must be placed in one of run_config's sets: this fails until it is."""
+    actions, _, _ = _trainer_flags()
+    named = [SAME_ON_RESUME, SAME_WHETHER_GIVEN, MAY_CHANGE_ON_RESUME]
+    assert set().union(*named) == set(actions) | {"config"}
+    assert sum(len(group) for group in named) == len(set().union(*named)), "a flag in two sets"
+
+
+@pytest.mark.parametrize("key", sorted(SAME_ON_RESUME))
+def test_a_resume_with_another_maths_flag_names_it_with_both_values(key):
+    actions, recorded, defaults = _trainer_flags()
+    given = {**recorded, key: _another(actions[key], recorded.get(key, defaults[key]))}
+    assert resume_differences(recorded, recorded, defaults) == []
+    (line,) = resume_differences(recorded, given, defaults)
+    assert line.startswith(f"--{key}: ") and " -> " in line and str(given[key]) in line.split(" -> ")[1]
+    older = {k: v for k, v in recorded.items() if k != key}  # a checkpoint from before the flag: its default
+    assert resume_differences(older, {**recorded, key: defaults[key]}, defaults) == []
+    assert len(resume_differences(older, given, defaults)) == (given[key] != defaults[key])
+
+
+@pytest.mark.parametrize("key", sorted(MAY_CHANGE_ON_RESUME - {"config"}))
+def test_a_resume_may_change_the_free_flags(key):
+    actions, recorded, defaults = _trainer_flags()
+    assert resume_differences(recorded, {**recorded, key: _another(actions[key], recorded.get(key))}, defaults) == []
+
+
+def test_a_moved_class_data_dir_resumes_a_dropped_one_does_not():
+    _, recorded, defaults = _trainer_flags()
+    recorded = {**recorded, "class_data_dir": "/old/place"}
+    assert resume_differences(recorded, {**recorded, "class_data_dir": "/new/place"}, defaults) == []
+    assert resume_differences(recorded, {**recorded, "class_data_dir": None}, defaults) == \
+        ["--class_data_dir: given -> not given"]
+
+
+def test_a_resume_with_other_maths_is_refused_before_anything_loads(tiny_model, tiny_images_master,
+                                                                    tiny_embeddings, tmp_path):
+    """A real checkpoint; resumed with another learning rate and width: one line with both differences, and the
+    run's training_config.toml still records what trained. A resume with a longer run and other logging goes on,
+    and the file records that."""
+    out = tmp_path / "out"
+    flags = ("--checkpointing_steps", "1", "--learning_rate", "1e-4")
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, out,
+                                                  "--max_train_steps", "2", *flags))
+    recorded = (out / "training_config.toml").read_text()
+    result = run_script("train_qlora_flux.py", *train_args(
+        tiny_model, tiny_images_master, tiny_embeddings, out, "--max_train_steps", "3", *flags, "--learning_rate",
+        "3e-4", "--resume_from_checkpoint", "latest", size=("--width", "48", "--height", "48")), check=False)
+    line = assert_one_line_error(result, "checkpoint-1 is of another run", "--learning_rate: 0.0001 -> 0.0003",
+                                 "--width: 64 -> 48", "start a new run")
+    assert "--height" not in line and "--max_train_steps" not in line
+    assert (out / "training_config.toml").read_text() == recorded
+    run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, out,
+                                                  "--max_train_steps", "3", *flags, "--logging_steps", "2",
+                                                  "--resume_from_checkpoint", "latest"))
+    config = tomllib.loads((out / "training_config.toml").read_text())
+    assert config["max_train_steps"] == 3 and config["logging_steps"] == 2 and config["learning_rate"] == 1e-4
+
+
+def test_a_second_ctrl_c_stops_at_once_with_a_stopped_line_that_says_so(capsys):
+    """The handler the training loop runs under (StopSignals), in-process: the first signal asks for a checkpoint,
+    the second stops at once, and run_main's `stopped:` line says what happened, never nothing."""
+    def main(args):
+        signals = StopSignals(num_processes=1)
+        try:
+            signals._handle(signal.SIGINT, None)
+            assert signals.received == "SIGINT" and signals.forces_sync()
+            signals._handle(signal.SIGINT, None)  # raises
+        finally:
+            signals.restore()
+
+    for body, expect in [(main, "stopped: SIGINT again: stopped at once, nothing saved since the last checkpoint "
+                                "(resume it with --resume_from_checkpoint latest)"),
+                         (lambda args: (_ for _ in ()).throw(KeyboardInterrupt),  # Ctrl-C outside the loop
+                          "stopped: interrupted; nothing saved since the last checkpoint")]:
+        with pytest.raises(SystemExit) as stop:
+            run_main(body, argparse.Namespace(debug=False))
+        assert stop.value.code == 130
+        assert capsys.readouterr().err == expect + "\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers restored
+
+
+@pytest.mark.parametrize("decay", ["0", "1", "-0.5", "1.5", "nan", "inf", "abc"])
+def test_an_ema_decay_outside_0_1_is_refused_when_parsed(decay, tmp_path, capsys):
+    """On the command line and in a --config file: one line, exit code 2, before anything else runs."""
+    import train_qlora_flux
+
+    (tmp_path / "c.toml").write_text(f"ema_decay = {decay if decay != 'abc' else repr(decay)}\n")
+    for flags in (["--ema_decay", decay], ["--config", str(tmp_path / "c.toml")]):
+        with pytest.raises(SystemExit) as stop:
+            train_qlora_flux.parse_args(["--data_df_path", "e.parquet", *flags])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert stop.value.code == 2 and line.startswith("error: ") and "--ema_decay" in line, line
+        assert "above 0 and below 1" in line or "not a number" in line, line
+    assert train_qlora_flux.parse_args(["--data_df_path", "e.parquet", "--ema_decay", "0.9"]).ema_decay == 0.9

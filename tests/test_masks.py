@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import torch
-from helpers import assert_one_line_error, run_script, train_args
+from helpers import assert_one_line_error, assert_refused, run_script, train_args
 from PIL import Image
 
 from flux_qlora import flow
@@ -83,3 +84,50 @@ def test_a_mask_of_another_size_is_refused(tiny_model, tiny_images, tiny_embeddi
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images, tiny_embeddings, tmp_path / "o"),
                         check=False)
     assert_one_line_error(result, "mask of", "000.png", "10x10", "make the mask the size of its image")
+
+
+def _black_masks(samples_folder, how_many: int) -> None:
+    """The first `how_many` images (by name) get an all-black NAME_mask.png, the others none."""
+    for png in sorted(p for p in samples_folder.glob("*.png") if not p.stem.endswith("_mask"))[:how_many]:
+        Image.new("L", Image.open(png).size, 0).save(png.with_name(f"{png.stem}_mask.png"))
+
+
+def test_all_black_masks_are_refused_and_some_are_one_warning_with_the_count(tiny_images, caplog):
+    _black_masks(tiny_images, 2)
+    with caplog.at_level(logging.WARNING):
+        load_buckets(load_local_samples(str(tiny_images), "text", None), [[(48, 48)]], check_size=False,
+                     what="training images")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 6 training images have an all-black loss mask" in warnings[0], warnings
+    _black_masks(tiny_images, 6)
+    samples = load_local_samples(str(tiny_images), "text", None)
+    assert_refused(lambda: load_buckets(samples, [[(48, 48)]], check_size=False, what="training images"),
+                   "all 6 training images have an all-black loss mask", "nothing would train", "white is where")
+    # the held-out image's mask alone: that set is refused under its own name
+    assert_refused(lambda: load_buckets(samples, [[(48, 48)]], check_size=False, rows=[0], what="held-out images"),
+                   "all 1 held-out images")
+
+
+def test_alpha_mask_without_alpha_is_refused_and_a_transparent_set_trains_nothing(tiny_images_master, tmp_path):
+    plain = load_local_samples(str(tiny_images_master), "text", None)  # RGB: no alpha channel
+    assert_refused(lambda: load_buckets(plain, [[(48, 48)]], check_size=False, alpha_mask=True,
+                                        what="training images", alpha_required=True),
+                   "--alpha_mask: none of the 6 training images has an alpha channel", "drop --alpha_mask")
+    load_buckets(plain, [[(48, 48)]], check_size=False, alpha_mask=True)  # other sets (regularisation) may lack it
+    folder = _masked_images(tiny_images_master, tmp_path / "alpha", alpha=True)
+    samples = load_local_samples(str(folder), "text", None)
+    load_buckets(samples, [[(48, 48)]], check_size=False, alpha_mask=True, alpha_required=True)
+    for png in folder.glob("*.png"):  # fully transparent
+        image = Image.open(png)
+        image.putalpha(0)
+        image.save(png)
+    samples = load_local_samples(str(folder), "text", None)
+    assert_refused(lambda: load_buckets(samples, [[(48, 48)]], check_size=False, alpha_mask=True,
+                                        alpha_required=True), "all-black loss mask", "opaque")
+
+
+def test_the_trainer_refuses_alpha_mask_on_images_without_alpha(tiny_model, tiny_images_master, tiny_embeddings,
+                                                                tmp_path):
+    result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings,
+                                                           tmp_path / "out", "--alpha_mask"), check=False)
+    assert_one_line_error(result, "--alpha_mask: none of the 6 training images has an alpha channel")
