@@ -76,14 +76,10 @@ def _is_file_problem(error: OSError) -> bool:
 def describe_file_problem(error: OSError) -> str:
     """A file-system error (read-only folder, a file where a folder should be, a full disk) as one line: the class
     of mistake, wherever in the scripts it surfaces."""
+    from flux_qlora.files import HINTS
+
     where = f"{error.filename}: " if error.filename else ""
-    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
-            errno.EACCES: "check its permissions or write elsewhere", errno.EROFS: "write elsewhere",
-            errno.EPERM: "check its permissions or write elsewhere", errno.ENOENT: "check the path",
-            errno.ENOTDIR: "a file stands where a folder is needed: give a folder path",
-            errno.EEXIST: "a file stands where a folder is needed: give a folder path",
-            errno.EISDIR: "a folder stands where a file is needed: give a file path"}.get(error.errno, "check the path")
-    return f"{where}{error.strerror or error}: {hint}."
+    return f"{where}{error.strerror or error}: {HINTS.get(error.errno, 'check the path')}."
 
 
 def scrub_secret_flags(argv: list[str]) -> None:
@@ -216,7 +212,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str
     first.add_argument("--config", type=str, default=None)
     known, _ = first.parse_known_args(input_args)
     if known.config:
-        values = read_config(known.config, {action.dest for action in parser._actions})
+        try:  # before run_main: the one line is printed here
+            values = read_config(known.config, {action.dest for action in parser._actions})
+        except UserError as error:
+            _exit_with(str(error))
         for action in parser._actions:
             if action.dest in values:
                 action.required = False  # given by the file
@@ -225,17 +224,15 @@ def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str
 
 
 def read_config(path: str, known: set[str]) -> dict:
-    import tomllib
+    """The flag values of a --config TOML file; a missing, unreadable or misspelt one is a `UserError`."""
+    from flux_qlora.readers import read_toml
 
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        _exit_with(f"--config {path}: not a readable TOML file ({error}).")
+    values = read_toml(path, "--config", "give a TOML file of flag values, e.g. learning_rate = 1e-4")
     values.pop("run", None)  # training_config.toml's record of what the run found (run_config.RUN_TABLE)
     unknown = sorted(set(values) - known)
     if unknown:
-        _exit_with(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the dashes, "
-                   "e.g. learning_rate = 1e-4.")
+        raise UserError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the "
+                        "dashes, e.g. learning_rate = 1e-4.")
     return values
 
 
