@@ -8,7 +8,6 @@ The library modules never see an `argparse.Namespace`: only the scripts, this mo
 from __future__ import annotations
 
 import argparse
-import errno
 import faulthandler
 import logging
 import re
@@ -70,7 +69,9 @@ def describe_out_of_memory(error: Exception) -> str:
 
 
 def _is_file_problem(error: OSError) -> bool:
-    return error.filename is not None or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    from flux_qlora.files import HINTS
+
+    return error.filename is not None or error.errno in HINTS  # pyarrow's carry an errno and no filename
 
 
 def describe_file_problem(error: OSError) -> str:
