@@ -37,6 +37,7 @@ from flux_qlora.data import Sample, drop_duplicates, load_samples
 from flux_qlora.embeddings import EmbeddingsWriter, prompt_key, reusable_rows
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family
+from flux_qlora.hardware import check_device
 from flux_qlora.models import load_text_pipeline
 
 logger = logging.getLogger("compute_embeddings")
@@ -78,6 +79,7 @@ def validate_args(args: argparse.Namespace) -> None:
                         "(77 is the default; 512 for long captions).")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size} must be at least 1.")
+    check_device("--device", args.device)
     if not Path(args.output_path).parent.exists():
         raise UserError(f"--output_path {args.output_path}: folder {Path(args.output_path).parent} does not exist.")
 
@@ -111,7 +113,8 @@ def main(args: argparse.Namespace) -> None:
     logger.info("%d images with captions from %s%s", len(samples), args.dataset_name or args.instance_data_dir,
                 "".join(f" (with {len(extra)} {what} images from {folder})" for extra, what, folder in extras if extra))
 
-    family = families.detect(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
+    family = families.detect_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                                      cache_dir=args.cache_dir)
     length = args.max_sequence_length or family.default_max_sequence_length
     source = embedding_source(args, length)
     writer = EmbeddingsWriter(args.output_path, source, family.name)
@@ -122,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
     logger.info("%d captions to encode (%d reused from earlier runs)", len(rows),
                 len(samples) + len(prompts) - len(rows))
     if rows:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(check_device("--device", args.device))
         quantize = args.quantize_text_encoder or ("8bit" if args.t5_8bit else None)
         pipe = load_text_pipeline(family, args.pretrained_model_name_or_path, device, quantize, **hub_kwargs(args))
         encode_rows(family, pipe, rows, writer, args.batch_size, length)

@@ -46,9 +46,18 @@ from flux_qlora.cuda_graphs import replay_forward_from_cuda_graphs
 from flux_qlora.data import check_resolution
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family
-from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
+from flux_qlora.files import writes_named
+from flux_qlora.hardware import (
+    Device,
+    check_bf16,
+    check_device,
+    check_fp8_device,
+    default_dtype,
+    pick_attention_backend,
+)
 from flux_qlora.lora import LORA_WEIGHT_NAME, check_lora_matches, resolve_lora_file
 from flux_qlora.models import DTYPES, count_nf4_layers, load_transformer, quantize_to_nf4
+from flux_qlora.readers import read_text
 from flux_qlora.reports import CompileCounter, peak_memory_gib
 from flux_qlora.serving import Lora, LoraServer, make_server
 
@@ -174,10 +183,8 @@ def validate_args(args: argparse.Namespace) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt_file {path} does not exist.")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = read_text(args.prompt_file, "--prompt_file", "give a UTF-8 text file with one prompt per line")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts and not args.save_fused:
         raise UserError("no prompt: give --prompt (repeatable) or --prompt_file.")
     return prompts
@@ -217,7 +224,7 @@ def warn_about_base_precision(loras: list[Lora], served: str) -> None:
 
 def pick_device(args) -> torch.device:
     """The device, with what it can't run refused before anything loads."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device("--device", args.device)
     hardware = Device.of(device)
     if args.dtype is None:
         args.dtype = default_dtype(hardware)
@@ -295,7 +302,8 @@ def apply_loras(pipe, loras: list[Lora], args, device) -> LoraServer:
         pipe.unload_lora_weights()
         logger.info("Fused %d LoRA(s) into the transformer", len(loras))
         if args.save_fused:
-            pipe.transformer.save_pretrained(args.save_fused)
+            with writes_named(Path(args.save_fused), "--save_fused"):
+                pipe.transformer.save_pretrained(args.save_fused)
             logger.info("Saved the fused transformer to %s", args.save_fused)
         if args.quantize == "nf4":
             quantize_to_nf4(pipe.transformer, device)
@@ -497,7 +505,7 @@ def main(args: argparse.Namespace, pipe=None) -> list[dict]:
     device = pick_device(args)
     if args.compile:
         start_compile_workers(device)
-    family = family_of(pipe) if pipe is not None else families.detect(
+    family = family_of(pipe) if pipe is not None else families.detect_pipeline(
         args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)  # read once
     loras = resolve_loras(args, family)
     pipe = pipe if pipe is not None else load_pipeline(args, device, family)

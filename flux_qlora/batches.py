@@ -111,7 +111,9 @@ class Bucket:
             mask = None if self.mask_covers is None else self.mask_covers[position]
             digest = mask_digest(self.mask_covers is not None, mask)
             files.append(cache.file(image_hashes[row], self.size, (left, top), augment.random_flip, digest))
-        missing = [position for position, file in enumerate(files) if not file.exists()]
+        kinds = ["latents"] + (["mask"] if self.mask_covers is not None else [])  # what each file holds
+        names = kinds + ([f"{kind}_flipped" for kind in kinds] if augment.random_flip else [])
+        missing = [position for position, file in enumerate(files) if not cache.reusable(file, names)]
         # One item per VAE call: a file's latents then don't depend on which other items were missing with it
         # (convolutions sum in another order at another batch size).
         for position in tqdm(missing, desc="Caching latents", disable=not (show_progress and missing)):

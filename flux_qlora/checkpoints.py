@@ -22,7 +22,9 @@ from safetensors import SafetensorError
 
 from flux_qlora import run_config
 from flux_qlora.errors import Interrupted, UserError
+from flux_qlora.files import writes_named
 from flux_qlora.lora import LORA_WEIGHT_NAME, load_lora_into, save_lora
+from flux_qlora.readers import read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -134,17 +136,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # Each process writes its own random states last, with no barrier after: without this one the main process
-    # could rename the folder first, and another's file went to a new .tmp folder (seen once in CI's DDP test).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    # A failed write (full disk, read-only folder; safetensors' and torch.save's own exception types) is one line;
+    # the half-written folder goes, the earlier checkpoints stay.
+    try:
+        with writes_named(final, "checkpoint", "the earlier checkpoints are left as they were"):
+            accelerator.save_state(str(tmp))
+            # Each process writes its own random states last, with no barrier after: without this one the main
+            # process could rename the folder first, and another's file went to a new .tmp folder (seen once in
+            # CI's DDP test).
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": step}))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process and total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -204,11 +214,12 @@ class StopSignals:
 
 
 def read_training_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {error}): resume from an earlier "
-                        f"{CHECKPOINT_PREFIX}N folder, or delete it.") from None
+    state = read_json(checkpoint / STATE_FILE, f"checkpoint {checkpoint} is damaged:",
+                      f"resume from an earlier {CHECKPOINT_PREFIX}N folder, or delete it")
+    if not isinstance(state.get("global_step"), int):
+        raise UserError(f"checkpoint {checkpoint} is damaged: its {STATE_FILE} has no global_step; resume from an "
+                        f"earlier {CHECKPOINT_PREFIX}N folder, or delete it.")
+    return state
 
 
 def resume(accelerator: Accelerator, resume_from: str | None, output_dir: str) -> dict:

@@ -8,7 +8,6 @@ The library modules never see an `argparse.Namespace`: only the scripts, this mo
 from __future__ import annotations
 
 import argparse
-import errno
 import faulthandler
 import logging
 import re
@@ -70,20 +69,18 @@ def describe_out_of_memory(error: Exception) -> str:
 
 
 def _is_file_problem(error: OSError) -> bool:
-    return error.filename is not None or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    from flux_qlora.files import HINTS
+
+    return error.filename is not None or error.errno in HINTS  # pyarrow's carry an errno and no filename
 
 
 def describe_file_problem(error: OSError) -> str:
     """A file-system error (read-only folder, a file where a folder should be, a full disk) as one line: the class
     of mistake, wherever in the scripts it surfaces."""
+    from flux_qlora.files import HINTS
+
     where = f"{error.filename}: " if error.filename else ""
-    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
-            errno.EACCES: "check its permissions or write elsewhere", errno.EROFS: "write elsewhere",
-            errno.EPERM: "check its permissions or write elsewhere", errno.ENOENT: "check the path",
-            errno.ENOTDIR: "a file stands where a folder is needed: give a folder path",
-            errno.EEXIST: "a file stands where a folder is needed: give a folder path",
-            errno.EISDIR: "a folder stands where a file is needed: give a file path"}.get(error.errno, "check the path")
-    return f"{where}{error.strerror or error}: {hint}."
+    return f"{where}{error.strerror or error}: {HINTS.get(error.errno, 'check the path')}."
 
 
 def scrub_secret_flags(argv: list[str]) -> None:
@@ -219,7 +216,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, input_args: list[str
     known, _ = first.parse_known_args(input_args)
     if not known.config:
         return parser.parse_args(input_args)
-    values = read_config(known.config, parser)
+    try:  # before run_main: the one line is printed here
+        values = read_config(known.config, parser)
+    except UserError as error:
+        _exit_with(str(error))
     replaced = {}  # a repeatable flag's list from the file: argparse would append the command line's to it
     for action in parser._actions:
         if action.dest in values:
@@ -243,25 +243,22 @@ def config_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
 
 def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """The flag values of the TOML file `path`, each parsed by its flag's action (`config_value`); an unreadable
-    file, an unknown key or a value the flag would refuse is one `error:` line naming the file and the key."""
-    import tomllib
+    file, an unknown key or a value the flag would refuse is a `UserError` naming the file and the key."""
+    from flux_qlora.readers import read_toml
 
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        _exit_with(f"--config {path}: not a readable TOML file ({error}).")
+    values = read_toml(path, "--config", "give a TOML file of flag values, e.g. learning_rate = 1e-4")
     values.pop("run", None)  # training_config.toml's record of what the run found (run_config.RUN_TABLE)
     actions = config_actions(parser)
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        _exit_with(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the dashes, "
-                   "e.g. learning_rate = 1e-4.")
+        raise UserError(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are flag names without the "
+                        "dashes, e.g. learning_rate = 1e-4.")
     parsed = {}
     for key, value in values.items():
         try:
             parsed[key] = config_value(actions[key], value)
         except ValueError as error:
-            _exit_with(f"--config {path}: {key} = {_shown(value)}: {error}.")
+            raise UserError(f"--config {path}: {key} = {_shown(value)}: {error}.") from None
     return parsed
 
 

@@ -29,6 +29,7 @@ from flux_qlora import families
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family, LoraLayout
 from flux_qlora.families.flux1 import FLUX1
+from flux_qlora.files import written_atomically
 from flux_qlora.lora import LoraFile, layers, lora_config, read_safetensors
 from flux_qlora.run_config import config_beside, trained_base_precision, trained_family
 
@@ -208,18 +209,22 @@ def convert_file(source: Path, target: Path, to: str, family: Family | None = No
                             "read; save it with flux-qlora (alpha folded in) first.")
         layout = family.lora_layout
         converted = to_kohya({k: v.float() for k, v in state.items() if k.startswith("transformer.")}, alpha, layout)
-        save_file(converted, str(target), metadata={"ss_network_module": "networks.lora_flux",
-                                                   "ss_base_model_version": layout.base_model,
-                                                   "converted_by": "flux-qlora"})
+        metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": layout.base_model,
+                    "converted_by": "flux-qlora"}
     elif to == "diffusers":
         family = family or (families.by_name(recorded) if recorded else FLUX1)
         layout = comfyui_layout_of(state, family)
         if layout is None:
             raise UserError(f"{source} is not in the kohya/ComfyUI layout (no lora_unet_* or diffusion_model.* "
                             "keys).")
-        save_file(to_diffusers({k: v.float() for k, v in state.items()}, layout), str(target))
+        converted, metadata = to_diffusers({k: v.float() for k, v in state.items()}, layout), None
     else:
         raise UserError(f"--to {to}: choose comfyui, kohya or diffusers.")
+    if not converted:
+        raise UserError(f"{source} holds no LoRA layers of a FLUX.1 or FLUX.2 transformer (e.g. "
+                        f"{next(iter(state), 'no tensors at all')}): not a Flux LoRA, nothing written.")
+    with written_atomically(target) as partial:
+        save_file(converted, str(partial), metadata=metadata)
     return target
 
 

@@ -8,7 +8,6 @@ image with another image's caption).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from flux_qlora import readers
 from flux_qlora.errors import UserError
 
 __all__ = ["UserError"]  # documented as flux_qlora.data.UserError: kept importable from here
@@ -62,36 +62,26 @@ class Sample:
     open_mask: Callable[[], Image.Image] | None = field(default=None, repr=False)
 
 
-def _open_file(path: Path) -> Callable[[], Image.Image]:
+def _open_file(path: Path, what: str = "image") -> Callable[[], Image.Image]:
     def open_image() -> Image.Image:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return readers.open_image(path, what)
 
     return open_image
 
 
 def _read_metadata_jsonl(folder: Path, caption_column: str) -> dict[str, str]:
-    captions = {}
-    for line_number, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[row["file_name"]] = str(row[caption_column])
-        except (json.JSONDecodeError, KeyError) as error:
-            raise UserError(
-                f"{folder / 'metadata.jsonl'} line {line_number}: expected JSON with 'file_name' and "
-                f"'{caption_column}' (set --caption_column), got {line[:80]!r} ({error})"
-            ) from None
-    return captions
+    fix = f"write UTF-8 lines, each a JSON object with 'file_name' and '{caption_column}' (set --caption_column)"
+    return {str(row["file_name"]): str(row[caption_column])
+            for _, row in readers.read_jsonl(folder / "metadata.jsonl", "captions file", ("file_name", caption_column),
+                                             fix)}
 
 
 def _caption_for(path: Path, metadata: dict[str, str] | None, instance_prompt: str | None) -> str | None:
     if metadata is not None and path.name in metadata:
         caption = metadata[path.name]
     elif path.with_suffix(".txt").exists():
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8")
+        caption = readers.read_text(path.with_suffix(".txt"), "caption file", "save the caption as UTF-8 text",
+                                    allow_empty=True)
     else:
         caption = None
     caption = caption.strip() if caption else ""
@@ -110,7 +100,7 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
     if not paths:
         raise UserError(f"{flag} {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     metadata = _read_metadata_jsonl(folder, caption_column) if (folder / "metadata.jsonl").exists() else None
-    samples, uncaptioned, unreadable = [], [], []
+    samples, uncaptioned, unreadable, first_problem = [], [], [], ""
     for path in paths:
         caption = _caption_for(path, metadata, instance_prompt)
         if caption is None:
@@ -118,14 +108,16 @@ def load_local_samples(instance_data_dir: str, caption_column: str, instance_pro
             continue
         try:
             image = _open_file(path)()
-        except (UnidentifiedImageError, OSError) as error:
-            unreadable.append(f"{path.name} ({error.__class__.__name__})")
+        except UserError as error:
+            unreadable.append(path.name)
+            first_problem = first_problem or str(error)
             continue
         mask = path.with_name(f"{path.stem}{MASK_SUFFIX}.png")
         samples.append(Sample(image_hash(image), caption, str(path), _open_file(path),
-                              _open_file(mask) if mask.exists() else None))
+                              _open_file(mask, "mask") if mask.exists() else None))
     if unreadable:
-        raise UserError(f"{len(unreadable)} unreadable image(s) in {folder}: {_first(unreadable)}; fix or remove them.")
+        raise UserError(f"{len(unreadable)} unreadable image(s) in {folder}: {_first(unreadable)}; fix or remove them "
+                        f"(the first: {first_problem.removesuffix(': fix or remove it.')}).")
     if uncaptioned:
         raise UserError(
             f"{len(uncaptioned)} image(s) in {folder} have no caption (no .txt beside them, no metadata.jsonl "

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from flux_qlora import readers
 from flux_qlora.data import Sample
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family, check_same_family
@@ -114,10 +115,15 @@ class EmbeddingsWriter:
     def done_rows(self) -> dict[str, str]:
         """key -> caption of rows written by an earlier, interrupted run with the same source (model, length)."""
         parts = sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
-        if parts and read_manifest(parts[0]).get("source") != self.source:
-            shutil.rmtree(self.parts_dir)  # made with another model or length: start over
+        try:
+            if parts and read_manifest(parts[0]).get("source") != self.source:
+                shutil.rmtree(self.parts_dir)  # made with another model or length: start over
+                return {}
+            return {k: c for part in parts for k, c in readable_parquet(_keys_and_captions)(part).items()}
+        except UserError as error:  # a damaged part: start over, as for another source
+            logger.warning("%s; the earlier run's parts are encoded again.", str(error).split(": re-run")[0])
+            shutil.rmtree(self.parts_dir)
             return {}
-        return {k: c for part in parts for k, c in _keys_and_captions(part).items()}
 
     def write(self, keys, captions, prompt_embeds, pooled, text_ids) -> None:
         if self._manifest is None:
@@ -191,8 +197,23 @@ def readable_parquet(read: Callable) -> Callable:
 
 @readable_parquet
 def read_manifest(path: str | Path) -> dict:
-    metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata[MANIFEST_KEY]) if MANIFEST_KEY in metadata else {}
+    return _manifest_of(pq.read_schema(path), path)
+
+
+def _manifest_of(schema: pa.Schema, path: str | Path) -> dict:
+    """The manifest in a parquet's key-value metadata ({} for a file without one: diffusers' research layout)."""
+    metadata = schema.metadata or {}
+    if MANIFEST_KEY not in metadata:
+        return {}
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    shapes = manifest.get("shapes", {}) if isinstance(manifest, dict) else None
+    if not isinstance(shapes, dict) or not all(isinstance(shapes.get(c, []), list) for c in TENSOR_COLUMNS):
+        raise UserError(f"{path}: its flux_qlora manifest is damaged (not the JSON object compute_embeddings.py "
+                        "writes): re-run compute_embeddings.py to rebuild it.")
+    return manifest
 
 
 def reusable_rows(path: str | Path, source: dict) -> dict[str, str]:
@@ -235,16 +256,13 @@ def read_embeddings(path: str | Path) -> TextEmbeddings:
     """Reads our parquet or diffusers' research-project parquet into stacked tensors."""
     path = _existing(path)
     table = pq.read_table(path)
-    missing = [c for c in ("image_hash", *TENSOR_COLUMNS) if c not in table.column_names]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {missing}: not an embeddings file of compute_embeddings.py.")
     if table.num_rows == 0:
         raise UserError(f"{path} has no rows: re-run compute_embeddings.py.")
     manifest = read_manifest(path)
     shapes = manifest.get("shapes") or _infer_shapes(table)
     tensors = {c: _stack(table[c], shapes[c], c, path) for c in TENSOR_COLUMNS}
     captions = table["caption"].to_pylist() if "caption" in table.column_names else [""] * table.num_rows
-    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+    for name in TENSOR_COLUMNS:
         finite = torch.isfinite(tensors[name].flatten(1)).all(1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0])
@@ -298,14 +316,31 @@ def match_embeddings(samples: list[Sample], embeddings: TextEmbeddings, data_df_
 
 
 def _existing(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"embeddings file {path} does not exist: run compute_embeddings.py --output_path {path} first.")
+    """The embeddings file, its schema checked (the columns, and float lists in the tensor columns) before any row
+    is read: missing, a folder, empty, not a parquet, or another file's columns are one line each."""
+    path = readers.existing_file(path, "embeddings file", f"run compute_embeddings.py --output_path {path} first")
     try:
-        pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise UserError(f"{path} is not a readable parquet file ({error}): re-run compute_embeddings.py.") from None
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"{path} is not a readable parquet file ({str(error).splitlines()[0][:120]}): re-run "
+                        "compute_embeddings.py to rebuild it.") from None
+    missing = [c for c in ("image_hash", *TENSOR_COLUMNS) if c not in schema.names]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {missing}: not an embeddings file of compute_embeddings.py; give "
+                        "its --output_path, or re-run it.")
+    wrong = [f"{c} ({schema.field(c).type})" for c in TENSOR_COLUMNS if not _float_lists(schema.field(c).type)]
+    wrong += [f"{c} ({schema.field(c).type})" for c in ("image_hash", "caption")
+              if c in schema.names and not pa.types.is_string(schema.field(c).type)
+              and not pa.types.is_large_string(schema.field(c).type)]
+    if wrong:
+        raise UserError(f"{path}: column(s) {', '.join(wrong)} have the wrong type (tensor columns hold lists of "
+                        "floats, image_hash and caption strings): re-run compute_embeddings.py to rebuild it.")
     return path
+
+
+def _float_lists(kind: pa.DataType) -> bool:
+    lists = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    return lists and pa.types.is_floating(kind.value_type)
 
 
 @readable_parquet
@@ -313,8 +348,7 @@ def rows_and_text_tokens(path: str | Path) -> tuple[int, int]:
     """(rows, T5 tokens per caption) of an embeddings file, for the memory plan: from its footer and its manifest
     (or its first row), one open of the file, no tensors loaded."""
     file = pq.ParquetFile(_existing(path))
-    metadata = file.schema_arrow.metadata or {}
-    shapes = json.loads(metadata[MANIFEST_KEY]).get("shapes") if MANIFEST_KEY in metadata else None
+    shapes = _manifest_of(file.schema_arrow, path).get("shapes")
     if shapes:
         return file.metadata.num_rows, shapes["prompt_embeds"][0]
     first = file.read_row_group(0, columns=["text_ids"])

@@ -62,6 +62,29 @@ class Device:
         return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
 
 
+def check_device(flag: str, value: str | None) -> torch.device:
+    """The device a `--device` flag names (default: the GPU if there is one, else the CPU), refused in one line
+    when this machine hasn't got it: a malformed name, CUDA without a GPU, a GPU index it doesn't have."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {value} is not a device name: give cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{flag} {value}: this machine has no CUDA GPU (or no driver PyTorch can use): give "
+                            f"{flag} cpu, or leave the flag out.")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{flag} {value}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}: give "
+                            "one of those.")
+    elif device.type not in ("cpu", "cuda"):
+        if not (device.type == "mps" and torch.backends.mps.is_available()):
+            raise UserError(f"{flag} {value}: this machine has no {device.type} device: give cpu or cuda.")
+    return device
+
+
 def backend_problem(backend: str, device: Device, dtype: torch.dtype, head_dim: int = 128) -> str | None:
     """Why `backend` has no kernel for this device, dtype and head size; None when it has one."""
     half = dtype in (torch.float16, torch.bfloat16)

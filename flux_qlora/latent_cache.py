@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from flux_qlora.errors import UserError
 from flux_qlora.files import written_atomically
+from flux_qlora.readers import check_finite, open_safetensors, read_json, read_safetensors
+
+logger = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
+# A cache entry that goes bad after it was checked (another program, a failing disk): what to do about it.
+FIX = "delete it (or the --cache_latents_dir folder) and run again: it is encoded anew"
 
 
 def vae_fingerprint(name_or_path: str, revision: str | None, variant: str | None) -> dict:
@@ -37,7 +43,8 @@ class LatentCache:
         self.folder, self.vae, self.dtype = Path(folder), vae, dtype
         manifest = self.folder / "manifest.json"
         if manifest.exists():
-            version = json.loads(manifest.read_text()).get("layout_version")
+            version = read_json(manifest, "--cache_latents_dir manifest", "give another folder or delete it"
+                                ).get("layout_version")
             if version != LAYOUT_VERSION:
                 raise UserError(f"--cache_latents_dir {self.folder} was written in another layout ({version}): "
                                 "give another folder or delete it.")
@@ -53,6 +60,19 @@ class LatentCache:
                   "dtype": str(self.dtype), "mask": mask}
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         return self.folder / key[:2] / f"{key}.safetensors"
+
+    def reusable(self, file: Path, names: list[str]) -> bool:
+        """Whether an entry can be reused as it is: the file exists, reads, holds `names` and they are finite. A
+        damaged entry (a disk that filled, a copy cut short, NaN written by another program) is logged and
+        encoded again, never trained on."""
+        if not file.exists():
+            return False
+        try:
+            read_safetensors(file, "cached latents", FIX, names=names, finite=True)
+        except UserError as error:
+            logger.warning("%s; encoding it again.", str(error).removesuffix(f": {FIX}."))
+            return False
+        return True
 
     @staticmethod
     def write(file: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -82,10 +102,10 @@ class LatentFiles:
     def _read(file: Path, name: str) -> torch.Tensor:
         """Just the one tensor (a file holds the latents, their mirror and the masks: reading all of them for each
         was 4x the bytes with masks and flips)."""
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(name)
+        with open_safetensors(file, "cached latents", FIX) as f:
+            tensor = f.get_tensor(name)
+        check_finite({name: tensor}, file, "cached latents", FIX)
+        return tensor
 
 
 def mask_digest(masks_on: bool, mask: torch.Tensor | None) -> str | None:

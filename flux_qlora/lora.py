@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from flux_qlora.errors import UserError
 from flux_qlora.families import Family
 from flux_qlora.families.flux1 import FLUX1
 from flux_qlora.files import looks_like_hub_id, written_atomically
+from flux_qlora.readers import open_safetensors
+from flux_qlora.readers import read_safetensors as read_tensors
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
@@ -97,9 +98,10 @@ def save_lora(transformer: nn.Module, output_dir: str | Path, weight_name: str =
 def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
     """Loads a saved LoRA's weights into the transformer's existing "default" adapter (resume)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(Path(lora_dir) / LORA_WEIGHT_NAME)
+    name = Path(lora_dir).name
+    state, _ = read_safetensors(Path(lora_dir) / LORA_WEIGHT_NAME, f"{name} is damaged: its LoRA",
+                                f"resume from an earlier checkpoint, or delete {name}", finite=True)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
     expected = {m.r["default"] for m in transformer.modules() if hasattr(m, "lora_A") and "default" in m.r}
@@ -119,23 +121,18 @@ def load_lora_into(transformer: nn.Module, lora_dir: str | Path) -> None:
                         f"e.g. {unexpected[0]}); resume with the same --rank and --lora_layers.")
 
 
-@contextmanager
+LORA_FIX = "give a LoRA .safetensors file (pytorch_lora_weights.safetensors of a run, or a ComfyUI/kohya LoRA)"
+
+
 def open_lora_file(path: str | Path):
-    """A LoRA safetensors file opened lazily (safetensors' `safe_open`): a missing or damaged file is one clear
-    line. The one way the package reads LoRA files."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{path} is not a readable safetensors LoRA ({error}).") from None
+    """A LoRA safetensors file opened lazily: missing, empty or damaged is one clear line (`readers`)."""
+    return open_safetensors(path, "LoRA", LORA_FIX)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, what: str = "LoRA", fix: str = LORA_FIX,
+                     finite: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All the file's tensors and its header's metadata, in one open."""
-    with open_lora_file(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    return read_tensors(path, what, fix, finite=finite)
 
 
 def read_lora_metadata(path: str | Path) -> dict:

@@ -8,7 +8,6 @@ without CUDA). Pre-quantized NF4 checkpoints (a folder saved with bitsandbytes N
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ from flux_qlora import families
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family
 from flux_qlora.files import looks_like_hub_id
+from flux_qlora.readers import open_safetensors, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,10 @@ def _weight_index(folder: Path, variant: str | None) -> list[Path]:
     infix = f".{variant}" if variant else ""
     index = folder / f"diffusion_pytorch_model{infix}.safetensors.index.json"
     if index.exists():
-        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = read_json(index, "weight index", "download the transformer again").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"weight index {index} has no weight_map: download the transformer again.")
+        return sorted({folder / str(name) for name in weight_map.values()})
     single = folder / f"diffusion_pytorch_model{infix}.safetensors"
     if single.exists():
         return [single]
@@ -88,7 +91,7 @@ def _flux_config(folder: Path) -> dict:
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json: point --pretrained_model_name_or_path at a Flux pipeline "
                         "folder (with transformer/) or a transformer folder.")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", "transformer config", "download the transformer again")
     families.from_transformer_config(config, str(folder))  # refuses other transformers
     return config
 
@@ -185,9 +188,8 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 def _load_file_into(model, file: Path, quantized: set[str], device, dtype) -> None:
     """Streams one safetensors file into `model`: the layers named in `quantized` become NF4."""
     import bitsandbytes as bnb
-    from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with open_safetensors(file, "transformer weights", "download the transformer again") as f:
         keys = list(f.keys())
         # Pre-quantized files hold `<layer>.weight` (packed uint8) plus `<layer>.weight.<quant state>` entries.
         quant_stats = defaultdict(dict)

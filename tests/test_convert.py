@@ -121,7 +121,7 @@ def test_the_converter_cli_and_its_mistakes(all_linear_lora, tmp_path):
     for args, fragments in [((path, tmp_path / "k.safetensors", "--to", "kohya"), ["exists", "new output path"]),
                             ((path, tmp_path / "x.safetensors", "--to", "diffusers"), ["not in the kohya"]),
                             ((tmp_path / "nope.safetensors", tmp_path / "y.safetensors", "--to", "kohya"),
-                             ["nope.safetensors", "not a readable"])]:
+                             ["nope.safetensors", "does not exist"])]:
         assert_one_line_error(run_script("-m", "flux_qlora.convert", *args, check=False), *fragments)
 
 

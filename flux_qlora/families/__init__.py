@@ -12,7 +12,6 @@ one family are refused on another with one line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,11 +238,12 @@ def for_lora(layer_names: list[str], recorded: str | None = None) -> Family:
 def read_model_index(name_or_path: str, revision=None, cache_dir=None) -> dict | None:
     """A pipeline's model_index.json (local folder or Hub id), None for a transformer-only folder or repo."""
     from flux_qlora.files import looks_like_hub_id
+    from flux_qlora.readers import read_json
 
     path = Path(name_or_path)
     if path.is_dir():
         index = path / "model_index.json"
-        return json.loads(index.read_text()) if index.exists() else None
+        return read_json(index, "model index", REDOWNLOAD) if index.exists() else None
     if not looks_like_hub_id(name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub id "
                         "(owner/name) either.")
@@ -251,13 +251,27 @@ def read_model_index(name_or_path: str, revision=None, cache_dir=None) -> dict |
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
-                                               cache_dir=cache_dir)).read_text())
+        index = hf_hub_download(name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir)
     except EntryNotFoundError:
         return None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
         raise UserError(f"{name_or_path}: could not read its model_index.json from the Hub "
                         f"({error.__class__.__name__}); check the id, --revision and your connection.") from None
+    return read_json(index, "model index", REDOWNLOAD)
+
+
+REDOWNLOAD = "download the model again (or point at a complete Flux pipeline folder)"
+
+
+def detect_pipeline(name_or_path: str, transformer_config: dict | None = None, revision=None, cache_dir=None,
+                    flag: str = "--pretrained_model_name_or_path") -> Family:
+    """`detect` for what the scripts load as a pipeline (text encoders, VAE, scheduler): a folder or repo without
+    its model_index.json is refused in one line, not at the first `from_pretrained`."""
+    index = read_model_index(name_or_path, revision, cache_dir)
+    if index is None:
+        raise UserError(f"{flag} {name_or_path} has no model_index.json: give a whole Flux pipeline (a folder with "
+                        "model_index.json, transformer/, vae/ and the text encoders, or its Hub id).")
+    return _from_index(index, name_or_path, transformer_config)
 
 
 def detect(name_or_path: str, transformer_config: dict | None = None, revision=None, cache_dir=None) -> Family:
@@ -265,18 +279,22 @@ def detect(name_or_path: str, transformer_config: dict | None = None, revision=N
     a `transformer_config` given with a pipeline (--pretrained_transformer_model_name_or_path) must be of its family."""
     index = read_model_index(name_or_path, revision, cache_dir)
     if index is not None:
-        family = from_pipeline_class(index.get("_class_name", "?"), name_or_path)
-        if transformer_config is not None:
-            other = from_transformer_config(transformer_config, "the transformer")
-            if other is not family:
-                raise UserError(f"the transformer is a {other.label} one and {name_or_path} a {family.label} "
-                                "pipeline: give a transformer of the pipeline's family.")
-        return family
+        return _from_index(index, name_or_path, transformer_config)
     if transformer_config is None:
         from flux_qlora.models import read_transformer_config
 
         transformer_config = read_transformer_config(name_or_path, revision, cache_dir)
     return from_transformer_config(transformer_config, name_or_path)
+
+
+def _from_index(index: dict, name_or_path: str, transformer_config: dict | None) -> Family:
+    family = from_pipeline_class(str(index.get("_class_name", "?")), name_or_path)
+    if transformer_config is not None:
+        other = from_transformer_config(transformer_config, "the transformer")
+        if other is not family:
+            raise UserError(f"the transformer is a {other.label} one and {name_or_path} a {family.label} "
+                            "pipeline: give a transformer of the pipeline's family.")
+    return family
 
 
 def check_same_family(found: str | None, family: Family, what: str, fix: str) -> None:
