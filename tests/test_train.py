@@ -135,7 +135,7 @@ def test_resume_from_latest_equals_uninterrupted_run(resumed_run, tiny_model, ti
     result = run_script("train_qlora_flux.py", *train_args(tiny_model, tiny_images_master, tiny_embeddings, other,
                                                            *RESUMED_FLAGS, "--resume_from_checkpoint", "latest",
                                                            "--rank", "8"), check=False)
-    assert_one_line_error(result, "rank [4]", "--rank")
+    assert_one_line_error(result, "checkpoint-3 is of another run", "--rank: 4 -> 8")
 
 
 def test_flat_lora_computes_in_bf16_and_keeps_fp32_master_weights():
@@ -280,12 +280,15 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
     # Checkpoints: another run's, damaged, finished, or of other layers.
     pytest.param([], ["already holds another run", "--resume_from_checkpoint latest", "--overwrite_output_dir"],
                  _copy_checkpoint, id="other_runs_checkpoints"),
-    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "4"],
+    # (the trained run's --learning_rate: a resume must train the same maths)
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "4", "--learning_rate", "1e-3"],
                  ["step 4", "--max_train_steps is 4", "nothing to train"], _copy_checkpoint, id="resume_past_end"),
-    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6"],
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6", "--learning_rate", "1e-3"],
                  ["checkpoint-4 is damaged", "delete checkpoint-4"], _damage_checkpoint, id="damaged_checkpoint"),
-    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6", "--lora_layers",
-                  "attention+context"], ["same --lora_layers"], _copy_checkpoint, id="resume_other_layers"),
+    pytest.param(["--resume_from_checkpoint", "latest", "--max_train_steps", "6", "--learning_rate", "1e-3",
+                  "--lora_layers", "attention+context"],
+                 ["of another run", "--lora_layers: attention -> attention+context"], _copy_checkpoint,
+                 id="resume_other_layers"),
     # A flag-only mistake (the others: test_flag_mistakes_are_refused_before_anything_loads): the script runs
     # validate_args first, and its refusal is one `error:` line, exit code 2, no traceback.
     pytest.param(["--width", "100"], ["--width 100", "multiple of 16", "try 96"], None, id="resolution"),
