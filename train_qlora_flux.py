@@ -568,7 +568,9 @@ def main(args: argparse.Namespace) -> dict:
     device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
     config = models.read_transformer_config(args.pretrained_transformer_model_name_or_path
                                             or args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    family = families.detect_pipeline(args.pretrained_model_name_or_path, config, args.revision, args.cache_dir)
+    # The trainer reads only transformer/, vae/ and scheduler/: a folder of those without model_index.json (the
+    # benchmarks' random models) trains, its family read from the transformer's config.
+    family = families.detect(args.pretrained_model_name_or_path, config, args.revision, args.cache_dir)
     settings = settings.for_model(family, config, args.lora_layers)
     attention_backend = check_hardware(args, settings, accelerator, weight_dtype, config)
     lora.check_rank(args.rank, config)

@@ -462,3 +462,13 @@ def test_nan_in_the_embeddings_file_is_that_files_fault(tmp_path):
         embeddings.read_embeddings(tmp_path / "e.parquet")
     assert np.isnan(pq.read_table(tmp_path / "e.parquet")["prompt_embeds"].combine_chunks().flatten()
                     .to_numpy()).any()
+
+
+def test_the_trainer_takes_a_model_folder_without_model_index(tiny_model, tiny_images, tiny_embeddings, tmp_path):
+    """The trainer reads only transformer/, vae/ and scheduler/ (the benchmarks' random models have no
+    model_index.json): its family comes from the transformer's config, and --dry_run gets to the memory plan."""
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    (model / "model_index.json").unlink()
+    result = run_script("train_qlora_flux.py", *train_args(model, tiny_images, tiny_embeddings, tmp_path / "out"),
+                        "--dry_run")
+    assert "Memory plan: GPU peak" in result.stdout
