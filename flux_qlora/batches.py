@@ -250,9 +250,11 @@ def to_model_input(pixels: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> torch.Tensor:
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 1, show_progress: bool = True) -> torch.Tensor:
     """Normalized latents (FLUX.1: (mean - shift) * scale; FLUX.2: by the VAE's BatchNorm statistics) of uint8
-    pixels; the mean, not a sample, so caches are exact."""
+    pixels; the mean, not a sample, so caches are exact. One image at a time: the encoder's full-resolution
+    activations are ~1.5 GiB per 1024x1024 image (four at once peaked at 6.24 GiB on an H100, above FLUX.2 [klein]
+    4B's whole training step), and one image already fills the GPU."""
     device, dtype, family = vae.device, vae.dtype, families.for_vae(vae)
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="Caching latents", disable=not show_progress):

@@ -101,18 +101,53 @@ def test_bf16_and_fp8_checks_name_the_fix():
     check_fp8_device(RTX4090, "--fp8")
 
 
-# GPU peaks measured on FLUX.1-dev-shaped runs (BENCHMARKS.md; rank 4 attention, 8-bit AdamW, bf16, batch 1).
+def klein_shape(width: int, height: int) -> TrainingShape:
+    """FLUX.2 [klein]'s benchmark runs: rank 16 on the default preset (its config's single blocks named)."""
+    from flux_qlora.families.flux2 import KLEIN, KLEIN_4B_CONFIG
+    from flux_qlora.lora import target_modules
+
+    return TrainingShape(width, height, 77, rank=16, targets=tuple(target_modules("attention", KLEIN,
+                                                                                  KLEIN_4B_CONFIG)))
+
+
+# GPU peaks measured with `--compile --cuda_graphs` (BENCHMARKS.md; 8-bit AdamW, bf16, batch 1): FLUX.1-dev-shaped
+# runs at rank 4 on the attention layers, FLUX.2 [klein] 4B and 9B at rank 16 (H100).
 MEASURED = [
-    pytest.param(TrainingShape(512, 768, 77), 6.85, id="nf4-ckpt-512x768"),
-    pytest.param(TrainingShape(1024, 1024, 77), 8.02, id="nf4-ckpt-1024x1024"),
-    pytest.param(TrainingShape(512, 768, 77, gradient_checkpointing=False), 13.73, id="nf4-512x768"),
-    pytest.param(TrainingShape(512, 768, 77, nf4=False), 23.14, id="bf16-ckpt-512x768"),
+    pytest.param(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77), 6.85, id="nf4-ckpt-512x768"),
+    pytest.param(FLUX_DEV_CONFIG, TrainingShape(1024, 1024, 77), 8.02, id="nf4-ckpt-1024x1024"),
+    pytest.param(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, gradient_checkpointing=False), 13.73, id="nf4-512x768"),
+    pytest.param(FLUX_DEV_CONFIG, TrainingShape(512, 768, 77, nf4=False), 23.14, id="bf16-ckpt-512x768"),
+    pytest.param("klein-4b", klein_shape(512, 768), 3.16, id="klein-4b-nf4-ckpt-512x768"),
+    pytest.param("klein-9b", klein_shape(1024, 1024), 7.92, id="klein-9b-nf4-ckpt-1024x1024"),
 ]
 
 
-@pytest.mark.parametrize("shape, measured_gib", MEASURED)
-def test_memory_plan_predicts_the_measured_peaks(shape, measured_gib):
-    assert plan_training(FLUX_DEV_CONFIG, shape).peak_gib == pytest.approx(measured_gib, rel=0.05)
+@pytest.mark.parametrize("config, shape, measured_gib", MEASURED)
+def test_memory_plan_predicts_the_measured_peaks(config, shape, measured_gib):
+    from flux_qlora.families.flux2 import KLEIN, KLEIN_4B_CONFIG, KLEIN_9B_CONFIG
+    from flux_qlora.lora import target_modules
+
+    if isinstance(config, str):  # the 9B's single blocks are more: its own preset's names
+        config = {"klein-4b": KLEIN_4B_CONFIG, "klein-9b": KLEIN_9B_CONFIG}[config]
+        shape.targets = tuple(target_modules("attention", KLEIN, config))
+    assert plan_training(config, shape).peak_gib == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_memory_plan_counts_encoding_the_latents_before_the_model_loads():
+    """Caching the latents runs the VAE alone, one image at a time (~1.7 GiB at 1024x1024): for a small enough model
+    it is the run's peak. Encoding each step instead adds the VAE to the step."""
+    from flux_qlora.families.flux2 import KLEIN_4B_CONFIG
+
+    small = {**KLEIN_4B_CONFIG, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2}
+    cached = plan_training(small, TrainingShape(1024, 1024, 77, latents="memory"))
+    assert cached.caching_gib == pytest.approx(1.68, abs=0.01)
+    assert cached.peak_gib == cached.caching_gib > cached.weights_gib + cached.lora_gib + cached.activations_gib
+    assert "caching the latents ~1.7 GiB" in cached.describe()
+    each_step = plan_training(small, TrainingShape(1024, 1024, 77, latents="none"))
+    assert each_step.caching_gib == 0 and each_step.activations_gib == pytest.approx(cached.caching_gib)
+    # a model whose step outgrows it: the step is the peak
+    big = plan_training(KLEIN_4B_CONFIG, TrainingShape(1024, 1024, 77))
+    assert big.peak_gib == big.weights_gib + big.lora_gib + big.activations_gib > big.caching_gib
 
 
 def test_memory_plan_grows_with_what_costs_memory():

@@ -53,8 +53,11 @@ class Flux2(Family):
     # The single blocks concatenate attention and MLP outputs inside their processor, out of reach of FLUX.1's
     # workaround for the cuDNN backward: training takes flash attention until one is measured on a GPU.
     cudnn_attention_training = False
-    # PENDING: FLUX.1's constants until FLUX.2's are measured on the GPU machine
-    activations = ActivationModel(ckpt_input_bytes=2.29, block_bytes=28.95, workspace_gib=0.18)
+    # Fitted to klein 4B at 512x768 (3.16 GiB) and 9B at 1024x1024 (7.92 GiB), rank 16, checkpointing, `--compile
+    # --cuda_graphs`, H100 (BENCHMARKS.md): both within 2%. A checkpointed block's input keeps FLUX.1's figure (its
+    # bf16 input; two points can't tell it from a block's); one block's backward keeps ~3.7x FLUX.1's: the fused
+    # qkv+MLP projection 9x the width wide, SwiGLU's halves, the rank-16 LoRA's inputs.
+    activations = ActivationModel(ckpt_input_bytes=2.29, block_bytes=108.4, workspace_gib=0.18)
     # The modulation is shared by all blocks here, not one per block: on [dev] 3 layers 6144 wide in, 36864,
     # 36864 and 18432 out (0.57 B parameters, 1.1 GB in bf16), quantized as FLUX.1's per-block modulation is.
     quantized_prefixes = ("transformer_blocks.", "single_transformer_blocks.", "double_stream_modulation_img.",
