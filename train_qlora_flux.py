@@ -246,7 +246,7 @@ def load_transformer_with_lora(args: argparse.Namespace, settings: TrainSettings
     lora.add_lora(transformer, args.rank, args.lora_alpha, args.init_lora_weights, targets)
     if args.do_fp8_training and args.base_precision == "bf16":  # the NF4 base's FP8 is compiled in: compile_blocks
         blocks.enable_fp8_training(transformer)
-    blocks.set_attention_backend(transformer, attention_backend, training=True)
+    blocks.set_attention_backend(transformer, attention_backend, training=True, family=settings.family)
     if args.compile:
         # Per block, one graph per training size, and one per size in no_grad (eval loss, sample images).
         blocks.configure_compile(graphs_per_block=3 * settings.sizes.count + 8)

@@ -142,9 +142,11 @@ def compile_blocks(transformer: nn.Module, fp8: bool = False) -> None:
                     "others have no FP8 GEMM here: nf4.fp8_gemm_runs_here)", on_fp8, switched)
 
 
-def set_attention_backend(transformer: nn.Module, backend: str | None, training: bool = False) -> None:
+def set_attention_backend(transformer: nn.Module, backend: str | None, training: bool = False,
+                          family=None) -> None:
     """diffusers' attention dispatcher: e.g. _native_flash / _native_cudnn (PyTorch's kernels), flash, _flash_3
-    (where installed). None keeps PyTorch's SDPA choice."""
+    (where installed). None keeps PyTorch's SDPA choice. Training with cuDNN: `family`'s blocks hand its backward
+    contiguous gradients (`Family.give_attention_contiguous_gradients`)."""
     if not backend:
         return
     try:
@@ -152,7 +154,7 @@ def set_attention_backend(transformer: nn.Module, backend: str | None, training:
     except (ValueError, RuntimeError, ImportError) as error:
         raise UserError(f"--attention_backend {backend}: {error}") from None
     if training and backend == "_native_cudnn":
-        give_single_blocks_contiguous_attention_gradients(transformer)
+        family.give_attention_contiguous_gradients(transformer)
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -167,20 +169,9 @@ class _ContiguousGradient(torch.autograd.Function):
         return grad.contiguous()
 
 
-def give_single_blocks_contiguous_attention_gradients(transformer: nn.Module) -> None:
-    """Works around PyTorch's cuDNN attention backward (torch 2.11, aten/src/ATen/native/cudnn/MHA.cpp): it caches
-    the cuDNN graph it builds under a key of q/k/v's shapes and strides, but builds it with the first call's
-    grad_output strides. A single block's attention output is concatenated with its MLP's, so its gradient arrives
-    as a slice of a 5x wider one; a double block's arrives contiguous; both have the same q/k/v: one graph then reads
-    the other's gradient with the wrong strides (our reading of the illegal memory access and the wrong LoRA
-    gradients in BENCHMARKS.md; `bench/attention_backward.py --cache` checks it on a GPU). Copied contiguous, the
-    single blocks' gradients have the double blocks' strides, so one graph serves both (the price: a copy of one
-    (tokens x 3072) tensor per single block)."""
-    def contiguous_gradient(module, inputs, output):
-        return _ContiguousGradient.apply(output)
-
-    for block in transformer.single_transformer_blocks:
-        block.attn.register_forward_hook(contiguous_gradient)
+def contiguous_gradient(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, whose gradient is handed on contiguous (a no-op copy where it is already)."""
+    return _ContiguousGradient.apply(tensor)
 
 
 def fp8_eligible(module: nn.Module, name: str) -> bool:

@@ -337,16 +337,46 @@ def test_compiled_blocks_train_like_eager(flux2, tiny_images_master, tmp_path):
                                atol=1e-5)
 
 
-def test_training_attention_is_flash_not_cudnn_for_flux2():
-    """FLUX.1's workaround for the cuDNN backward (contiguous single-block gradients) has no FLUX.2 counterpart yet:
-    FLUX.2 trains with flash attention on Hopper, and asking for cuDNN is one line."""
+def test_cudnn_training_hands_flux2_attention_gradients_contiguous(monkeypatch):
+    """FLUX.2's single blocks concatenate attention's output with the MLP's inside their processor: without the
+    family's fix the attention backward gets sliced (non-contiguous) gradients, which PyTorch's cuDNN kernel reads
+    with a cached graph's strides (Family.give_attention_contiguous_gradients); with it, every one is contiguous
+    and no gradient changes. So FLUX.2 trains with cuDNN attention on Hopper, as FLUX.1 does."""
+    from diffusers.models.transformers import transformer_flux2
+
+    from flux_qlora.families.flux2 import tiny_transformer
     from flux_qlora.hardware import Device, pick_attention_backend
 
+    original = transformer_flux2.dispatch_attention_fn
+    monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", original)  # the process-wide wrap undone after
+    seen: list[bool] = []
+
+    def probe(*args, **kwargs):  # sees the gradient each attention's backward gets
+        out = original(*args, **kwargs)
+        out.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+        return out
+
+    grads, contiguous = {}, {}
+    for fixed in (False, True):
+        transformer_flux2.dispatch_attention_fn = probe
+        torch.manual_seed(0)
+        transformer = tiny_transformer(KLEIN)
+        if fixed:
+            KLEIN.give_attention_contiguous_gradients(transformer)
+            KLEIN.give_attention_contiguous_gradients(transformer)  # once per process: a second call wraps nothing
+        seen.clear()
+        g = torch.Generator().manual_seed(0)
+        out = KLEIN.forward(transformer, torch.randn(1, 12, 32, generator=g), torch.tensor([0.7]), None,
+                            torch.randn(1, 5, 96, generator=g), torch.zeros(1, 0), KLEIN.text_ids(5),
+                            KLEIN.image_ids(6, 8))
+        out.square().sum().backward()
+        contiguous[fixed] = list(seen)
+        grads[fixed] = {n: p.grad for n, p in transformer.named_parameters() if p.grad is not None}
+    assert False in contiguous[False] and contiguous[True] == [True] * len(contiguous[False])
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0)
+
     h100 = Device("cuda", (9, 0), "NVIDIA H100", 79.1)
-    assert pick_attention_backend(None, h100, torch.bfloat16) == "_native_cudnn"  # FLUX.1
+    assert KLEIN.cudnn_attention_training and DEV.cudnn_attention_training
     assert pick_attention_backend(None, h100, torch.bfloat16, cudnn_training=KLEIN.cudnn_attention_training) == \
-        "_native_flash"
-    with pytest.raises(UserError, match="--attention_backend _native_cudnn can't run"):
-        pick_attention_backend("_native_cudnn", h100, torch.bfloat16, cudnn_training=False)
-    assert pick_attention_backend("_native_cudnn", h100, torch.bfloat16, training=False, cudnn_training=False) == \
-        "_native_cudnn"  # serving has no backward
+        "_native_cudnn"

@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import run_script, tiny_forward, train_args
 
-from flux_qlora.blocks import give_single_blocks_contiguous_attention_gradients
 from flux_qlora.errors import UserError
-from flux_qlora.families.flux1 import FLUX_DEV_CONFIG
+from flux_qlora.families.flux1 import FLUX1, FLUX_DEV_CONFIG
 from flux_qlora.hardware import Device, check_bf16, check_fp8_device, default_dtype, pick_attention_backend
 from flux_qlora.memory import TrainingShape, plan_training, plans_that_fit
 
@@ -72,7 +71,7 @@ def test_cudnn_training_hands_single_blocks_attention_gradients_contiguous(tiny_
         for block in transformer.single_transformer_blocks:
             block.attn.register_forward_hook(probe)
         if fixed:
-            give_single_blocks_contiguous_attention_gradients(transformer)
+            FLUX1.give_attention_contiguous_gradients(transformer)
         tiny_forward(transformer, grad=True).square().sum().backward()
         grads[fixed] = {n: p.grad for n, p in transformer.named_parameters()}
     blocks = len(transformer.single_transformer_blocks)

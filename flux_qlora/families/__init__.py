@@ -68,7 +68,7 @@ class Family:
     default_guidance: float = 3.5  # sample images' guidance scale
     default_steps: int = 28  # sample images' step count
     # Training may use PyTorch's cuDNN attention: the family's blocks hand its backward contiguous gradients
-    # (blocks.give_single_blocks_contiguous_attention_gradients: FLUX.1's single blocks).
+    # (`give_attention_contiguous_gradients`).
     cudnn_attention_training: bool = True
     activations: ActivationModel  # the memory plan's constants, measured per family
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
@@ -152,6 +152,17 @@ class Family:
         raise NotImplementedError
 
     # --- the transformer's forward --------------------------------------------------------------------------
+    def give_attention_contiguous_gradients(self, transformer: nn.Module) -> None:
+        """Works around PyTorch's cuDNN attention backward (torch 2.11, aten/src/ATen/native/cudnn/MHA.cpp): it
+        caches the cuDNN graph it builds under a key of q/k/v's shapes and strides, but builds it with the first
+        call's grad_output strides. An attention output concatenated with the MLP's (the single blocks) gets its
+        gradient as a slice of a wider one, a double block's arrives contiguous; with the same q/k/v, one graph then
+        reads the other's gradient with the wrong strides (the illegal memory access and wrong LoRA gradients in
+        BENCHMARKS.md; `bench/attention_backward.py --cache` checks it on a GPU). Copied contiguous
+        (`blocks.contiguous_gradient`), every attention's gradient has one stride layout, so one graph serves all
+        (the price: one copy of a (tokens x width) tensor per single block)."""
+        raise NotImplementedError
+
     def forward(self, transformer: nn.Module, tokens: torch.Tensor, timestep: torch.Tensor, guidance,
                 prompt_embeds: torch.Tensor, pooled: torch.Tensor, text_ids: torch.Tensor,
                 image_ids: torch.Tensor) -> torch.Tensor:

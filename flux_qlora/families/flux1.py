@@ -111,6 +111,14 @@ class Flux1(Family):
         return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
 
     # --- the forward and sample images ----------------------------------------------------------------------
+    def give_attention_contiguous_gradients(self, transformer):
+        """FLUX.1's single blocks return attention's output from their `attn` module and concatenate it with the MLP's
+        after it: a forward hook there hands its gradient on contiguous."""
+        from flux_qlora.blocks import contiguous_gradient
+
+        for block in transformer.single_transformer_blocks:
+            block.attn.register_forward_hook(lambda module, inputs, output: contiguous_gradient(output))
+
     def forward(self, transformer, tokens, timestep, guidance, prompt_embeds, pooled, text_ids, image_ids):
         return transformer(hidden_states=tokens, timestep=timestep, guidance=guidance,
                            pooled_projections=pooled, encoder_hidden_states=prompt_embeds,

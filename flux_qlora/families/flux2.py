@@ -50,9 +50,6 @@ MODULATION = ["double_stream_modulation_img.linear", "double_stream_modulation_t
 class Flux2(Family):
     label_suffix: str
     text_layers: tuple[int, ...]  # hidden states of these encoder layers, stacked (as the pipeline does)
-    # The single blocks concatenate attention and MLP outputs inside their processor, out of reach of FLUX.1's
-    # workaround for the cuDNN backward: training takes flash attention until one is measured on a GPU.
-    cudnn_attention_training = False
     # Fitted to klein 4B at 512x768 (3.16 GiB) and 9B at 1024x1024 (7.92 GiB), rank 16, checkpointing, `--compile
     # --cuda_graphs`, H100 (BENCHMARKS.md): both within 2%. A checkpointed block's input keeps FLUX.1's figure (its
     # bf16 input; two points can't tell it from a block's); one block's backward keeps ~3.7x FLUX.1's: the fused
@@ -147,6 +144,25 @@ class Flux2(Family):
         return math.exp(a * 50 + m_200 - 200.0 * a)
 
     # --- the forward and sample images ----------------------------------------------------------------------
+    def give_attention_contiguous_gradients(self, transformer):
+        """FLUX.2's single blocks concatenate attention's output with the MLP's inside their processor, with no
+        module between to hook: diffusers' attention dispatch, as this model's processors call it (a name in
+        diffusers' transformer_flux2 module), is wrapped once per process to hand on contiguous gradients. The
+        double blocks' arrive contiguous already (no copy); the forward is unchanged."""
+        from diffusers.models.transformers import transformer_flux2
+
+        from flux_qlora.blocks import contiguous_gradient
+
+        dispatch = transformer_flux2.dispatch_attention_fn
+        if getattr(dispatch, "hands_on_contiguous_gradients", False):
+            return
+
+        def dispatch_with_contiguous_gradients(*args, **kwargs):
+            return contiguous_gradient(dispatch(*args, **kwargs))
+
+        dispatch_with_contiguous_gradients.hands_on_contiguous_gradients = True
+        transformer_flux2.dispatch_attention_fn = dispatch_with_contiguous_gradients
+
     def forward(self, transformer, tokens, timestep, guidance, prompt_embeds, pooled, text_ids, image_ids):
         return transformer(hidden_states=tokens, timestep=timestep, guidance=guidance,
                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
