@@ -104,12 +104,14 @@ def backend_problem(backend: str, device: Device, dtype: torch.dtype, head_dim: 
 
 
 def pick_attention_backend(requested: str | None, device: Device, dtype: torch.dtype, head_dim: int = 128,
-                           training: bool = True, cudnn_training: bool = True) -> str | None:
+                           training: bool = True, cudnn_training: bool = True,
+                           prefer_cudnn: bool = True) -> str | None:
     """The attention backend to use: `requested` if it can run here (else one line saying why and what would), or
     the default. Training defaults to PyTorch's cuDNN kernel from Hopper on, its flash kernel on the other GPUs
     that have it in this dtype and the memory-efficient kernel on the rest (T4, V100, fp32), which always has one;
     inference and the CPU keep PyTorch SDPA's own choice (None). `cudnn_training`: the model's blocks have the
-    workaround for the cuDNN backward (FLUX.1's); without it, training can't use cuDNN."""
+    workaround for the cuDNN backward (`Family.give_attention_contiguous_gradients`); without it, training can't
+    use cuDNN. `prefer_cudnn`: cuDNN is the Hopper default for this model (measured faster there)."""
     if requested:
         problem = backend_problem(requested, device, dtype, head_dim)
         if training and requested == "_native_cudnn" and not cudnn_training and not problem:
@@ -126,8 +128,8 @@ def pick_attention_backend(requested: str | None, device: Device, dtype: torch.d
     # From Hopper on, PyTorch's cuDNN kernel: faster than flash at Flux's long sequences (BENCHMARKS.md), and correct
     # once its backward gets contiguous gradients from the single blocks (set_attention_backend sees to it);
     # measured on H100/H200 only, so Ampere and Ada keep flash.
-    if cudnn_training and device.capability >= (9, 0) and backend_problem("_native_cudnn", device, dtype,
-                                                                          head_dim) is None:
+    cudnn = cudnn_training and prefer_cudnn and device.capability >= (9, 0)
+    if cudnn and backend_problem("_native_cudnn", device, dtype, head_dim) is None:
         return "_native_cudnn"
     return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"
 

@@ -341,7 +341,7 @@ def test_cudnn_training_hands_flux2_attention_gradients_contiguous(monkeypatch):
     """FLUX.2's single blocks concatenate attention's output with the MLP's inside their processor: without the
     family's fix the attention backward gets sliced (non-contiguous) gradients, which PyTorch's cuDNN kernel reads
     with a cached graph's strides (Family.give_attention_contiguous_gradients); with it, every one is contiguous
-    and no gradient changes. So FLUX.2 trains with cuDNN attention on Hopper, as FLUX.1 does."""
+    and no gradient changes."""
     from diffusers.models.transformers import transformer_flux2
 
     from flux_qlora.families.flux2 import tiny_transformer
@@ -376,7 +376,10 @@ def test_cudnn_training_hands_flux2_attention_gradients_contiguous(monkeypatch):
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0)
 
+    # Asked for, cuDNN trains FLUX.2; the Hopper default stays flash until a GPU has measured cuDNN against it.
     h100 = Device("cuda", (9, 0), "NVIDIA H100", 79.1)
-    assert KLEIN.cudnn_attention_training and DEV.cudnn_attention_training
-    assert pick_attention_backend(None, h100, torch.bfloat16, cudnn_training=KLEIN.cudnn_attention_training) == \
-        "_native_cudnn"
+    for family in (KLEIN, DEV):
+        rules = dict(cudnn_training=family.cudnn_attention_training, prefer_cudnn=family.prefer_cudnn_attention)
+        assert pick_attention_backend("_native_cudnn", h100, torch.bfloat16, **rules) == "_native_cudnn"
+        assert pick_attention_backend(None, h100, torch.bfloat16, **rules) == "_native_flash"
+    assert pick_attention_backend(None, h100, torch.bfloat16) == "_native_cudnn"  # FLUX.1's

@@ -70,6 +70,7 @@ class Family:
     # Training may use PyTorch's cuDNN attention: the family's blocks hand its backward contiguous gradients
     # (`give_attention_contiguous_gradients`).
     cudnn_attention_training: bool = True
+    prefer_cudnn_attention: bool = True  # ... and cuDNN is its Hopper default: measured faster and correct on a GPU
     activations: ActivationModel  # the memory plan's constants, measured per family
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
     guidance_embeds: bool = True  # the transformer takes a guidance vector (guidance-distilled models)

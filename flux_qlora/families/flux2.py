@@ -50,6 +50,9 @@ MODULATION = ["double_stream_modulation_img.linear", "double_stream_modulation_t
 class Flux2(Family):
     label_suffix: str
     text_layers: tuple[int, ...]  # hidden states of these encoder layers, stacked (as the pipeline does)
+    # cuDNN attention (with give_attention_contiguous_gradients) when asked for; not the default until measured on a
+    # GPU against flash (its losses and speed: `bench/bench_train.py --model flux2-klein-4b --extra=...`).
+    prefer_cudnn_attention = False
     # Fitted to klein 4B at 512x768 (3.16 GiB) and 9B at 1024x1024 (7.92 GiB), rank 16, checkpointing, `--compile
     # --cuda_graphs`, H100 (BENCHMARKS.md): both within 2%. A checkpointed block's input keeps FLUX.1's figure (its
     # bf16 input; two points can't tell it from a block's); one block's backward keeps ~3.7x FLUX.1's: the fused
