@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from pathlib import Path
 
 CONFIG_NAME = "training_config.toml"
 NOT_SAVED = {"config", "hub_token", "debug", "dry_run", "resume_from_checkpoint"}  # secrets and one-off switches
+
+logger = logging.getLogger(__name__)
 
 
 def recorded_flags(flags: dict) -> dict:
@@ -104,13 +107,16 @@ def _toml(value) -> str:
 
 
 def config_beside(lora_file: Path) -> dict | None:
-    """The training_config.toml beside a LoRA file, read (None if absent or unreadable)."""
+    """The training_config.toml beside a LoRA file, read (None if absent; unreadable: None and a warning, since the
+    LoRA itself may still be good, read without its record)."""
     config_file = Path(lora_file).parent / CONFIG_NAME
     if not config_file.is_file():
         return None
     try:
         return tomllib.loads(config_file.read_text())
-    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as error:
+        logger.warning("%s is not readable (%s): %s is read without it (the model family and base precision it "
+                       "records go unchecked)", config_file, str(error).splitlines()[0][:120], Path(lora_file).name)
         return None
 
 

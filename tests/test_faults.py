@@ -472,3 +472,15 @@ def test_the_trainer_takes_a_model_folder_without_model_index(tiny_model, tiny_i
     result = run_script("train_qlora_flux.py", *train_args(model, tiny_images, tiny_embeddings, tmp_path / "out"),
                         "--dry_run")
     assert "Memory plan: GPU peak" in result.stdout
+
+
+def test_an_unreadable_training_config_beside_a_lora_is_warned_about_not_fatal(tmp_path, caplog):
+    """The LoRA may still be good: it is read without its record, and the log says which checks that skips."""
+    from flux_qlora.run_config import config_beside
+
+    lora_file = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 1)}, lora_file)
+    (tmp_path / "training_config.toml").write_bytes(b"rank = \xff\xfe")
+    with caplog.at_level("WARNING"):
+        assert config_beside(lora_file) is None
+    assert "training_config.toml is not readable" in caplog.text and "go unchecked" in caplog.text
