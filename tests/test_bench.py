@@ -72,7 +72,9 @@ def test_reference_recipe_puts_its_lora_on_exactly_the_layers_of_our_default_pre
     sys.path.insert(0, str(ROOT / "bench"))
     from reference_recipe import example_targets
 
-    config = json.loads((KLEIN.build_tiny_pipeline(tmp_path / "model") / "transformer" / "config.json").read_text())
+    from flux_qlora.families.flux2 import tiny_transformer
+
+    config = json.loads(json.dumps(tiny_transformer(KLEIN).config))
 
     def wrapped(targets: list[str]) -> set[str]:
         transformer = KLEIN.transformer_cls().from_config(config)
@@ -102,19 +104,23 @@ def test_reference_recipe_trains_a_tiny_flux2_model(tmp_path):
 
 def test_inference_bench_loras_fit_the_model_they_are_built_for(tmp_path):
     """bench/bench_infer.py's random LoRAs (read from a skeleton of the transformer's config, on the default preset's
-    layers) are what infer.py serves on that model: here tiny FLUX.2 [klein], each layer's shape checked by peft."""
+    layers) load into that model: here tiny FLUX.2 [klein], every layer of the file placed, each shape checked by
+    peft."""
     import json
     import sys
 
-    from flux_qlora.families.flux2 import KLEIN
+    from safetensors.torch import load_file
+
+    from flux_qlora.families.flux2 import KLEIN, tiny_transformer
 
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_infer import build_loras
 
-    model = KLEIN.build_tiny_pipeline(tmp_path / "model")
-    config = json.loads((model / "transformer" / "config.json").read_text())
-    loras = build_loras(tmp_path / "loras", KLEIN, config)
+    transformer = tiny_transformer(KLEIN)
+    loras = build_loras(tmp_path / "loras", KLEIN, json.loads(json.dumps(transformer.config)))
     assert [p.name for p in loras] == ["lora-r8.safetensors", "lora-r32.safetensors", "lora-r16.safetensors"]
-    run_script("infer.py", "--pretrained_model_name_or_path", model, "--lora", loras[-1], "--prompt", "a red circle",
-               "--height", 64, "--width", 64, "--num_inference_steps", 2, "--output_dir", tmp_path / "out")
-    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    transformer.load_lora_adapter(str(loras[-1]), prefix="transformer", adapter_name="r16")
+    placed = {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+    layers = {key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+              for key in load_file(loras[-1]) if key.endswith("lora_A.weight")}
+    assert placed == layers and "single_transformer_blocks.1.attn.to_out" in layers
