@@ -16,7 +16,7 @@ graph under a key of q/k/v's shapes and strides and builds it with the first cal
 double blocks' grad_output is contiguous per token (a row of 3072), the single blocks' a slice of a 5x wider
 gradient (the attention output is concatenated with the MLP's): one graph then reads the other's memory. `--cache`
 runs that pair in one process, both orders, with and without the fix the trainer applies (the single blocks'
-gradient copied contiguous: `blocks.give_single_blocks_contiguous_attention_gradients`); the block cases run the
+gradient copied contiguous: `Family.give_attention_contiguous_gradients`); the block cases run the
 cuDNN blocks with and without it.
 """
 
@@ -152,9 +152,9 @@ def run_block_case(backend: str, tokens: int, compiled: bool, fixed: bool = Fals
     if fixed:
         from types import SimpleNamespace
 
-        from flux_qlora.blocks import give_single_blocks_contiguous_attention_gradients
+        from flux_qlora.families.flux1 import FLUX1
 
-        give_single_blocks_contiguous_attention_gradients(SimpleNamespace(single_transformer_blocks=[single]))
+        FLUX1.give_attention_contiguous_gradients(SimpleNamespace(single_transformer_blocks=[single]))
 
     def input_grads(name: str) -> list[torch.Tensor]:
         for block in (double, single):
