@@ -24,15 +24,13 @@ test: $(VENV)/.installed
 # the venv's; on the device machine: GPU_PY=python3 with PYTHONPATH=$$PWD:$$PWD/.gpu-site).
 GPU_PY ?= $(PY)
 GPU_WORKERS ?= 8
-# OMP_NUM_THREADS=1: each worker's CPU work on one thread; torch's default, a thread per core in every worker, puts
-# GPU_WORKERS x cores threads on the cores.
 test-gpu:
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs tests/
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs tests/
 
 # Only the tests whose behaviour depends on CUDA (marked `gpu`: compile, CUDA graphs, fp16, FP8, attention backends,
 # out of memory, the device's defaults), for a change to GPU-path code; the same GPU_PY as test-gpu.
 test-gpu-quick:
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs -m gpu tests/
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m pytest -n $(GPU_WORKERS) --maxschedchunk 1 -p no:cacheprovider -rs -m gpu tests/
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
