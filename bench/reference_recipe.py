@@ -102,6 +102,5 @@ def example_targets(family, single_blocks: int) -> list[str]:
     return targets
 
 
-
 if __name__ == "__main__":
     main()
