@@ -13,7 +13,7 @@ from flux_qlora.errors import UserError
 from flux_qlora.families import Family
 from flux_qlora.families.flux1 import FLUX1
 from flux_qlora.files import looks_like_hub_id, written_atomically
-from flux_qlora.readers import open_safetensors
+from flux_qlora.readers import check_finite, open_safetensors
 from flux_qlora.readers import read_safetensors as read_tensors
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -192,10 +192,7 @@ class LoraFile:
 
     def check_finite(self) -> None:
         """NaN/inf weights would make black images."""
-        bad = [k for k, t in self.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise UserError(f"LoRA {self.path} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): it is "
-                            "broken; use an earlier checkpoint's LoRA.")
+        check_finite(self.tensors, self.path, "LoRA", "it is broken; use an earlier checkpoint's LoRA")
 
     def layers(self) -> dict[str, Layer]:
         return layers(self.tensors, f"LoRA {self.path}")
