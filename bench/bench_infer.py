@@ -129,13 +129,13 @@ def build_loras(folder: Path, family: Family = FLUX1, config: dict = FLUX_DEV_TR
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
 
-    from flux_qlora.lora import target_modules
+    from flux_qlora.lora import is_target, target_modules
 
     with init_empty_weights():
         skeleton = family.transformer_cls().from_config(config)
     targets = target_modules("attention", family, config)
     layers = {name: module for name, module in skeleton.named_modules()
-              if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)}
+              if isinstance(module, torch.nn.Linear) and is_target(name, targets)}
     files = []
     for rank in LORA_RANKS:
         path = folder / f"lora-r{rank}.safetensors"

@@ -22,6 +22,11 @@ INIT_CHOICES = ("gaussian", "default", "pissa", "olora")
 PRESET_NAMES = ("attention", "attention+context", "all-linear")  # each family's module names: Family.lora_presets
 
 
+def is_target(name: str, targets: list[str] | tuple[str, ...]) -> bool:
+    """Whether module `name` is one of `targets`, as peft matches target_modules: the whole name or its suffix."""
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
 def target_modules(lora_layers: str, family: Family = FLUX1, config: dict | None = None) -> list[str]:
     """A preset name (attention, attention+context, all-linear: module names of `family`'s transformer) or a
     comma-separated list of module names. A preset's `{single}` names one module per single block of a transformer

@@ -20,6 +20,7 @@ from torch import nn
 from flux_qlora.errors import UserError
 from flux_qlora.families import Family, from_transformer_config
 from flux_qlora.hardware import Device
+from flux_qlora.lora import is_target
 
 GIB = 2**30
 # Encoding the latents: the VAE's weights (FLUX.1's and FLUX.2's encoders alike: 128-512 channels, ~84 M parameters
@@ -78,10 +79,6 @@ def _skeleton(config: dict, family: Family) -> nn.Module:
         return family.transformer_cls().from_config(config)
 
 
-def _is_target(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith(f".{t}") for t in targets)
-
-
 def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     """The predicted peak of a training run on a transformer of `config` (a FLUX.1 or FLUX.2 transformer's
     config.json)."""
@@ -97,7 +94,7 @@ def plan_training(config: dict, shape: TrainingShape) -> MemoryPlan:
     weights = quantized * NF4_BYTES + (total - quantized) * shape.compute_bytes
 
     lora_params = sum(shape.rank * (m.in_features + m.out_features) for n, m in linears.items()
-                      if _is_target(n, shape.targets))
+                      if is_target(n, shape.targets))
     # fp32 master and gradient, AdamW's two moments (1 byte each in 8 bits, else 4), a compute copy and its gradient
     lora = lora_params * (4 + 4 + (2 if shape.eight_bit_adam else 8) + 2 * shape.compute_bytes)
 
