@@ -120,7 +120,6 @@ def check_hardware(args: argparse.Namespace, settings: TrainSettings, accelerato
         processes = accelerator.num_processes
         step.check_cuda_graphs(accelerator.device, processes, step.lora_compute_dtype(processes, weight_dtype))
     return pick_attention_backend(args.attention_backend, device, weight_dtype, config["attention_head_dim"],
-                                  cudnn_training=settings.family.cudnn_attention_training,
                                   prefer_cudnn=settings.family.prefer_cudnn_attention)
 
 

@@ -104,21 +104,17 @@ def backend_problem(backend: str, device: Device, dtype: torch.dtype, head_dim: 
 
 
 def pick_attention_backend(requested: str | None, device: Device, dtype: torch.dtype, head_dim: int = 128,
-                           training: bool = True, cudnn_training: bool = True,
-                           prefer_cudnn: bool = True) -> str | None:
+                           training: bool = True, prefer_cudnn: bool = True) -> str | None:
     """The attention backend to use: `requested` if it can run here (else one line saying why and what would), or
     the default. Training defaults to PyTorch's cuDNN kernel from Hopper on, its flash kernel on the other GPUs
     that have it in this dtype and the memory-efficient kernel on the rest (T4, V100, fp32), which always has one;
-    inference and the CPU keep PyTorch SDPA's own choice (None). `cudnn_training`: the model's blocks have the
-    workaround for the cuDNN backward (`Family.give_attention_contiguous_gradients`); without it, training can't
-    use cuDNN. `prefer_cudnn`: cuDNN is the Hopper default for this model (measured faster there)."""
+    inference and the CPU keep PyTorch SDPA's own choice (None). Every family's blocks have the workaround for the
+    cuDNN backward (`Family.give_attention_contiguous_gradients`); `prefer_cudnn`: cuDNN is the Hopper default for
+    this model (measured faster there)."""
     if requested:
         problem = backend_problem(requested, device, dtype, head_dim)
-        if training and requested == "_native_cudnn" and not cudnn_training and not problem:
-            problem = ("its backward reads a gradient of another stride layout with a cached graph (torch 2.11); "
-                       "FLUX.1's blocks work around it, this model's don't yet")
         if problem:
-            fallback = pick_attention_backend(None, device, dtype, head_dim, training) or "native"
+            fallback = pick_attention_backend(None, device, dtype, head_dim, training, prefer_cudnn) or "native"
             raise UserError(f"--attention_backend {requested} can't run on {device.describe()} in "
                             f"{str(dtype).removeprefix('torch.')}: {problem}. Use --attention_backend {fallback} "
                             "or leave the flag out.")
@@ -128,7 +124,7 @@ def pick_attention_backend(requested: str | None, device: Device, dtype: torch.d
     # From Hopper on, PyTorch's cuDNN kernel: faster than flash at Flux's long sequences (BENCHMARKS.md), and correct
     # once its backward gets contiguous gradients from the single blocks (set_attention_backend sees to it);
     # measured on H100/H200 only, so Ampere and Ada keep flash.
-    cudnn = cudnn_training and prefer_cudnn and device.capability >= (9, 0)
+    cudnn = prefer_cudnn and device.capability >= (9, 0)
     if cudnn and backend_problem("_native_cudnn", device, dtype, head_dim) is None:
         return "_native_cudnn"
     return "_native_flash" if backend_problem("_native_flash", device, dtype, head_dim) is None else "_native_efficient"

@@ -379,7 +379,7 @@ def test_cudnn_training_hands_flux2_attention_gradients_contiguous(monkeypatch):
     # Asked for, cuDNN trains FLUX.2; the Hopper default stays flash until a GPU has measured cuDNN against it.
     h100 = Device("cuda", (9, 0), "NVIDIA H100", 79.1)
     for family in (KLEIN, DEV):
-        rules = dict(cudnn_training=family.cudnn_attention_training, prefer_cudnn=family.prefer_cudnn_attention)
+        rules = dict(prefer_cudnn=family.prefer_cudnn_attention)
         assert pick_attention_backend("_native_cudnn", h100, torch.bfloat16, **rules) == "_native_cudnn"
         assert pick_attention_backend(None, h100, torch.bfloat16, **rules) == "_native_flash"
     assert pick_attention_backend(None, h100, torch.bfloat16) == "_native_cudnn"  # FLUX.1's

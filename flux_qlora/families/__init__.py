@@ -67,10 +67,9 @@ class Family:
     lora_markers: tuple[str, ...]  # module-name parts only this family's LoRAs have (diffusers layout)
     default_guidance: float = 3.5  # sample images' guidance scale
     default_steps: int = 28  # sample images' step count
-    # Training may use PyTorch's cuDNN attention: the family's blocks hand its backward contiguous gradients
-    # (`give_attention_contiguous_gradients`).
-    cudnn_attention_training: bool = True
-    prefer_cudnn_attention: bool = True  # ... and cuDNN is its Hopper default: measured faster and correct on a GPU
+    # Training may use PyTorch's cuDNN attention (the family's blocks hand its backward contiguous gradients:
+    # `give_attention_contiguous_gradients`); it is the Hopper default once measured faster and correct on a GPU.
+    prefer_cudnn_attention: bool = True
     activations: ActivationModel  # the memory plan's constants, measured per family
     samples_with_negative: bool = False  # its pipeline guides with a negative (empty) prompt: klein base
     guidance_embeds: bool = True  # the transformer takes a guidance vector (guidance-distilled models)
